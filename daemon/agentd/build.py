@@ -1,0 +1,370 @@
+"""The build engine: turn workspace changes into the minimal set of renders and writes.
+
+A build is: refresh the workspace (``Delta``) -> recompile changed templates (L1) -> evict the
+renders that read a changed input (graph) -> re-resolve agents whose source or references
+changed -> render every section missing from L3 -> recompose agents whose sections or own
+inputs changed -> write outputs whose bytes changed. Each step cuts off early: an unchanged
+file yields no delta, a re-render with identical bytes recomposes nothing, an identical agent
+writes nothing. A one-shot ``agentd build`` is the same code starting from empty caches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from . import graph as g
+from .cache import Caches, Counters, Rendered
+from .config import Config
+from .exceptions import AgentdError, DataError, OutputError, SourceError
+from .output import OutputDir
+from .render import Renderer, anchor, section_title
+from .trace import MISSING, TrackedCatalog, TrackedMapping, TrackedValue, fingerprint
+from .workspace import AgentSource, Workspace, locate, source_line
+
+BASE_TEMPLATE = "base/agent-base.j2"
+SECTION_DIR = "sections"
+OUTPUT_SUFFIX = ".md"
+
+
+@dataclasses.dataclass
+class Plan:
+    """An agent resolved against the workspace: its sections and traits exist."""
+
+    agent: AgentSource
+    metas: list[dict[str, Any]]
+    meta_fps: dict[str, bytes]
+    traits: dict[str, list[TrackedValue]]
+
+
+@dataclasses.dataclass
+class BuildReport:
+    """What one build did; the CLI prints it, the daemon logs it."""
+
+    build_id: str
+    started: float
+    changed: list[str] = dataclasses.field(default_factory=list)
+    agents: int = 0
+    agents_composed: list[str] = dataclasses.field(default_factory=list)
+    sections_rendered: list[str] = dataclasses.field(default_factory=list)
+    sections_reused: int = 0
+    sections_cut_off: int = 0
+    written: list[str] = dataclasses.field(default_factory=list)
+    unchanged: list[str] = dataclasses.field(default_factory=list)
+    removed: list[str] = dataclasses.field(default_factory=list)
+    errors: list[AgentdError] = dataclasses.field(default_factory=list)
+    caches: dict[str, Counters] = dataclasses.field(default_factory=dict)
+    duration_ms: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+class Engine:
+    """Holds one workspace's caches and graph across builds (the daemon keeps one alive)."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.workspace = Workspace(config)
+        self.caches = Caches()
+        self.graph = g.DepGraph()
+        self.renderer = Renderer(self.workspace, self.caches, self.graph)
+        self.output = OutputDir(config.output_path)
+        self.plans: dict[str, Plan] = {}
+        self.agent_errors: dict[str, list[AgentdError]] = {}
+        self._compose_pending: set[str] = set()
+        self._scanned = False
+        self._ids = itertools.count(1)
+
+    # -- public ---------------------------------------------------------------------------
+    def build(self, paths: Iterable[Path] | None = None, *, write: bool = True) -> BuildReport:
+        """Bring outputs up to date with the disk. ``paths``: what may have changed (None:
+        rescan everything). ``write=False`` renders in memory only."""
+        report = BuildReport(build_id=f"{next(self._ids)}-{uuid.uuid4().hex[:8]}", started=time.time())
+        t0 = time.perf_counter()
+        before = self.caches.counters()
+        if paths is None or not self._scanned:
+            delta = self.workspace.scan()
+            self._scanned = True
+        else:
+            paths = list(paths)
+            delta = self.workspace.refresh(paths)
+            report.changed = sorted({self.workspace.rel(Path(p).absolute()) for p in paths})
+        self.renderer.compile(delta.templates)
+        old_sections = self._invalidate(delta)
+        self._resolve(delta, old_sections)
+        catalog = self._catalog()
+        for agent_id in sorted(self.plans):
+            self._render_sections(agent_id, catalog, old_sections, report)
+        for agent_id in sorted(self._compose_pending & self.plans.keys()):
+            self._compose(agent_id, catalog, report, write)
+        if write:
+            self._remove_stale(report)
+            self.output.save()
+        report.agents = len(self.workspace.agents) + len(self.workspace.agent_errors)
+        report.errors = self.current_errors()
+        report.caches = {k: v.since(before[k]) for k, v in self.caches.counters().items()}
+        report.duration_ms = (time.perf_counter() - t0) * 1000
+        return report
+
+    def current_errors(self) -> list[AgentdError]:
+        """Every error standing now: broken sources, templates that do not compile, renders
+        that failed. Errors are never cached as results: each is retried on the next build."""
+        errors: list[AgentdError] = []
+        errors += self.workspace.template_errors.values()
+        errors += (e for n, e in self.renderer.compile_errors.items() if n not in self.workspace.template_errors)
+        errors += self.workspace.trait_errors.values()
+        errors += self.workspace.agent_errors.values()
+        for agent_id in sorted(self.agent_errors):
+            errors += self.agent_errors[agent_id]
+        seen: set[str] = set()
+        unique = []
+        for e in errors:
+            if str(e) not in seen:
+                seen.add(str(e))
+                unique.append(e)
+        return unique
+
+    def affected(self, paths: Iterable[Path]) -> dict[str, list[str]]:
+        """Agents and sections a change to ``paths`` would re-render (conservatively: any key
+        of a changed agent source may change)."""
+        inputs: set[str] = set()
+        agents: set[str] = set()
+        for path in paths:
+            kind = self.workspace.classify(Path(path).absolute())
+            if kind is None:
+                continue
+            what, name = kind
+            if what == "template":
+                inputs.add(g.template_node(name))
+            elif what == "trait":
+                inputs.add(g.trait_node(name))
+            else:
+                agents.add(name)
+                inputs.add(g.catalog_node(name))
+                inputs.add(g.CATALOG)
+                prefix = g.key_prefix(name)
+                inputs.update(n for n in self.graph.g if n.startswith(prefix))
+        renders = self.graph.readers(inputs)
+        sections = {r[len("section:"):] for r in renders if r.startswith("section:")}
+        sections |= {f"{a}/{m['id']}" for a in agents if a in self.plans for m in self.plans[a].metas}
+        composed = {r[len("compose:"):] for r in renders if r.startswith("compose:")}
+        composed |= {s.split("/", 1)[0] for s in sections} | agents
+        return {"agents": sorted(composed), "sections": sorted(sections)}
+
+    # -- invalidation ---------------------------------------------------------------------
+    def _invalidate(self, delta: Any) -> dict[tuple[str, str], bytes]:
+        """Evict every render that read a changed input; return evicted sections' old bytes
+        (to detect re-renders that come out identical)."""
+        old: dict[tuple[str, str], bytes] = {}
+        for node in self.graph.readers(delta.nodes):
+            kind, _, rest = node.partition(":")
+            if kind == "section":
+                agent_id, section = rest.split("/", 1)
+                entry = self.caches.l3.pop((agent_id, section))
+                if entry is not None:
+                    old[(agent_id, section)] = entry.data
+            elif kind == "fragment":
+                self.caches.l2.pop(rest)
+                self.graph.remove([node])
+            elif kind == "compose":
+                self._compose_pending.add(rest)
+        return old
+
+    # -- resolution -----------------------------------------------------------------------
+    def _resolve(self, delta: Any, old_sections: dict[tuple[str, str], bytes]) -> None:
+        ws = self.workspace
+        todo = set(delta.agents) | set(self.agent_errors)
+        if delta.membership:
+            todo |= set(ws.agents) | set(self.plans)
+        for agent_id in sorted(todo):
+            self.agent_errors.pop(agent_id, None)
+            agent = ws.agents.get(agent_id)
+            old = self.plans.pop(agent_id, None)
+            if agent is None:
+                self._drop_agent(agent_id, old, keep_output=agent_id in ws.agent_errors)
+                continue
+            try:
+                plan = self._plan(agent)
+            except DataError as exc:
+                self.agent_errors[agent_id] = [exc]
+                self._drop_agent(agent_id, old, keep_output=True)
+                continue
+            self.plans[agent_id] = plan
+            if old is None or old.meta_fps != plan.meta_fps or agent_id not in self.caches.l4:
+                self._compose_pending.add(agent_id)
+            for section, fp in (old.meta_fps if old else {}).items():
+                if plan.meta_fps.get(section) != fp:
+                    entry = self.caches.l3.pop((agent_id, section))
+                    self.graph.remove([g.section_node(agent_id, section)])
+                    if entry is not None and section in plan.meta_fps:
+                        old_sections[(agent_id, section)] = entry.data
+
+    def _drop_agent(self, agent_id: str, old: Plan | None, keep_output: bool) -> None:
+        """Forget an agent's renders (it was deleted or no longer resolves). Its output stays
+        when the source is merely broken: the last good output is kept."""
+        if old is not None:
+            for meta in old.metas:
+                self.caches.l3.pop((agent_id, meta["id"]))
+            self.graph.remove([g.section_node(agent_id, m["id"]) for m in old.metas] + [g.compose_node(agent_id)])
+        self._compose_pending.discard(agent_id)
+        if not keep_output:
+            self.caches.l4.pop(agent_id)
+
+    def _plan(self, agent: AgentSource) -> Plan:
+        ws = self.workspace
+        data = agent.data
+        sections = data.get("sections", list(self.config.sections))
+        if not isinstance(sections, list) or not all(isinstance(s, str) for s in sections):
+            self._fail(agent, ["sections"], "sections: expected a list of section names")
+        available = sorted(n[len(SECTION_DIR) + 1 : -3] for n in ws.templates if n.startswith(f"{SECTION_DIR}/") and n.endswith(".j2"))
+        metas: list[dict[str, Any]] = []
+        for i, section in enumerate(sections):
+            if section not in available:
+                self._fail(agent, ["sections", i], f"unknown section {section!r}; expected one of: {', '.join(available)}")
+            number = i + 1
+            title = section_title(section)
+            metas.append(
+                {
+                    "id": section,
+                    "title": title,
+                    "number": number,
+                    "anchor": anchor(f"{number}. {title}"),
+                    "template": f"{SECTION_DIR}/{section}.j2",
+                }
+            )
+        traits = data.get("traits", {})
+        if not isinstance(traits, dict):
+            self._fail(agent, ["traits"], "traits: expected a mapping of kind -> list of trait ids")
+        resolved: dict[str, list[TrackedValue]] = {}
+        for kind, ids in traits.items():
+            if not isinstance(ids, list):
+                self._fail(agent, ["traits", kind], f"traits.{kind}: expected a list of trait ids")
+            resolved[kind] = []
+            for i, trait_id in enumerate(ids):
+                ref = f"{kind}/{trait_id}"
+                trait = ws.traits.get(ref)
+                if trait is None:
+                    broken = ws.trait_errors.get(ref)
+                    known = sorted(r.split("/", 1)[1] for r in ws.traits if r.startswith(f"{kind}/"))
+                    why = (
+                        f"trait {ref!r} does not load (see {broken.location})"
+                        if broken
+                        else f"unknown trait {trait_id!r} of kind {kind!r}; expected one of: "
+                        f"{', '.join(known) or '(none: add agents/traits/' + kind + '/<id>.yaml)'}"
+                    )
+                    self._fail(agent, ["traits", kind, i], why)
+                else:
+                    resolved[kind].append(TrackedValue(trait.data, g.trait_node(ref), trait.fp))
+        return Plan(agent, metas, {m["id"]: fingerprint(m) for m in metas}, resolved)
+
+    def _fail(self, agent: AgentSource, keys: list[str | int], message: str) -> None:
+        root = self.config.root
+        try:
+            text = (root / agent.path).read_text(encoding="utf-8")
+        except OSError:
+            text = ""
+        line = locate(text, keys)
+        raise DataError(f"{agent.path}: {message}", agent.path, line, source_line(text, line))
+
+    # -- rendering ------------------------------------------------------------------------
+    def _catalog(self) -> TrackedCatalog:
+        agents = self.workspace.agents
+        return TrackedCatalog(
+            {a: agents[a].catalog_entry for a in agents},
+            {a: agents[a].catalog_fp for a in agents},
+            self.workspace.catalog_fp,
+            g.CATALOG,
+            g.catalog_node,
+        )
+
+    def _context(self, plan: Plan, catalog: TrackedCatalog) -> dict[str, Any]:
+        a = plan.agent
+        return {
+            "agent": TrackedMapping(a.data, g.key_prefix(a.id), a.fps, a.fp, label=f"agent {a.id!r}"),
+            "sections": TrackedValue(plan.metas, g.key_node(a.id, "sections"), a.fps.get("sections", MISSING)),
+            "traits": TrackedValue(plan.traits, g.key_node(a.id, "traits"), a.fps.get("traits", MISSING)),
+            "catalog": catalog,
+        }
+
+    def _render_sections(
+        self, agent_id: str, catalog: TrackedCatalog, old: dict[tuple[str, str], bytes], report: BuildReport
+    ) -> None:
+        plan = self.plans[agent_id]
+        errors: list[AgentdError] = []
+        context = self._context(plan, catalog)
+        for meta in plan.metas:
+            key = (agent_id, meta["id"])
+            if self.caches.l3.get(key) is not None:
+                report.sections_reused += 1
+                continue
+            try:
+                rendered = self.renderer.render(meta["template"], {**context, "section": meta})
+            except SourceError as exc:
+                exc.context = f"rendering section {meta['id']!r} of agent {agent_id!r} ({plan.agent.path})"
+                errors.append(exc)
+                continue
+            node = g.section_node(agent_id, meta["id"])
+            reads = {**rendered.reads, g.meta_node(agent_id, meta["id"]): plan.meta_fps[meta["id"]]}
+            self.caches.l3.put(key, Rendered(rendered.data, reads))
+            self.graph.set_inputs(node, reads)
+            report.sections_rendered.append(f"{agent_id}/{meta['id']}")
+            if old.get(key) == rendered.data:
+                report.sections_cut_off += 1
+            else:
+                self._compose_pending.add(agent_id)
+        if errors:
+            self.agent_errors[agent_id] = errors
+
+    def _compose(self, agent_id: str, catalog: TrackedCatalog, report: BuildReport, write: bool) -> None:
+        plan = self.plans[agent_id]
+        if agent_id in self.agent_errors:
+            return  # keep the last good output; retried next build
+        sections = []
+        section_reads: dict[str, bytes] = {}
+        for meta in plan.metas:
+            entry = self.caches.l3.peek((agent_id, meta["id"]))
+            assert entry is not None
+            sections.append({**meta, "content": entry.data.decode()})
+            section_reads[g.section_node(agent_id, meta["id"])] = fingerprint(entry.data)
+        context = self._context(plan, catalog)
+        context["sections"] = sections
+        try:
+            rendered = self.renderer.render(BASE_TEMPLATE, context)
+        except SourceError as exc:
+            exc.context = f"composing agent {agent_id!r} ({plan.agent.path})"
+            self.agent_errors[agent_id] = [exc]
+            return
+        self.graph.set_inputs(g.compose_node(agent_id), {**rendered.reads, **section_reads})
+        self._compose_pending.discard(agent_id)
+        report.agents_composed.append(agent_id)
+        digest = fingerprint(rendered.data)
+        name = agent_id + OUTPUT_SUFFIX
+        if self.caches.l4.get(agent_id) == digest and self.output.owns(name):
+            report.unchanged.append(name)
+            return
+        self.caches.l4.put(agent_id, digest)
+        if not write:
+            return
+        try:
+            written = self.output.write(name, rendered.data)
+        except (OutputError, OSError) as exc:
+            self.caches.l4.pop(agent_id)
+            self._compose_pending.add(agent_id)
+            self.agent_errors[agent_id] = [exc if isinstance(exc, OutputError) else OutputError(f"{name}: {exc}")]
+            return
+        (report.written if written else report.unchanged).append(name)
+
+    def _remove_stale(self, report: BuildReport) -> None:
+        existing = set(self.workspace.agents) | set(self.workspace.agent_errors)
+        for name in sorted(self.output.files):
+            if name.endswith(OUTPUT_SUFFIX) and name[: -len(OUTPUT_SUFFIX)] not in existing:
+                if self.output.remove(name):
+                    report.removed.append(name)
+                self.caches.l4.pop(name[: -len(OUTPUT_SUFFIX)])

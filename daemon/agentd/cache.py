@@ -1,0 +1,143 @@
+"""The cache layers and their counters.
+
+- L1: compiled templates (owned by the Jinja environment; ``render.py`` counts its loads).
+- L2: rendered fragments (trait bodies shared by many agents), keyed by template + inputs.
+- L3: rendered sections, keyed by (agent, section).
+- L4: the fingerprint of each final agent, for early cutoff before touching the disk.
+
+Rendered text is kept as UTF-8 bytes: one non-Latin-1 character (an em dash, a box-drawing
+char) makes CPython store a whole ``str`` at 2-4 bytes per character (PEP 393).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Hashable
+from typing import Any, Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+@dataclasses.dataclass
+class Counters:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+
+    @property
+    def hit_rate(self) -> float | None:
+        total = self.hits + self.misses
+        return self.hits / total if total else None
+
+    def snapshot(self) -> Counters:
+        return dataclasses.replace(self)
+
+    def since(self, before: Counters) -> Counters:
+        return Counters(self.hits - before.hits, self.misses - before.misses, self.evictions - before.evictions)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rendered:
+    """A render's output and the inputs it read (graph node -> fingerprint)."""
+
+    data: bytes
+    reads: dict[str, bytes]
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+
+class Layer(Generic[K, V]):
+    """A dict with counters. ``size_of`` says what an entry weighs for the ``bytes`` stat."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.counters = Counters()
+        self._entries: dict[K, V] = {}
+        self._bytes = 0
+
+    @staticmethod
+    def size_of(value: Any) -> int:
+        return len(value.data) if isinstance(value, Rendered) else 0
+
+    def get(self, key: K) -> V | None:
+        value = self._entries.get(key)
+        if value is None:
+            self.counters.misses += 1
+        else:
+            self.counters.hits += 1
+        return value
+
+    def peek(self, key: K) -> V | None:
+        """Look without counting (bookkeeping, not a cache use)."""
+        return self._entries.get(key)
+
+    def put(self, key: K, value: V) -> None:
+        old = self._entries.get(key)
+        if old is not None:
+            self._bytes -= self.size_of(old)
+        self._entries[key] = value
+        self._bytes += self.size_of(value)
+
+    def pop(self, key: K) -> V | None:
+        """Drop an entry because its inputs changed (counted as an eviction)."""
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self._bytes -= self.size_of(old)
+            self.counters.evictions += 1
+        return old
+
+    def keys(self) -> list[K]:
+        return list(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+
+class Caches:
+    """All four layers; L1's entries live in the Jinja environment, only its counters here."""
+
+    def __init__(self) -> None:
+        self.l1_counters = Counters()
+        self.l1_entries = 0
+        self.l1_bytes = 0
+        self.l2: Layer[str, Rendered] = Layer("L2")
+        self.l3: Layer[tuple[str, str], Rendered] = Layer("L3")
+        self.l4: Layer[str, bytes] = Layer("L4")
+
+    def counters(self) -> dict[str, Counters]:
+        return {
+            "L1": self.l1_counters.snapshot(),
+            "L2": self.l2.counters.snapshot(),
+            "L3": self.l3.counters.snapshot(),
+            "L4": self.l4.counters.snapshot(),
+        }
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """Entries, bytes and lifetime counters per layer (for the CLI, logs and status)."""
+        rows = {
+            "L1": (self.l1_entries, self.l1_bytes, self.l1_counters),
+            "L2": (len(self.l2), self.l2.bytes, self.l2.counters),
+            "L3": (len(self.l3), self.l3.bytes, self.l3.counters),
+            "L4": (len(self.l4), 16 * len(self.l4), self.l4.counters),
+        }
+        return {
+            name: {
+                "entries": entries,
+                "bytes": size,
+                "hits": c.hits,
+                "misses": c.misses,
+                "evictions": c.evictions,
+                "hit_rate": c.hit_rate,
+            }
+            for name, (entries, size, c) in rows.items()
+        }

@@ -1,0 +1,171 @@
+"""Command line: ``agentd build | graph | affected``.
+
+The boundary where errors are printed and turned into exit codes: 0 success, 1 an agent (or
+any source) failed, 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import orjson
+
+from . import __version__
+from .build import BuildReport, Engine
+from .config import Config
+from .exceptions import AgentdError, ConfigError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+_DESCRIPTION = """\
+Render every agents/<id>.yaml through the Jinja2 templates in templates/ into out/<id>.md,
+redoing only what changed.
+
+Configuration comes from, in order of precedence: command-line flags, AGENTD_* environment
+variables (AGENTD_OUTPUT_DIR=build ...), agentd.toml at the workspace root, defaults.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # argparse's default exit code is also 2; keep the text
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"agentd: error: {message}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    root_help = "workspace root holding templates/ and agents/ (default: the current directory)"
+    p = _Parser(prog="agentd", description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"agentd {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    b = sub.add_parser(
+        "build",
+        help="render every agent to out/ once and exit",
+        description="Render every agents/*.yaml to out/<id>.md. Outputs are written atomically; "
+        "an output whose bytes did not change is not touched; outputs of deleted agents are "
+        "removed (only files agentd generated, listed in out/.agentd-manifest.json). "
+        "Exit 0 on success, 1 when any agent failed (the others are still written), 2 on a "
+        "usage or configuration error.",
+    )
+    b.add_argument("--root", default=".", help=root_help)
+    b.add_argument("--output-dir", help="output folder, relative to the root (default: out)")
+    b.add_argument("--quiet", "-q", action="store_true", help="print only errors")
+
+    gr = sub.add_parser(
+        "graph",
+        help="export the dependency graph (templates, data keys, traits -> sections -> agents)",
+        description="Render everything in memory (nothing is written) and print the dependency "
+        "graph: static template references (jinja2.meta) plus what every render actually loaded "
+        "and read.",
+    )
+    gr.add_argument("--root", default=".", help=root_help)
+    gr.add_argument("--format", choices=("dot", "json"), default="dot", help="output format (default: dot)")
+
+    af = sub.add_parser(
+        "affected",
+        help="list the agents and sections a change to PATH... would re-render",
+        description="Render everything in memory (nothing is written), then print which agents "
+        "and sections a change to the given files would re-render.",
+    )
+    af.add_argument("paths", nargs="+", metavar="PATH", help="template, agent or trait files")
+    af.add_argument("--root", default=".", help=root_help)
+    af.add_argument("--json", action="store_true", help="print JSON instead of text")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        overrides = {"output_dir": getattr(args, "output_dir", None)}
+        config = Config.load(args.root, overrides)
+        handler = {"build": _cmd_build, "graph": _cmd_graph, "affected": _cmd_affected}[args.command]
+        return handler(config, args)
+    except ConfigError as exc:
+        print(f"agentd: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except AgentdError as exc:
+        print(f"agentd: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+def _check_workspace(config: Config) -> None:
+    for path, what in ((config.templates_path, "templates"), (config.agents_path, "agents")):
+        if not path.is_dir():
+            raise ConfigError(f"{path} is not a directory: is {config.root} an agentd workspace? (expected {what}/)")
+
+
+def print_errors(report: BuildReport, stream: TextIO) -> None:
+    for error in report.errors:
+        print(f"error: {error}", file=stream)
+
+
+def summary(report: BuildReport) -> str:
+    """A few lines a person can scan after a build."""
+    rendered = len(report.sections_rendered)
+    lines = [
+        f"agentd: {report.agents} agents, {rendered} sections rendered, {report.sections_reused} reused"
+        + (f" ({report.sections_cut_off} re-rendered identical)" if report.sections_cut_off else ""),
+        f"  outputs: {len(report.written)} written, {len(report.unchanged)} unchanged, {len(report.removed)} removed"
+        + (f", {len(report.errors)} error(s)" if report.errors else ""),
+    ]
+    layers = []
+    for name, c in report.caches.items():
+        rate = "-" if c.hit_rate is None else f"{c.hit_rate:.0%}"
+        layers.append(f"{name} {rate} ({c.hits}/{c.hits + c.misses})")
+    lines.append("  cache hits: " + "  ".join(layers))
+    lines.append(f"  time: {report.duration_ms:.0f} ms")
+    return "\n".join(lines)
+
+
+def _cmd_build(config: Config, args: argparse.Namespace) -> int:
+    _check_workspace(config)
+    report = Engine(config).build()
+    print_errors(report, sys.stderr)
+    if not args.quiet:
+        print(summary(report))
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def _memory_engine(config: Config) -> Engine:
+    _check_workspace(config)
+    engine = Engine(config)
+    report = engine.build(write=False)
+    print_errors(report, sys.stderr)
+    return engine
+
+
+def _cmd_graph(config: Config, args: argparse.Namespace) -> int:
+    engine = _memory_engine(config)
+    if args.format == "json":
+        sys.stdout.write(orjson.dumps(engine.graph.to_json(), option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        sys.stdout.write(engine.graph.to_dot())
+    return EXIT_OK
+
+
+def _cmd_affected(config: Config, args: argparse.Namespace) -> int:
+    engine = _memory_engine(config)
+    paths = [Path(p) if Path(p).is_absolute() else Path.cwd() / p for p in args.paths]
+    unknown = [str(p) for p in paths if engine.workspace.classify(p.absolute()) is None]
+    if unknown:
+        raise ConfigError(
+            f"not a template, agent or trait file of this workspace: {', '.join(unknown)} "
+            f"(expected paths under {config.templates_dir}/ or {config.agents_dir}/)"
+        )
+    result = engine.affected(paths)
+    if args.json:
+        sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        print(f"agents ({len(result['agents'])}):")
+        for a in result["agents"]:
+            print(f"  {a}")
+        print(f"sections ({len(result['sections'])}):")
+        for s in result["sections"]:
+            print(f"  {s}")
+    return EXIT_OK

@@ -1,0 +1,121 @@
+"""The one ``Config`` object: CLI flag > ``AGENTD_*`` environment variable > ``agentd.toml`` >
+default, resolved once at startup and passed down (nothing else reads the environment)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .exceptions import ConfigError
+
+CONFIG_FILE = "agentd.toml"
+
+#: The nine sections of the workspace contract, in the order an agent gets them by default.
+DEFAULT_SECTIONS: tuple[str, ...] = (
+    "core-responsibilities",
+    "expertise-areas",
+    "technology-stack",
+    "implementation-patterns",
+    "professional-standards",
+    "integration-guidelines",
+    "performance-benchmarks",
+    "troubleshooting",
+    "tool-configurations",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Settings for one workspace. Paths are relative to ``root`` unless absolute."""
+
+    root: Path = Path(".")
+    templates_dir: str = "templates"
+    agents_dir: str = "agents"
+    output_dir: str = "out"
+    #: Sections an agent gets when its source has no ``sections`` list.
+    sections: tuple[str, ...] = DEFAULT_SECTIONS
+    #: ``auto`` (console on a TTY, JSON otherwise), ``console`` or ``json``.
+    log_format: str = "auto"
+    log_level: str = "info"
+
+    @property
+    def templates_path(self) -> Path:
+        return self.root / self.templates_dir
+
+    @property
+    def agents_path(self) -> Path:
+        return self.root / self.agents_dir
+
+    @property
+    def output_path(self) -> Path:
+        return self.root / self.output_dir
+
+    @classmethod
+    def load(
+        cls,
+        root: str | Path = ".",
+        overrides: Mapping[str, Any] | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> Config:
+        """Resolve every field by precedence; raise ``ConfigError`` naming the bad source."""
+        root = Path(root).resolve()
+        if not root.is_dir():
+            raise ConfigError(f"workspace root {root} is not a directory")
+        values: dict[str, Any] = {}
+        values.update(_from_toml(root / CONFIG_FILE))
+        values.update(_from_env(os.environ if environ is None else environ))
+        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        values["root"] = root
+        return cls(**{name: _coerce(name, value) for name, value in values.items()})
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+_LOG_FORMATS = ("auto", "console", "json")
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _from_toml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path.name}: {exc}") from exc
+    table = data.get("agentd", data)
+    unknown = sorted(set(table) - set(_FIELDS) - {"root"})
+    if unknown:
+        raise ConfigError(
+            f"{path.name}: unknown setting(s) {', '.join(unknown)}; "
+            f"expected any of {', '.join(sorted(set(_FIELDS) - {'root'}))}"
+        )
+    return {k: v for k, v in table.items() if k != "root"}
+
+
+def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in _FIELDS:
+        key = f"AGENTD_{name.upper()}"
+        if name != "root" and key in environ:
+            out[name] = environ[key]
+    return out
+
+
+def _coerce(name: str, value: Any) -> Any:
+    if name == "root":
+        return value
+    if name == "sections":
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(s, str) for s in items):
+            raise ConfigError(f"sections: expected a list of section names, got {value!r}")
+        return tuple(s.strip() for s in items if s.strip())
+    if not isinstance(value, str):
+        raise ConfigError(f"{name}: expected a string, got {value!r}")
+    if name == "log_format" and value not in _LOG_FORMATS:
+        raise ConfigError(f"log_format: expected one of {'|'.join(_LOG_FORMATS)}, got {value!r}")
+    if name == "log_level" and value.lower() not in _LOG_LEVELS:
+        raise ConfigError(f"log_level: expected one of {'|'.join(_LOG_LEVELS)}, got {value!r}")
+    return value.lower() if name == "log_level" else value

@@ -1,0 +1,64 @@
+"""Every error agentd raises, under one base class.
+
+Source errors carry the file and line they are about and print like a Python traceback
+frame (``File "agents/x.yaml", line 12`` plus the offending line), the way
+``jinja2.TemplateSyntaxError`` does, so editors and terminals can jump to them.
+"""
+
+from __future__ import annotations
+
+
+class AgentdError(Exception):
+    """Base class: the CLI catches this, prints it and exits non-zero."""
+
+
+class ConfigError(AgentdError):
+    """Bad configuration or usage (``agentd.toml``, ``AGENTD_*``, flags): exit code 2."""
+
+
+class SourceError(AgentdError):
+    """A problem in a workspace file, located by path (relative to the root) and line."""
+
+    def __init__(
+        self,
+        message: str,
+        path: str,
+        line: int | None = None,
+        source_line: str | None = None,
+        column: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.path = path
+        self.line = line
+        self.column = column
+        self.source_line = source_line
+        #: What agentd was doing when it hit the error ("rendering section x of agent y").
+        self.context: str | None = None
+
+    @property
+    def location(self) -> str:
+        """``path:line`` (or just ``path``) for one-line logs."""
+        return f"{self.path}:{self.line}" if self.line else self.path
+
+    def __str__(self) -> str:
+        head = f'  File "{self.path}"' + (f", line {self.line}" if self.line else "")
+        parts = [self.message, head]
+        if self.source_line is not None and self.source_line.strip():
+            parts.append("    " + self.source_line.strip())
+        if self.context:
+            parts.append(f"  (while {self.context})")
+        return "\n".join(parts)
+
+
+class DataError(SourceError):
+    """An agent or trait source that is malformed or refers to something that does not exist."""
+
+
+class TemplateError(SourceError):
+    """A template that does not compile, or fails while rendering (undefined variable, missing
+    include, include cycle)."""
+
+
+class OutputError(AgentdError):
+    """An output that cannot be written without losing a user's file."""

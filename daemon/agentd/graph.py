@@ -1,0 +1,147 @@
+"""The dependency graph: inputs -> the renders that read them.
+
+Nodes are strings with a kind prefix (``template:``, ``key:``, ``catalog:``, ``trait:``,
+``meta:`` for inputs; ``section:``, ``compose:``, ``fragment:`` for renders). An edge
+``input -> render`` means the render read that input the last time it ran; edges
+``template:A -> template:B`` say B references A statically (``jinja2.meta``). Runtime edges
+are replaced wholesale after every render, so the graph never keeps a dependency that the
+current output does not have.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import networkx as nx
+
+CATALOG = "catalog"  # membership of the catalog (which agents exist, in which order)
+
+
+def template_node(name: str) -> str:
+    return f"template:{name}"
+
+
+def key_node(agent_id: str, key: str) -> str:
+    return f"key:{agent_id}:{key}"
+
+
+def key_prefix(agent_id: str) -> str:
+    return f"key:{agent_id}:"
+
+
+def catalog_node(agent_id: str) -> str:
+    return f"catalog:{agent_id}"
+
+
+def trait_node(ref: str) -> str:
+    return f"trait:{ref}"
+
+
+def meta_node(agent_id: str, section: str) -> str:
+    return f"meta:{agent_id}/{section}"
+
+
+def section_node(agent_id: str, section: str) -> str:
+    return f"section:{agent_id}/{section}"
+
+
+def compose_node(agent_id: str) -> str:
+    return f"compose:{agent_id}"
+
+
+def fragment_node(key: str) -> str:
+    return f"fragment:{key}"
+
+
+RENDER_KINDS = ("section:", "compose:", "fragment:")
+
+
+def is_render(node: str) -> bool:
+    return node.startswith(RENDER_KINDS)
+
+
+class DepGraph:
+    """A thin layer over ``networkx.DiGraph`` that knows which edges are static and which
+    were traced."""
+
+    def __init__(self) -> None:
+        self.g: nx.DiGraph = nx.DiGraph()
+
+    # -- static template references -------------------------------------------------------
+    def set_template_refs(self, name: str, referenced: Iterable[str]) -> None:
+        """Replace the static references of template ``name`` (from ``jinja2.meta``)."""
+        node = template_node(name)
+        for pred in [p for p in self.g.predecessors(node)] if node in self.g else []:
+            if pred.startswith("template:"):
+                self.g.remove_edge(pred, node)
+        self.g.add_node(node)
+        for ref in referenced:
+            self.g.add_edge(template_node(ref), node)
+
+    def template_closure(self, names: Iterable[str]) -> set[str]:
+        """The given template nodes plus every template that references one of them,
+        transitively: a change to a macro library reaches every template importing it."""
+        out: set[str] = set()
+        stack = [template_node(n) for n in names]
+        while stack:
+            node = stack.pop()
+            if node in out:
+                continue
+            out.add(node)
+            if node in self.g:
+                stack.extend(s for s in self.g.successors(node) if s.startswith("template:"))
+        return out
+
+    # -- traced render inputs -------------------------------------------------------------
+    def set_inputs(self, render: str, inputs: Iterable[str]) -> None:
+        """Replace everything ``render`` depends on with what its last run read."""
+        if render in self.g:
+            self.g.remove_edges_from(list(self.g.in_edges(render)))
+        self.g.add_node(render)
+        self.g.add_edges_from((node, render) for node in inputs)
+
+    def remove(self, nodes: Iterable[str]) -> None:
+        self.g.remove_nodes_from(list(nodes))
+        # Input nodes nobody reads any more are dropped too, so the graph does not grow with
+        # every key ever typed.
+        self.g.remove_nodes_from(
+            [n for n in list(self.g) if not is_render(n) and self.g.degree(n) == 0 and not n.startswith("template:")]
+        )
+
+    def readers(self, inputs: Iterable[str]) -> set[str]:
+        """Renders that read any of ``inputs`` (templates expanded through static refs)."""
+        inputs = set(inputs)
+        templates = [n[len("template:"):] for n in inputs if n.startswith("template:")]
+        inputs |= self.template_closure(templates)
+        out: set[str] = set()
+        for node in inputs:
+            if node in self.g:
+                out.update(s for s in self.g.successors(node) if is_render(s))
+        return out
+
+    def inputs_of(self, render: str) -> list[str]:
+        return sorted(self.g.predecessors(render)) if render in self.g else []
+
+    # -- export ---------------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        nodes = [{"id": n, "kind": n.split(":", 1)[0]} for n in sorted(self.g)]
+        edges = [
+            {"source": u, "target": v, "type": "static" if v.startswith("template:") else "traced"}
+            for u, v in sorted(self.g.edges)
+        ]
+        return {"nodes": nodes, "edges": edges}
+
+    def to_dot(self) -> str:
+        def q(s: str) -> str:
+            return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+        lines = ["digraph agentd {", "  rankdir=LR;", "  node [shape=box, fontsize=10];"]
+        for n in sorted(self.g):
+            kind = n.split(":", 1)[0]
+            lines.append(f"  {q(n)} [group={q(kind)}];")
+        for u, v in sorted(self.g.edges):
+            style = " [style=dashed]" if v.startswith("template:") else ""
+            lines.append(f"  {q(u)} -> {q(v)}{style};")
+        lines.append("}")
+        return "\n".join(lines) + "\n"

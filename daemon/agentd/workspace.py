@@ -1,0 +1,360 @@
+"""The workspace on disk, held in memory: template sources, agent sources, traits, catalog.
+
+``scan()`` reads everything; ``refresh(paths)`` re-reads only the given paths (files or
+folders, existing or not: the disk decides what changed, never the event kind). Both return a
+``Delta``: the graph input nodes whose fingerprint changed, so the builder can invalidate
+exactly their readers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import graph as g
+from .config import Config
+from .exceptions import DataError, TemplateError
+from .trace import MISSING, fingerprint
+
+try:  # libyaml's loader is ~10x faster than the pure-Python one
+    _Loader: type = yaml.CSafeLoader
+except AttributeError:  # pragma: no cover - PyYAML built without libyaml
+    _Loader = yaml.SafeLoader
+
+TEMPLATE_SUFFIXES = (".j2", ".jinja", ".jinja2")
+YAML_SUFFIXES = (".yaml", ".yml")
+TRAITS_DIR = "traits"
+
+#: The agent keys other agents see through ``catalog``: a change to any other key of an agent
+#: never re-renders another agent.
+CATALOG_KEYS = ("id", "name", "description", "domain", "tags", "handoffs")
+
+
+@dataclasses.dataclass
+class AgentSource:
+    id: str
+    path: str
+    data: dict[str, Any]
+    fps: dict[str, bytes]
+    fp: bytes
+    catalog_entry: dict[str, Any]
+    catalog_fp: bytes
+
+
+@dataclasses.dataclass
+class TraitSource:
+    ref: str  # "<kind>/<id>"
+    kind: str
+    id: str
+    path: str
+    data: dict[str, Any]
+    fp: bytes
+
+
+@dataclasses.dataclass
+class Delta:
+    """What one scan or refresh changed."""
+
+    nodes: set[str] = dataclasses.field(default_factory=set)
+    templates: set[str] = dataclasses.field(default_factory=set)  # names added/changed/removed
+    agents: set[str] = dataclasses.field(default_factory=set)  # ids added/changed/removed
+    membership: bool = False  # the set of agents, traits or templates changed
+
+    def __bool__(self) -> bool:
+        return bool(self.nodes or self.templates or self.agents or self.membership)
+
+
+def load_yaml(text: str, path: str) -> Any:
+    """Parse YAML with the safe loader only (data is data, never objects or code)."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else None
+        problem = exc.problem or "invalid YAML"
+        context = f" ({exc.context})" if exc.context else ""
+        raise DataError(
+            f"{path}: malformed YAML: {problem}{context}",
+            path,
+            line,
+            source_line(text, line),
+            column=mark.column + 1 if mark else None,
+        ) from None
+    except yaml.YAMLError as exc:
+        raise DataError(f"{path}: malformed YAML: {exc}", path) from None
+
+
+def source_line(text: str, line: int | None) -> str | None:
+    if not line:
+        return None
+    lines = text.splitlines()
+    return lines[line - 1] if 0 < line <= len(lines) else None
+
+
+def locate(text: str, keys: Iterable[str | int]) -> int | None:
+    """The 1-based line of the YAML node at ``keys`` (mapping keys / sequence indexes), or of
+    its deepest existing ancestor. Only used on the error path: composing is slower than
+    loading."""
+    try:
+        node = yaml.compose(text, Loader=_Loader)
+    except yaml.YAMLError:
+        return None
+    line = node.start_mark.line + 1 if node is not None else None
+    for key in keys:
+        if isinstance(node, yaml.MappingNode) and isinstance(key, str):
+            match = next(((k, v) for k, v in node.value if k.value == key), None)
+            if match is None:
+                break
+            line, node = match[0].start_mark.line + 1, match[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+class Workspace:
+    """In-memory mirror of ``templates/`` and ``agents/``."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.root = config.root
+        self.templates: dict[str, str] = {}
+        self.template_fps: dict[str, bytes] = {}
+        self.template_errors: dict[str, TemplateError] = {}
+        self.agents: dict[str, AgentSource] = {}
+        self.agent_errors: dict[str, DataError] = {}  # id -> why its source did not load
+        self.traits: dict[str, TraitSource] = {}
+        self.trait_errors: dict[str, DataError] = {}  # ref -> why
+        self._raw: dict[Path, bytes] = {}  # last-seen fingerprint of each file's bytes
+
+    # -- paths ----------------------------------------------------------------------------
+    def rel(self, path: Path) -> str:
+        try:
+            return path.relative_to(self.root).as_posix()
+        except ValueError:
+            return path.as_posix()
+
+    def classify(self, path: Path) -> tuple[str, str] | None:
+        """``("template", name)``, ``("agent", id)``, ``("trait", ref)`` or None for a file
+        agentd does not read (editor temp files, other extensions)."""
+        tdir, adir = self.config.templates_path, self.config.agents_path
+        if path.name.startswith("."):
+            return None
+        if path.suffix in TEMPLATE_SUFFIXES and path.is_relative_to(tdir):
+            return "template", path.relative_to(tdir).as_posix()
+        if path.suffix in YAML_SUFFIXES and path.is_relative_to(adir):
+            parts = path.relative_to(adir).parts
+            if len(parts) == 1:
+                return "agent", path.stem
+            if len(parts) == 3 and parts[0] == TRAITS_DIR:
+                return "trait", f"{parts[1]}/{Path(parts[2]).stem}"
+        return None
+
+    def _known_files(self) -> set[Path]:
+        return set(self._raw)
+
+    def _disk_files(self, top: Path) -> set[Path]:
+        if top.is_file():
+            return {top}
+        found: set[Path] = set()
+        if top.is_dir():
+            for dirpath, dirnames, filenames in os.walk(top):
+                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+                found.update(Path(dirpath, f) for f in filenames)
+        return found
+
+    # -- loading --------------------------------------------------------------------------
+    def scan(self) -> Delta:
+        """Re-read the whole workspace."""
+        return self.refresh([self.config.templates_path, self.config.agents_path])
+
+    def refresh(self, paths: Iterable[Path]) -> Delta:
+        """Re-read ``paths`` (files or folders; deleted ones included) and report changes."""
+        delta = Delta()
+        candidates: set[Path] = set()
+        known = self._known_files()
+        for path in paths:
+            path = Path(os.path.abspath(path))
+            candidates |= self._disk_files(path)
+            candidates |= {p for p in known if p == path or p.is_relative_to(path)}
+        for path in sorted(candidates):
+            kind = self.classify(path)
+            if kind is not None:
+                self._refresh_file(path, kind, delta)
+        return delta
+
+    def _read(self, path: Path) -> bytes | None:
+        try:
+            return path.read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return None
+
+    def _refresh_file(self, path: Path, kind: tuple[str, str], delta: Delta) -> None:
+        raw = self._read(path)
+        if raw is None:
+            if self._raw.pop(path, None) is not None:
+                self._forget(kind, path, delta)
+            return
+        fp = fingerprint(raw)
+        if self._raw.get(path) == fp:
+            return
+        is_new = path not in self._raw
+        self._raw[path] = fp
+        if is_new:
+            delta.membership = True
+        what, name = kind
+        if what == "template":
+            self._load_template(name, path, raw, fp, delta)
+        elif what == "agent":
+            self._load_agent(name, path, raw, delta)
+        else:
+            self._load_trait(name, path, raw, delta)
+
+    def _forget(self, kind: tuple[str, str], path: Path, delta: Delta) -> None:
+        what, name = kind
+        delta.membership = True
+        if what == "template":
+            self.templates.pop(name, None)
+            self.template_fps.pop(name, None)
+            self.template_errors.pop(name, None)
+            delta.templates.add(name)
+            delta.nodes.add(g.template_node(name))
+        elif what == "agent":
+            self._set_agent(name, None, delta)
+            self.agent_errors.pop(name, None)
+        else:
+            self._set_trait(name, None, delta)
+            self.trait_errors.pop(name, None)
+
+    def _load_template(self, name: str, path: Path, raw: bytes, fp: bytes, delta: Delta) -> None:
+        delta.templates.add(name)
+        delta.nodes.add(g.template_node(name))
+        self.template_fps[name] = fp
+        self.template_errors.pop(name, None)
+        try:
+            self.templates[name] = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            self.templates.pop(name, None)
+            self.template_errors[name] = TemplateError(
+                f"{self.rel(path)}: not UTF-8 text ({exc.reason} at byte {exc.start})", self.rel(path)
+            )
+
+    def _decode_yaml(self, path: Path, raw: bytes) -> Any:
+        rel = self.rel(path)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{rel}: not UTF-8 text ({exc.reason} at byte {exc.start})", rel) from None
+        data = load_yaml(text, rel)
+        if not isinstance(data, dict):
+            raise DataError(
+                f"{rel}: expected a mapping of keys at the top level, got {type(data).__name__}",
+                rel,
+                1,
+                source_line(text, 1),
+            )
+        for key in data:
+            if not isinstance(key, str):
+                line = locate(text, [])
+                raise DataError(f"{rel}: top-level keys must be strings, got {key!r}", rel, line)
+        declared = data.get("id")
+        if declared is not None and declared != path.stem:
+            line = locate(text, ["id"])
+            raise DataError(
+                f"{rel}: id {declared!r} does not match the file name; expected {path.stem!r}",
+                rel,
+                line,
+                source_line(text, line),
+            )
+        return data
+
+    def _load_agent(self, agent_id: str, path: Path, raw: bytes, delta: Delta) -> None:
+        try:
+            data = self._decode_yaml(path, raw)
+        except DataError as exc:
+            self.agent_errors[agent_id] = exc
+            self._set_agent(agent_id, None, delta)
+            delta.agents.add(agent_id)
+            return
+        self.agent_errors.pop(agent_id, None)
+        data.setdefault("id", agent_id)
+        fps = {k: fingerprint(v) for k, v in data.items()}
+        entry = {k: data.get(k) for k in CATALOG_KEYS}
+        entry["name"] = entry["name"] or agent_id
+        agent = AgentSource(
+            agent_id,
+            self.rel(path),
+            data,
+            fps,
+            fingerprint(data),
+            entry,
+            fingerprint(entry),
+        )
+        self._set_agent(agent_id, agent, delta)
+
+    def _set_agent(self, agent_id: str, new: AgentSource | None, delta: Delta) -> None:
+        old = self.agents.get(agent_id)
+        if new is None:
+            self.agents.pop(agent_id, None)
+        else:
+            self.agents[agent_id] = new
+        if (old is None) != (new is None):
+            delta.nodes.add(g.CATALOG)
+        delta.agents.add(agent_id)
+        old_fps = old.fps if old else {}
+        new_fps = new.fps if new else {}
+        changed = [k for k in old_fps.keys() | new_fps.keys() if old_fps.get(k, MISSING) != new_fps.get(k, MISSING)]
+        delta.nodes.update(g.key_node(agent_id, k) for k in changed)
+        if changed:
+            delta.nodes.add(g.key_node(agent_id, "*"))
+        if (old.catalog_fp if old else MISSING) != (new.catalog_fp if new else MISSING):
+            delta.nodes.add(g.catalog_node(agent_id))
+
+    def _load_trait(self, ref: str, path: Path, raw: bytes, delta: Delta) -> None:
+        try:
+            data = self._decode_yaml(path, raw)
+        except DataError as exc:
+            self.trait_errors[ref] = exc
+            self._set_trait(ref, None, delta)
+            return
+        self.trait_errors.pop(ref, None)
+        kind, trait_id = ref.split("/", 1)
+        data.setdefault("id", trait_id)
+        data.setdefault("kind", kind)
+        self._set_trait(ref, TraitSource(ref, kind, trait_id, self.rel(path), data, fingerprint(data)), delta)
+
+    def _set_trait(self, ref: str, new: TraitSource | None, delta: Delta) -> None:
+        old = self.traits.pop(ref, None)
+        if new is not None:
+            self.traits[ref] = new
+        if (old is None) != (new is None):
+            delta.membership = True
+        if (old.fp if old else MISSING) != (new.fp if new else MISSING):
+            delta.nodes.add(g.trait_node(ref))
+        # Agents listing this trait must be re-resolved: it may have appeared or broken.
+        delta.agents.update(a.id for a in self.agents.values() if ref in _trait_refs(a.data))
+
+    # -- derived --------------------------------------------------------------------------
+    def catalog_ids(self) -> list[str]:
+        return sorted(self.agents)
+
+    @property
+    def catalog_fp(self) -> bytes:
+        return fingerprint(self.catalog_ids())
+
+
+def _trait_refs(data: dict[str, Any]) -> set[str]:
+    traits = data.get("traits")
+    refs: set[str] = set()
+    if isinstance(traits, dict):
+        for kind, ids in traits.items():
+            if isinstance(ids, list):
+                refs.update(f"{kind}/{i}" for i in ids if isinstance(i, str))
+    return refs

@@ -1,0 +1,256 @@
+"""The build engine: minimal re-renders, early cutoff, outputs equal to a clean build."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from agentd.build import Engine
+from agentd.config import Config
+
+
+def engine(root: Path) -> Engine:
+    return Engine(Config.load(root))
+
+
+def clean_outputs(root: Path, tmp: Path) -> dict[str, bytes]:
+    """What a from-scratch build of the same workspace produces."""
+    copy = tmp / "oracle"
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(root / "templates", copy / "templates")
+    shutil.copytree(root / "agents", copy / "agents")
+    Engine(Config.load(copy)).build()
+    return {p.name: p.read_bytes() for p in (copy / "out").glob("*.md")}
+
+
+def outputs(root: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in (root / "out").glob("*.md")}
+
+
+def edit(path: Path, old: str, new: str) -> Path:
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
+    return path
+
+
+def test_first_build_renders_every_section_and_writes_every_agent(tiny: Path) -> None:
+    """A cold build renders each enabled section once and writes one file per agent."""
+    report = engine(tiny).build()
+    assert report.ok, report.errors
+    assert sorted(report.sections_rendered) == [
+        "alpha/peers", "alpha/shared", "alpha/summary", "alpha/traits",
+        "beta/peers", "beta/shared", "beta/summary",
+    ]
+    assert sorted(report.written) == ["alpha.md", "beta.md"]
+    text = (tiny / "out/alpha.md").read_text()
+    assert text.startswith('---\nname: "alpha"\n---\n')
+    assert "## 2. Peers\n- Beta\n" in text
+    assert "- a1\n- a2\n" in text
+
+
+def test_nothing_changed_means_nothing_rendered_or_written(tiny: Path) -> None:
+    """A second build of an unchanged workspace renders nothing and leaves mtimes alone."""
+    e = engine(tiny)
+    e.build()
+    before = {p: p.stat().st_mtime_ns for p in (tiny / "out").glob("*.md")}
+    report = e.build([tiny / "agents/alpha.yaml", tiny / "templates"])
+    assert report.sections_rendered == [] and report.written == []
+    assert {p: p.stat().st_mtime_ns for p in (tiny / "out").glob("*.md")} == before
+
+
+@pytest.mark.parametrize(
+    ("path", "old", "new", "expected"),
+    [
+        # one agent key, read by one section of that agent only
+        ("agents/alpha.yaml", "skills: [a1, a2]", "skills: [a1, a2, a3]", ["alpha/summary"]),
+        # a key no template reads
+        ("agents/alpha.yaml", "not read by any template", "still not read", []),
+        # a catalog key: every section that lists peers re-renders
+        ("agents/alpha.yaml", "name: Alpha", "name: Alpha Prime", ["alpha/peers", "beta/peers"]),
+        # a section template: that section, for the agents that enable it
+        ("templates/sections/summary.j2", "{{ agent.description }}", "> {{ agent.description }}", ["alpha/summary", "beta/summary"]),
+        # a macro library: only the renders that import it
+        ("templates/fragments/list-item.j2", "- {{ i }}", "* {{ i }}", ["alpha/summary", "beta/summary"]),
+        # a trait: the renders that used it, through a dynamic include and the L2 cache
+        ("agents/traits/safety/careful.yaml", "Look before", "Always look before", ["alpha/shared", "alpha/traits", "beta/shared"]),
+        # a trait template reached only by a dynamic include
+        ("templates/traits/safety-traits.j2", "### ", "#### ", ["alpha/shared", "alpha/traits", "beta/shared"]),
+        # base templates: recompose from cached sections, render no section
+        ("templates/base/footer.j2", "-- end of", "-- the end of", []),
+    ],
+)
+def test_an_edit_re_renders_exactly_its_readers(
+    tiny: Path, tmp_path: Path, path: str, old: str, new: str, expected: list[str]
+) -> None:
+    """Each edit kind re-renders exactly the sections that read what changed, and the result
+    equals a clean build."""
+    e = engine(tiny)
+    e.build()
+    report = e.build([edit(tiny / path, old, new)])
+    assert report.ok, report.errors
+    assert sorted(report.sections_rendered) == expected
+    assert outputs(tiny) == clean_outputs(tiny, tmp_path)
+
+
+def test_identical_re_render_is_cut_off_and_not_written(tiny: Path) -> None:
+    """A section re-rendered to the same bytes recomposes nothing and writes nothing."""
+    e = engine(tiny)
+    e.build()
+    alpha = tiny / "out/alpha.md"
+    mtime = alpha.stat().st_mtime_ns
+    # Reordering the YAML keeps every value: no key fingerprint changes at all.
+    report = e.build([edit(tiny / "agents/alpha.yaml", "name: Alpha\ndescription: First agent.", "description: First agent.\nname: Alpha")])
+    assert report.sections_rendered == [] and report.written == []
+    # A template edit whose output is the same: rendered, cut off, not written.
+    report = e.build([edit(tiny / "templates/sections/summary.j2", "## {{", "{# a comment #}\n## {{")])
+    assert sorted(report.sections_rendered) == ["alpha/summary", "beta/summary"]
+    assert report.sections_cut_off == 2
+    assert report.written == [] and report.agents_composed == []
+    assert alpha.stat().st_mtime_ns == mtime
+
+
+def test_base_edit_recomposes_without_rendering_sections(tiny: Path) -> None:
+    """Editing base/* rewrites every agent from cached sections (L3 hits only)."""
+    e = engine(tiny)
+    e.build()
+    report = e.build([edit(tiny / "templates/base/agent-base.j2", "# {{ agent.name }}", "# Agent: {{ agent.name }}")])
+    assert report.sections_rendered == []
+    assert sorted(report.agents_composed) == ["alpha", "beta"]
+    assert sorted(report.written) == ["alpha.md", "beta.md"]
+    assert report.caches["L3"].hits == 7 and report.caches["L3"].misses == 0
+
+
+def test_trait_body_is_rendered_once_for_all_agents(tiny: Path) -> None:
+    """L2: a trait body shared by two agents is rendered once and reused."""
+    e = engine(tiny)
+    report = e.build()
+    assert report.caches["L2"].misses == 1 and report.caches["L2"].hits == 1
+    report = e.build([edit(tiny / "agents/traits/safety/careful.yaml", "Look", "Peek")])
+    assert report.caches["L2"].misses == 1 and report.caches["L2"].evictions == 1
+    assert "Peek before you leap." in (tiny / "out/beta.md").read_text()
+
+
+def test_l1_recompiles_only_the_changed_template(tiny: Path) -> None:
+    """L1: a template edit recompiles that template; the others stay compiled."""
+    e = engine(tiny)
+    e.build()
+    compiled = {k[1]: id(v) for k, v in e.renderer.env.cache.items()}  # type: ignore[union-attr]
+    e.build([edit(tiny / "templates/fragments/list-item.j2", "- {{ i }}", "+ {{ i }}")])
+    after = {k[1]: id(v) for k, v in e.renderer.env.cache.items()}  # type: ignore[union-attr]
+    changed = sorted(n for n in compiled if after.get(n) != compiled[n])
+    assert changed == ["fragments/list-item.j2"]
+
+
+def test_new_deleted_and_renamed_agents(tiny: Path, tmp_path: Path) -> None:
+    """Creating an agent builds it; deleting removes its output; a rename does both."""
+    e = engine(tiny)
+    e.build()
+    gamma = tiny / "agents/gamma.yaml"
+    gamma.write_text("name: Gamma\ndescription: Third.\nskills: []\nsections: [summary, peers]\n")
+    report = e.build([gamma])
+    assert "gamma.md" in report.written
+    assert sorted(report.sections_rendered) == ["alpha/peers", "beta/peers", "gamma/peers", "gamma/summary"]
+    delta = tiny / "agents/delta.yaml"
+    gamma.rename(delta)
+    report = e.build([gamma, delta])
+    assert report.removed == ["gamma.md"] and "delta.md" in report.written
+    assert not (tiny / "out/gamma.md").exists()
+    assert outputs(tiny) == clean_outputs(tiny, tmp_path)
+
+
+def test_deleted_and_recreated_template_folder(tiny: Path, tmp_path: Path) -> None:
+    """Removing a template folder fails its users; restoring it recovers them fully."""
+    e = engine(tiny)
+    e.build()
+    good = outputs(tiny)
+    saved = tmp_path / "saved"
+    shutil.move(tiny / "templates/fragments", saved)
+    report = e.build([tiny / "templates/fragments"])
+    assert not report.ok
+    assert "template 'fragments/list-item.j2' not found" in str(report.errors[0])
+    assert outputs(tiny) == good  # last good output kept
+    shutil.move(saved, tiny / "templates/fragments")
+    report = e.build([tiny / "templates/fragments"])
+    assert report.ok and outputs(tiny) == good
+
+
+def test_error_keeps_last_good_output_and_fix_recovers(tiny: Path, tmp_path: Path) -> None:
+    """A broken agent keeps its output; other agents still build; fixing it recovers."""
+    e = engine(tiny)
+    e.build()
+    alpha_before = (tiny / "out/alpha.md").read_bytes()
+    bad = edit(tiny / "agents/alpha.yaml", "skills: [a1, a2]", "skills: [a1, a2")
+    report = e.build([bad])
+    assert not report.ok
+    assert (tiny / "out/alpha.md").read_bytes() == alpha_before
+    edit(tiny / "agents/beta.yaml", "skills: [b1]", "skills: [b1, b2]")
+    report = e.build([tiny / "agents/beta.yaml"])
+    assert "beta.md" in report.written and not report.ok
+    edit(bad, "skills: [a1, a2", "skills: [a1, a2, a9]")
+    report = e.build([bad])
+    assert report.ok, report.errors
+    assert outputs(tiny) == clean_outputs(tiny, tmp_path)
+
+
+def test_template_error_is_not_cached(tiny: Path) -> None:
+    """A failing render is retried on the next build, even if nothing it read changed."""
+    e = engine(tiny)
+    e.build()
+    edit(tiny / "templates/sections/summary.j2", "{{ agent.description }}", "{{ agent.descr }}")
+    report = e.build([tiny / "templates/sections/summary.j2"])
+    assert len(report.errors) == 2  # alpha and beta
+    report = e.build([])
+    assert len(report.errors) == 2  # still failing, still reported: not a cached result
+    edit(tiny / "templates/sections/summary.j2", "{{ agent.descr }}", "{{ agent.description }}")
+    report = e.build([tiny / "templates/sections/summary.j2"])
+    assert report.ok
+
+
+def test_adding_a_missing_key_re_renders_its_reader(tiny: Path) -> None:
+    """Reading a key that does not exist is a dependency: adding the key re-renders."""
+    write = tiny / "templates/sections/summary.j2"
+    edit(write, "{{ agent.description }}", "{{ agent.motto|default('no motto') }}")
+    e = engine(tiny)
+    e.build()
+    assert "no motto" in (tiny / "out/alpha.md").read_text()
+    report = e.build([edit(tiny / "agents/alpha.yaml", "name: Alpha", "name: Alpha\nmotto: Onward")])
+    assert report.sections_rendered == ["alpha/summary"]
+    assert "Onward" in (tiny / "out/alpha.md").read_text()
+
+
+def test_section_list_change_renumbers_only_what_moved(tiny: Path, tmp_path: Path) -> None:
+    """Appending a section renders the new one; the others keep their numbers and caches."""
+    e = engine(tiny)
+    e.build()
+    report = e.build([edit(tiny / "agents/beta.yaml", "sections: [summary, peers, shared]", "sections: [summary, peers, shared, traits]")])
+    assert report.sections_rendered == ["beta/traits"]
+    assert outputs(tiny) == clean_outputs(tiny, tmp_path)
+
+
+def test_write_false_touches_nothing(tiny: Path) -> None:
+    """An in-memory build (graph, affected) writes no output and no manifest."""
+    engine(tiny).build(write=False)
+    assert not (tiny / "out").exists()
+
+
+def test_incremental_equals_clean_on_the_shipped_corpus(corpus_copy, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """On the real corpus, a sequence of edits ends byte-identical to a clean build."""
+    root = corpus_copy()
+    e = engine(root)
+    assert e.build().ok
+    agent = sorted((root / "agents").glob("*.yaml"))[0]
+    steps = [
+        edit(agent, "version: 1.0.0", "version: 1.0.1"),
+        edit(root / "templates/fragments/list-item.j2", "Evidence for", "Evidence kept for"),
+        edit(root / "templates/base/footer.j2", "Edit the source, not this file.", "Edit the source."),
+        edit(next((root / "agents/traits/safety").glob("*.yaml")), "summary: >-", "summary: >-\n  Revised."),
+    ]
+    for path in steps:
+        report = e.build([path])
+        assert report.ok, report.errors
+    assert outputs(root) == clean_outputs(root, tmp_path)
+    os.sync()

@@ -1,0 +1,198 @@
+"""The command line as a user runs it: exit codes, summaries and located error messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import pytest
+
+from conftest import run_cli
+
+
+def test_build_writes_outputs_and_prints_a_summary(tiny: Path) -> None:
+    """`agentd build` exits 0, writes out/<id>.md and says what it did."""
+    result = run_cli("build", "--root", str(tiny))
+    assert result.returncode == 0, result.stderr
+    assert (tiny / "out/alpha.md").exists() and (tiny / "out/beta.md").exists()
+    assert "2 agents, 7 sections rendered" in result.stdout
+    assert "2 written, 0 unchanged, 0 removed" in result.stdout
+    assert "cache hits: L1" in result.stdout and "time:" in result.stdout
+
+
+def test_second_build_reports_unchanged(tiny: Path) -> None:
+    """Running build twice leaves every output unchanged and untouched."""
+    run_cli("build", "--root", str(tiny))
+    mtime = (tiny / "out/alpha.md").stat().st_mtime_ns
+    result = run_cli("build", "--root", str(tiny))
+    assert "0 written, 2 unchanged" in result.stdout
+    assert (tiny / "out/alpha.md").stat().st_mtime_ns == mtime
+
+
+def test_root_defaults_to_current_directory(tiny: Path) -> None:
+    """Without --root, the current directory is the workspace."""
+    result = run_cli("build", cwd=tiny)
+    assert result.returncode == 0 and (tiny / "out/alpha.md").exists()
+
+
+def test_not_a_workspace_is_a_usage_error(tmp_path: Path) -> None:
+    """A folder without templates/ and agents/ exits 2 with a message saying what is missing."""
+    result = run_cli("build", "--root", str(tmp_path))
+    assert result.returncode == 2
+    assert "templates" in result.stderr and "agentd workspace" in result.stderr
+
+
+def test_unknown_flag_is_a_usage_error(tiny: Path) -> None:
+    """Bad flags exit 2."""
+    assert run_cli("build", "--frobnicate", cwd=tiny).returncode == 2
+
+
+def test_bad_config_is_a_usage_error(tiny: Path) -> None:
+    """An unknown agentd.toml setting exits 2 naming it."""
+    (tiny / "agentd.toml").write_text('output_dirr = "x"\n')
+    result = run_cli("build", cwd=tiny)
+    assert result.returncode == 2 and "output_dirr" in result.stderr
+
+
+def test_config_precedence_flag_env_file(tiny: Path) -> None:
+    """CLI flag beats AGENTD_* beats agentd.toml."""
+    (tiny / "agentd.toml").write_text('output_dir = "from-file"\n')
+    run_cli("build", cwd=tiny)
+    assert (tiny / "from-file/alpha.md").exists()
+    run_cli("build", cwd=tiny, env={"AGENTD_OUTPUT_DIR": "from-env"})
+    assert (tiny / "from-env/alpha.md").exists()
+    run_cli("build", "--output-dir", "from-flag", cwd=tiny, env={"AGENTD_OUTPUT_DIR": "from-env"})
+    assert (tiny / "from-flag/alpha.md").exists()
+
+
+def _replace(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
+
+
+@pytest.mark.parametrize(
+    ("file", "old", "new", "expected"),
+    [
+        (
+            "agents/alpha.yaml",
+            "skills: [a1, a2]",
+            "skills: [a1, a2",
+            ['agents/alpha.yaml: malformed YAML', 'File "agents/alpha.yaml", line 4'],
+        ),
+        (
+            "templates/sections/traits.j2",
+            "## {{",
+            '{% import "fragments/list-itemz.j2" as l %}\n## {{',
+            [
+                "templates/sections/traits.j2: template 'fragments/list-itemz.j2' not found",
+                'File "templates/sections/traits.j2", line 1',
+                '{% import "fragments/list-itemz.j2" as l %}',
+            ],
+        ),
+        (
+            "templates/sections/traits.j2",
+            '-traits.j2" %}',
+            '-traits.j2" }',
+            ["templates/sections/traits.j2: template syntax error", 'File "templates/sections/traits.j2", line 4', '{% include "traits/" ~ kind ~ "-traits.j2" }'],
+        ),
+        (
+            "templates/sections/traits.j2",
+            "{{ section.title }}",
+            "{{ section.title }} {{ agent.descriptoin }}",
+            [
+                "undefined variable: agent 'alpha' has no key 'descriptoin'",
+                'File "templates/sections/traits.j2", line 1',
+                "(while rendering section 'traits' of agent 'alpha' (agents/alpha.yaml))",
+            ],
+        ),
+        (
+            "agents/alpha.yaml",
+            "safety: [careful]",
+            "safety: [careful, reckless]",
+            ["agents/alpha.yaml: unknown trait 'reckless' of kind 'safety'; expected one of: careful", 'File "agents/alpha.yaml", line 7', "safety: [careful, reckless]"],
+        ),
+        (
+            "agents/alpha.yaml",
+            "sections: [summary, peers, traits, shared]",
+            "sections: [summary, peers, trait, shared]",
+            ["agents/alpha.yaml: unknown section 'trait'; expected one of: peers, shared, summary, traits", 'File "agents/alpha.yaml", line 5'],
+        ),
+        (
+            "agents/alpha.yaml",
+            "name: Alpha",
+            "id: alfa\nname: Alpha",
+            ["id 'alfa' does not match the file name; expected 'alpha'", 'File "agents/alpha.yaml", line 1', "id: alfa"],
+        ),
+    ],
+    ids=["malformed-yaml", "missing-template", "syntax-error", "undefined-variable", "unknown-trait", "unknown-section", "id-mismatch"],
+)
+def test_error_names_file_line_and_expectation(tiny: Path, file: str, old: str, new: str, expected: list[str]) -> None:
+    """Each error case exits 1 with file, line, the offending line and what was expected;
+    the other agent is still built."""
+    _replace(tiny / file, old, new)
+    result = run_cli("build", cwd=tiny)
+    assert result.returncode == 1
+    for fragment in expected:
+        assert fragment in result.stderr, result.stderr
+    assert (tiny / "out/beta.md").exists()
+
+
+def test_include_cycle_is_reported(tiny: Path) -> None:
+    """An include cycle is an error naming the cycle, not a crash."""
+    (tiny / "templates/fragments/a.j2").write_text('{% include "fragments/b.j2" %}\n')
+    (tiny / "templates/fragments/b.j2").write_text('{% include "fragments/a.j2" %}\n')
+    _replace(tiny / "templates/sections/peers.j2", "## {{", '{% include "fragments/a.j2" %}\n## {{')
+    result = run_cli("build", cwd=tiny)
+    assert result.returncode == 1
+    assert "include cycle: fragments/a.j2 -> fragments/b.j2 -> fragments/a.j2" in result.stderr
+
+
+def test_python_dash_m_and_help(tiny: Path) -> None:
+    """`python -m agentd --help` explains the commands; each command has --help."""
+    top = run_cli("--help")
+    assert top.returncode == 0
+    for command in ("build", "graph", "affected"):
+        assert command in top.stdout
+        sub = run_cli(command, "--help")
+        assert sub.returncode == 0 and "--root" in sub.stdout
+
+
+def test_graph_json_has_static_and_traced_edges(tiny: Path) -> None:
+    """`agentd graph --format json` exports template refs and traced reads."""
+    result = run_cli("graph", "--format", "json", cwd=tiny)
+    assert result.returncode == 0, result.stderr
+    graph = orjson.loads(result.stdout)
+    edges = {(e["source"], e["target"], e["type"]) for e in graph["edges"]}
+    assert ("template:fragments/list-item.j2", "template:sections/summary.j2", "static") in edges
+    # the dynamic include static analysis cannot see, recorded from the render
+    assert ("template:traits/safety-traits.j2", "section:alpha/traits", "traced") in edges
+    assert ("key:alpha:skills", "section:alpha/summary", "traced") in edges
+    assert ("section:alpha/summary", "compose:alpha", "traced") in edges
+    assert not (tiny / "out").exists()
+
+
+def test_graph_dot(tiny: Path) -> None:
+    """The default DOT export is a digraph Graphviz can read."""
+    result = run_cli("graph", cwd=tiny)
+    assert result.returncode == 0
+    assert result.stdout.startswith("digraph agentd {")
+    assert '"template:traits/safety-traits.j2" -> "section:alpha/traits";' in result.stdout
+
+
+def test_affected_lists_agents_and_sections(tiny: Path) -> None:
+    """`agentd affected` answers which renders a change to a file would redo."""
+    result = run_cli("affected", "templates/traits/safety-traits.j2", "--json", cwd=tiny)
+    assert result.returncode == 0, result.stderr
+    assert orjson.loads(result.stdout) == {
+        "agents": ["alpha", "beta"],
+        "sections": ["alpha/shared", "alpha/traits", "beta/shared"],
+    }
+    text = run_cli("affected", "templates/sections/peers.j2", cwd=tiny).stdout
+    assert text == "agents (2):\n  alpha\n  beta\nsections (2):\n  alpha/peers\n  beta/peers\n"
+
+
+def test_affected_rejects_foreign_paths(tiny: Path) -> None:
+    """A path agentd does not read is a usage error, not an empty answer."""
+    result = run_cli("affected", "README.md", cwd=tiny)
+    assert result.returncode == 2 and "not a template, agent or trait file" in result.stderr
