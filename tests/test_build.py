@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -42,8 +41,13 @@ def test_first_build_renders_every_section_and_writes_every_agent(tiny: Path) ->
     report = engine(tiny).build()
     assert report.ok, report.errors
     assert sorted(report.sections_rendered) == [
-        "alpha/peers", "alpha/shared", "alpha/summary", "alpha/traits",
-        "beta/peers", "beta/shared", "beta/summary",
+        "alpha/peers",
+        "alpha/shared",
+        "alpha/summary",
+        "alpha/traits",
+        "beta/peers",
+        "beta/shared",
+        "beta/summary",
     ]
     assert sorted(report.written) == ["alpha.md", "beta.md"]
     text = (tiny / "out/alpha.md").read_text()
@@ -72,11 +76,21 @@ def test_nothing_changed_means_nothing_rendered_or_written(tiny: Path) -> None:
         # a catalog key: every section that lists peers re-renders
         ("agents/alpha.yaml", "name: Alpha", "name: Alpha Prime", ["alpha/peers", "beta/peers"]),
         # a section template: that section, for the agents that enable it
-        ("templates/sections/summary.j2", "{{ agent.description }}", "> {{ agent.description }}", ["alpha/summary", "beta/summary"]),
+        (
+            "templates/sections/summary.j2",
+            "{{ agent.description }}",
+            "> {{ agent.description }}",
+            ["alpha/summary", "beta/summary"],
+        ),
         # a macro library: only the renders that import it
         ("templates/fragments/list-item.j2", "- {{ i }}", "* {{ i }}", ["alpha/summary", "beta/summary"]),
         # a trait: the renders that used it, through a dynamic include and the L2 cache
-        ("agents/traits/safety/careful.yaml", "Look before", "Always look before", ["alpha/shared", "alpha/traits", "beta/shared"]),
+        (
+            "agents/traits/safety/careful.yaml",
+            "Look before",
+            "Always look before",
+            ["alpha/shared", "alpha/traits", "beta/shared"],
+        ),
         # a trait template reached only by a dynamic include
         ("templates/traits/safety-traits.j2", "### ", "#### ", ["alpha/shared", "alpha/traits", "beta/shared"]),
         # base templates: recompose from cached sections, render no section
@@ -103,7 +117,15 @@ def test_identical_re_render_is_cut_off_and_not_written(tiny: Path) -> None:
     alpha = tiny / "out/alpha.md"
     mtime = alpha.stat().st_mtime_ns
     # Reordering the YAML keeps every value: no key fingerprint changes at all.
-    report = e.build([edit(tiny / "agents/alpha.yaml", "name: Alpha\ndescription: First agent.", "description: First agent.\nname: Alpha")])
+    report = e.build(
+        [
+            edit(
+                tiny / "agents/alpha.yaml",
+                "name: Alpha\ndescription: First agent.",
+                "description: First agent.\nname: Alpha",
+            )
+        ]
+    )
     assert report.sections_rendered == [] and report.written == []
     # A template edit whose output is the same: rendered, cut off, not written.
     report = e.build([edit(tiny / "templates/sections/summary.j2", "## {{", "{# a comment #}\n## {{")])
@@ -226,7 +248,15 @@ def test_section_list_change_renumbers_only_what_moved(tiny: Path, tmp_path: Pat
     """Appending a section renders the new one; the others keep their numbers and caches."""
     e = engine(tiny)
     e.build()
-    report = e.build([edit(tiny / "agents/beta.yaml", "sections: [summary, peers, shared]", "sections: [summary, peers, shared, traits]")])
+    report = e.build(
+        [
+            edit(
+                tiny / "agents/beta.yaml",
+                "sections: [summary, peers, shared]",
+                "sections: [summary, peers, shared, traits]",
+            )
+        ]
+    )
     assert report.sections_rendered == ["beta/traits"]
     assert outputs(tiny) == clean_outputs(tiny, tmp_path)
 
@@ -253,4 +283,18 @@ def test_incremental_equals_clean_on_the_shipped_corpus(corpus_copy, tmp_path: P
         report = e.build([path])
         assert report.ok, report.errors
     assert outputs(root) == clean_outputs(root, tmp_path)
-    os.sync()
+
+
+def test_agent_without_traits_gets_empty_kinds(tiny: Path) -> None:
+    """An agent listing no traits still renders sections that loop over a trait kind."""
+    edit(tiny / "agents/beta.yaml", "traits:\n  safety: [careful]\n", "")
+    report = engine(tiny).build()
+    assert report.ok, report.errors
+    assert "Careful" not in (tiny / "out/beta.md").read_text()
+
+
+def test_yaml_values_stay_literal(tiny: Path) -> None:
+    """Template syntax inside agent data is data: it reaches the output unevaluated."""
+    edit(tiny / "agents/alpha.yaml", "description: First agent.", "description: \"{{ 7*7 }} {% include 'x' %}\"")
+    assert engine(tiny).build().ok
+    assert "{{ 7*7 }} {% include 'x' %}" in (tiny / "out/alpha.md").read_text()

@@ -78,7 +78,7 @@ def _replace(path: Path, old: str, new: str) -> None:
             "agents/alpha.yaml",
             "skills: [a1, a2]",
             "skills: [a1, a2",
-            ['agents/alpha.yaml: malformed YAML', 'File "agents/alpha.yaml", line 4'],
+            ["agents/alpha.yaml: malformed YAML", 'File "agents/alpha.yaml", line 4'],
         ),
         (
             "templates/sections/traits.j2",
@@ -94,7 +94,11 @@ def _replace(path: Path, old: str, new: str) -> None:
             "templates/sections/traits.j2",
             '-traits.j2" %}',
             '-traits.j2" }',
-            ["templates/sections/traits.j2: template syntax error", 'File "templates/sections/traits.j2", line 4', '{% include "traits/" ~ kind ~ "-traits.j2" }'],
+            [
+                "templates/sections/traits.j2: template syntax error",
+                'File "templates/sections/traits.j2", line 4',
+                '{% include "traits/" ~ kind ~ "-traits.j2" }',
+            ],
         ),
         (
             "templates/sections/traits.j2",
@@ -110,22 +114,41 @@ def _replace(path: Path, old: str, new: str) -> None:
             "agents/alpha.yaml",
             "safety: [careful]",
             "safety: [careful, reckless]",
-            ["agents/alpha.yaml: unknown trait 'reckless' of kind 'safety'; expected one of: careful", 'File "agents/alpha.yaml", line 7', "safety: [careful, reckless]"],
+            [
+                "agents/alpha.yaml: unknown trait 'reckless' of kind 'safety'; expected one of: careful",
+                'File "agents/alpha.yaml", line 7',
+                "safety: [careful, reckless]",
+            ],
         ),
         (
             "agents/alpha.yaml",
             "sections: [summary, peers, traits, shared]",
             "sections: [summary, peers, trait, shared]",
-            ["agents/alpha.yaml: unknown section 'trait'; expected one of: peers, shared, summary, traits", 'File "agents/alpha.yaml", line 5'],
+            [
+                "agents/alpha.yaml: unknown section 'trait'; expected one of: peers, shared, summary, traits",
+                'File "agents/alpha.yaml", line 5',
+            ],
         ),
         (
             "agents/alpha.yaml",
             "name: Alpha",
             "id: alfa\nname: Alpha",
-            ["id 'alfa' does not match the file name; expected 'alpha'", 'File "agents/alpha.yaml", line 1', "id: alfa"],
+            [
+                "id 'alfa' does not match the file name; expected 'alpha'",
+                'File "agents/alpha.yaml", line 1',
+                "id: alfa",
+            ],
         ),
     ],
-    ids=["malformed-yaml", "missing-template", "syntax-error", "undefined-variable", "unknown-trait", "unknown-section", "id-mismatch"],
+    ids=[
+        "malformed-yaml",
+        "missing-template",
+        "syntax-error",
+        "undefined-variable",
+        "unknown-trait",
+        "unknown-section",
+        "id-mismatch",
+    ],
 )
 def test_error_names_file_line_and_expectation(tiny: Path, file: str, old: str, new: str, expected: list[str]) -> None:
     """Each error case exits 1 with file, line, the offending line and what was expected;

@@ -70,10 +70,18 @@ def test_output_bounds(built: Path, source: Path) -> None:
 def test_every_section_present_in_order(built: Path) -> None:
     """Every output carries the nine sections, numbered in the default order."""
     for source in SOURCES:
-        headings = [line for line in (built / "out" / f"{source.stem}.md").read_text().splitlines() if line.startswith("## ")]
+        headings = [
+            line for line in (built / "out" / f"{source.stem}.md").read_text().splitlines() if line.startswith("## ")
+        ]
         numbered = [h for h in headings if h[3].isdigit()]
         assert [h.split(". ", 1)[1] for h in numbered] == [
-            "Core Responsibilities", "Expertise Areas", "Technology Stack", "Implementation Patterns",
-            "Professional Standards", "Integration Guidelines", "Performance Benchmarks", "Troubleshooting",
+            "Core Responsibilities",
+            "Expertise Areas",
+            "Technology Stack",
+            "Implementation Patterns",
+            "Professional Standards",
+            "Integration Guidelines",
+            "Performance Benchmarks",
+            "Troubleshooting",
             "Tool Configurations",
         ]

@@ -152,9 +152,9 @@ class Engine:
                 prefix = g.key_prefix(name)
                 inputs.update(n for n in self.graph.g if n.startswith(prefix))
         renders = self.graph.readers(inputs)
-        sections = {r[len("section:"):] for r in renders if r.startswith("section:")}
+        sections = {r[len("section:") :] for r in renders if r.startswith("section:")}
         sections |= {f"{a}/{m['id']}" for a in agents if a in self.plans for m in self.plans[a].metas}
-        composed = {r[len("compose:"):] for r in renders if r.startswith("compose:")}
+        composed = {r[len("compose:") :] for r in renders if r.startswith("compose:")}
         composed |= {s.split("/", 1)[0] for s in sections} | agents
         return {"agents": sorted(composed), "sections": sorted(sections)}
 
@@ -183,6 +183,13 @@ class Engine:
         todo = set(delta.agents) | set(self.agent_errors)
         if delta.membership:
             todo |= set(ws.agents) | set(self.plans)
+        prefix = f"{SECTION_DIR}/"
+        available = sorted(
+            n[len(prefix) : -3]
+            for n in ws.templates
+            if n.startswith(prefix) and n.endswith(".j2") and not n[len(prefix) :].startswith("_")
+        )
+        kinds = sorted({ref.split("/", 1)[0] for ref in ws.traits})
         for agent_id in sorted(todo):
             self.agent_errors.pop(agent_id, None)
             agent = ws.agents.get(agent_id)
@@ -191,7 +198,7 @@ class Engine:
                 self._drop_agent(agent_id, old, keep_output=agent_id in ws.agent_errors)
                 continue
             try:
-                plan = self._plan(agent)
+                plan = self._plan(agent, available, kinds)
             except DataError as exc:
                 self.agent_errors[agent_id] = [exc]
                 self._drop_agent(agent_id, old, keep_output=True)
@@ -217,17 +224,21 @@ class Engine:
         if not keep_output:
             self.caches.l4.pop(agent_id)
 
-    def _plan(self, agent: AgentSource) -> Plan:
+    def _plan(self, agent: AgentSource, available: list[str], kinds: list[str]) -> Plan:
+        """Resolve an agent's section list and trait references, or raise ``DataError`` at the
+        offending line. Every trait kind of the library is present in ``traits`` (empty when
+        the agent lists none), so templates can loop over ``traits.safety`` unconditionally."""
         ws = self.workspace
         data = agent.data
         sections = data.get("sections", list(self.config.sections))
         if not isinstance(sections, list) or not all(isinstance(s, str) for s in sections):
             self._fail(agent, ["sections"], "sections: expected a list of section names")
-        available = sorted(n[len(SECTION_DIR) + 1 : -3] for n in ws.templates if n.startswith(f"{SECTION_DIR}/") and n.endswith(".j2"))
         metas: list[dict[str, Any]] = []
         for i, section in enumerate(sections):
             if section not in available:
-                self._fail(agent, ["sections", i], f"unknown section {section!r}; expected one of: {', '.join(available)}")
+                self._fail(
+                    agent, ["sections", i], f"unknown section {section!r}; expected one of: {', '.join(available)}"
+                )
             number = i + 1
             title = section_title(section)
             metas.append(
@@ -242,7 +253,7 @@ class Engine:
         traits = data.get("traits", {})
         if not isinstance(traits, dict):
             self._fail(agent, ["traits"], "traits: expected a mapping of kind -> list of trait ids")
-        resolved: dict[str, list[TrackedValue]] = {}
+        resolved: dict[str, list[TrackedValue]] = {kind: [] for kind in kinds}
         for kind, ids in traits.items():
             if not isinstance(ids, list):
                 self._fail(agent, ["traits", kind], f"traits.{kind}: expected a list of trait ids")

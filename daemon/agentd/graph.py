@@ -102,17 +102,19 @@ class DepGraph:
         self.g.add_edges_from((node, render) for node in inputs)
 
     def remove(self, nodes: Iterable[str]) -> None:
-        self.g.remove_nodes_from(list(nodes))
-        # Input nodes nobody reads any more are dropped too, so the graph does not grow with
-        # every key ever typed.
+        """Drop renders, and the inputs only they read (so the graph does not grow with every
+        key ever typed). Template nodes stay: they carry static references."""
+        nodes = [n for n in nodes if n in self.g]
+        inputs = {p for n in nodes for p in self.g.predecessors(n)}
+        self.g.remove_nodes_from(nodes)
         self.g.remove_nodes_from(
-            [n for n in list(self.g) if not is_render(n) and self.g.degree(n) == 0 and not n.startswith("template:")]
+            [n for n in inputs if n in self.g and self.g.degree(n) == 0 and not n.startswith("template:")]
         )
 
     def readers(self, inputs: Iterable[str]) -> set[str]:
         """Renders that read any of ``inputs`` (templates expanded through static refs)."""
         inputs = set(inputs)
-        templates = [n[len("template:"):] for n in inputs if n.startswith("template:")]
+        templates = [n[len("template:") :] for n in inputs if n.startswith("template:")]
         inputs |= self.template_closure(templates)
         out: set[str] = set()
         for node in inputs:

@@ -25,7 +25,7 @@ from . import __version__
 from . import graph as g
 from .cache import Caches, Rendered
 from .exceptions import AgentdError, TemplateError
-from .trace import MISSING, TrackedMapping, TrackedValue, fingerprint, record, tracing
+from .trace import MISSING, TrackedMapping, fingerprint, record, tracing
 from .workspace import Workspace, source_line
 
 
@@ -166,7 +166,7 @@ class Renderer:
         cache = self.env.cache
         assert cache is not None
         for name in sorted(names):
-            cache.pop((weakref.ref(self.env.loader), name), None)  # type: ignore[arg-type]
+            cache.pop((weakref.ref(self.env.loader), name), None)
             self.compile_errors.pop(name, None)
             if name not in self.workspace.templates and name not in self.workspace.template_errors:
                 continue

@@ -157,9 +157,6 @@ class Workspace:
                 return "trait", f"{parts[1]}/{Path(parts[2]).stem}"
         return None
 
-    def _known_files(self) -> set[Path]:
-        return set(self._raw)
-
     def _disk_files(self, top: Path) -> set[Path]:
         if top.is_file():
             return {top}
@@ -179,11 +176,15 @@ class Workspace:
         """Re-read ``paths`` (files or folders; deleted ones included) and report changes."""
         delta = Delta()
         candidates: set[Path] = set()
-        known = self._known_files()
+        known = self._raw
         for path in paths:
             path = Path(os.path.abspath(path))
+            if path in known or path.is_file():
+                candidates.add(path)
+                continue
+            # A folder (or something that was one): everything under it, on disk and known.
             candidates |= self._disk_files(path)
-            candidates |= {p for p in known if p == path or p.is_relative_to(path)}
+            candidates |= {p for p in known if p.is_relative_to(path)}
         for path in sorted(candidates):
             kind = self.classify(path)
             if kind is not None:
