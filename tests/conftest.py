@@ -3,13 +3,20 @@ corpus (realistic sizes)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
+import orjson
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -117,8 +124,6 @@ def corpus_copy(tmp_path_factory: pytest.TempPathFactory) -> Callable[[], Path]:
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run the real ``agentd`` command line in a subprocess."""
-    import os
-
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "agentd", *args],
@@ -128,3 +133,110 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = No
         text=True,
         timeout=120,
     )
+
+
+class Daemon:
+    """A running ``agentd watch`` process and the JSON log events it has printed."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, root: Path) -> None:
+        self.proc = proc
+        self.root = root
+        self.events: list[dict[str, Any]] = []
+        self.raw: list[str] = []
+        self._changed = asyncio.Event()
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self.proc.stderr is not None
+        async for line in self.proc.stderr:
+            text = line.decode(errors="replace").rstrip("\n")
+            self.raw.append(text)
+            try:
+                self.events.append(orjson.loads(text))
+            except orjson.JSONDecodeError:
+                continue
+            self._changed.set()
+
+    def named(self, name: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("event") == name]
+
+    @property
+    def builds(self) -> list[dict[str, Any]]:
+        return self.named("build.finished")
+
+    async def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 15, start: int = 0) -> dict[str, Any]:
+        """The first event from index ``start`` on that matches; fails after ``timeout`` s."""
+
+        async def scan() -> dict[str, Any]:
+            seen = start
+            while True:
+                for event in self.events[seen:]:
+                    if predicate(event):
+                        return event
+                seen = len(self.events)
+                if self.proc.returncode is not None and self._reader.done():
+                    raise AssertionError(f"daemon exited ({self.proc.returncode}):\n" + "\n".join(self.raw[-20:]))
+                self._changed.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), 0.5)
+
+        try:
+            return await asyncio.wait_for(scan(), timeout)
+        except asyncio.TimeoutError:
+            raise AssertionError("timed out waiting for an event; last log lines:\n" + "\n".join(self.raw[-20:])) from None
+
+    async def next_build(self, timeout: float = 15) -> dict[str, Any]:
+        """Wait for the next ``build.finished`` after the events seen so far."""
+        return await self.wait_for(lambda e: e.get("event") == "build.finished", timeout, start=len(self.events))
+
+    async def quiet(self, seconds: float = 0.5, timeout: float = 15) -> None:
+        """Wait until the daemon has logged nothing for ``seconds`` (bounded by ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            count = len(self.events)
+            await asyncio.sleep(seconds)
+            if len(self.events) == count:
+                return
+        raise AssertionError("daemon never went quiet")
+
+
+@contextlib.asynccontextmanager
+async def run_daemon(root: Path, *args: str, env: dict[str, str] | None = None) -> AsyncIterator[Daemon]:
+    """Start ``agentd watch`` on ``root``, wait until it is ready, stop it (SIGTERM) on exit."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agentd", "watch", "--root", str(root), "--log-format", "json", *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )
+    daemon = Daemon(proc, root)
+    try:
+        await daemon.wait_for(lambda e: e.get("event") == "watch.ready", timeout=30)
+        yield daemon
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except asyncio.TimeoutError:
+                proc.kill()
+                await proc.wait()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(daemon._reader, 5)
+
+
+def clean_build(root: Path, dest: Path) -> dict[str, bytes]:
+    """The outputs a from-scratch ``agentd build`` of ``root``'s sources produces."""
+    from agentd.build import Engine
+    from agentd.config import Config
+
+    shutil.rmtree(dest, ignore_errors=True)
+    for sub in ("templates", "agents"):
+        shutil.copytree(root / sub, dest / sub)
+    Engine(Config.load(dest)).build()
+    return read_outputs(dest)
+
+
+def read_outputs(root: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((root / "out").glob("*.md"))}

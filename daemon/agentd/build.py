@@ -83,10 +83,15 @@ class Engine:
         self._ids = itertools.count(1)
 
     # -- public ---------------------------------------------------------------------------
-    def build(self, paths: Iterable[Path] | None = None, *, write: bool = True) -> BuildReport:
+    def new_build_id(self) -> str:
+        return f"{next(self._ids)}-{uuid.uuid4().hex[:8]}"
+
+    def build(
+        self, paths: Iterable[Path] | None = None, *, write: bool = True, build_id: str | None = None
+    ) -> BuildReport:
         """Bring outputs up to date with the disk. ``paths``: what may have changed (None:
         rescan everything). ``write=False`` renders in memory only."""
-        report = BuildReport(build_id=f"{next(self._ids)}-{uuid.uuid4().hex[:8]}", started=time.time())
+        report = BuildReport(build_id=build_id or self.new_build_id(), started=time.time())
         t0 = time.perf_counter()
         before = self.caches.counters()
         if paths is None or not self._scanned:
@@ -112,6 +117,10 @@ class Engine:
         report.caches = {k: v.since(before[k]) for k, v in self.caches.counters().items()}
         report.duration_ms = (time.perf_counter() - t0) * 1000
         return report
+
+    def known_dirs(self) -> set[Path]:
+        """Every folder holding a file the workspace has read (to recognise a deleted folder)."""
+        return {parent for path in self.workspace.files() for parent in path.parents}
 
     def current_errors(self) -> list[AgentdError]:
         """Every error standing now: broken sources, templates that do not compile, renders
@@ -357,7 +366,7 @@ class Engine:
         report.agents_composed.append(agent_id)
         digest = fingerprint(rendered.data)
         name = agent_id + OUTPUT_SUFFIX
-        if self.caches.l4.get(agent_id) == digest and self.output.owns(name):
+        if self.caches.l4.check(agent_id, digest) and self.output.owns(name):
             report.unchanged.append(name)
             return
         self.caches.l4.put(agent_id, digest)

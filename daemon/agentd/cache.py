@@ -70,6 +70,15 @@ class Layer(Generic[K, V]):
             self.counters.hits += 1
         return value
 
+    def check(self, key: K, value: V) -> bool:
+        """Count a hit when the entry equals ``value`` (early cutoff), a miss otherwise."""
+        same = self._entries.get(key) == value
+        if same:
+            self.counters.hits += 1
+        else:
+            self.counters.misses += 1
+        return same
+
     def peek(self, key: K) -> V | None:
         """Look without counting (bookkeeping, not a cache use)."""
         return self._entries.get(key)

@@ -1,4 +1,4 @@
-"""Command line: ``agentd build | graph | affected``.
+"""Command line: ``agentd build | watch | verify | graph | affected``.
 
 The boundary where errors are printed and turned into exit codes: 0 success, 1 an agent (or
 any source) failed, 2 usage or configuration error.
@@ -55,6 +55,43 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--output-dir", help="output folder, relative to the root (default: out)")
     b.add_argument("--quiet", "-q", action="store_true", help="print only errors")
 
+    w = sub.add_parser(
+        "watch",
+        help="build, then rebuild on every change until stopped (Ctrl-C, SIGTERM)",
+        description="Build everything, then watch templates/, agents/ and agentd.toml and "
+        "re-render only what each change affects. out/ is never watched. Logs one line per "
+        "rebuild (console on a terminal, JSON lines otherwise) on stderr. SIGINT/SIGTERM finish "
+        "the build in flight and exit 0; SIGUSR1 runs `verify` and logs the result.",
+    )
+    w.add_argument("--root", default=".", help=root_help)
+    w.add_argument("--output-dir", help="output folder, relative to the root (default: out)")
+    w.add_argument(
+        "--debounce",
+        type=int,
+        metavar="MS",
+        dest="debounce_ms",
+        help="longest time a continuous stream of changes is grouped into one rebuild (default: 400)",
+    )
+    w.add_argument(
+        "--step",
+        type=int,
+        metavar="MS",
+        dest="step_ms",
+        help="quiet time after a change before it is reported; sets save-to-output latency (default: 10)",
+    )
+    w.add_argument("--log-format", choices=("auto", "console", "json"), help="log renderer (default: auto)")
+    w.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="default: info")
+
+    v = sub.add_parser(
+        "verify",
+        help="check that out/ is byte-identical to a clean build",
+        description="Run a clean build into a temporary folder and compare it with out/. Exit 0 "
+        "when identical, 1 listing the files that differ, are missing or are stale.",
+    )
+    v.add_argument("--root", default=".", help=root_help)
+    v.add_argument("--output-dir", help="output folder, relative to the root (default: out)")
+    v.add_argument("--json", action="store_true", help="print JSON instead of text")
+
     gr = sub.add_parser(
         "graph",
         help="export the dependency graph (templates, data keys, traits -> sections -> agents)",
@@ -80,9 +117,17 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        overrides = {"output_dir": getattr(args, "output_dir", None)}
+        overrides = {
+            k: getattr(args, k, None) for k in ("output_dir", "debounce_ms", "step_ms", "log_format", "log_level")
+        }
         config = Config.load(args.root, overrides)
-        handler = {"build": _cmd_build, "graph": _cmd_graph, "affected": _cmd_affected}[args.command]
+        handler = {
+            "build": _cmd_build,
+            "watch": _cmd_watch,
+            "verify": _cmd_verify,
+            "graph": _cmd_graph,
+            "affected": _cmd_affected,
+        }[args.command]
         return handler(config, args)
     except ConfigError as exc:
         print(f"agentd: error: {exc}", file=sys.stderr)
@@ -130,6 +175,42 @@ def _cmd_build(config: Config, args: argparse.Namespace) -> int:
     if not args.quiet:
         print(summary(report))
     return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def _cmd_watch(config: Config, args: argparse.Namespace) -> int:
+    from . import log
+    from .server import Server
+
+    _check_workspace(config)
+    log.configure(config.log_format, config.log_level)
+    overrides = {k: v for k, v in vars(args).items() if k in ("output_dir", "debounce_ms", "step_ms") and v is not None}
+    return Server(config, overrides).run()
+
+
+def _cmd_verify(config: Config, args: argparse.Namespace) -> int:
+    from .verify import verify
+
+    _check_workspace(config)
+    result = verify(config)
+    if args.json:
+        sys.stdout.write(orjson.dumps(result.to_dict(), option=orjson.OPT_INDENT_2).decode() + "\n")
+        return EXIT_OK if result.ok else EXIT_FAILED
+    out = config.output_dir
+    for error in result.errors:
+        print(f"error: {error}", file=sys.stderr)
+    for name in result.differing:
+        print(f"differs: {out}/{name}")
+        print(result.diffs[name])
+    for name in result.missing:
+        print(f"missing: {out}/{name} (a clean build writes it)")
+    for name in result.stale:
+        print(f"stale:   {out}/{name} (a clean build does not write it)")
+    if result.ok:
+        print(f"ok: {out}/ matches a clean build ({result.checked} files)")
+        return EXIT_OK
+    counts = f"{len(result.differing)} differ, {len(result.missing)} missing, {len(result.stale)} stale"
+    print(f"{out}/ differs from a clean build: {counts}")
+    return EXIT_FAILED
 
 
 def _memory_engine(config: Config) -> Engine:

@@ -41,6 +41,16 @@ class Config:
     #: ``auto`` (console on a TTY, JSON otherwise), ``console`` or ``json``.
     log_format: str = "auto"
     log_level: str = "info"
+    #: watchfiles ``step``: how long the watcher waits for more changes after one (ms). It sets
+    #: save-to-output latency (an event arrives step..2*step after the write).
+    step_ms: int = 10
+    #: watchfiles ``debounce``: the longest a continuous stream of changes is grouped (ms).
+    debounce_ms: int = 400
+    #: After a batch that deletes files or touches many, wait this long for quiet before
+    #: building, so a ``git checkout`` or an editor's rename dance is one rebuild (ms).
+    settle_ms: int = 100
+    #: Seconds a shutdown waits for the build in flight before giving up on it.
+    graceful_timeout: float = 5.0
 
     @property
     def templates_path(self) -> Path:
@@ -76,6 +86,12 @@ class Config:
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 _LOG_FORMATS = ("auto", "console", "json")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
+_NUMBERS: dict[str, tuple[type, float]] = {
+    "step_ms": (int, 1),
+    "debounce_ms": (int, 1),
+    "settle_ms": (int, 0),
+    "graceful_timeout": (float, 0),
+}
 
 
 def _from_toml(path: Path) -> dict[str, Any]:
@@ -112,6 +128,15 @@ def _coerce(name: str, value: Any) -> Any:
         if not isinstance(items, (list, tuple)) or not all(isinstance(s, str) for s in items):
             raise ConfigError(f"sections: expected a list of section names, got {value!r}")
         return tuple(s.strip() for s in items if s.strip())
+    if name in _NUMBERS:
+        kind, low = _NUMBERS[name]
+        try:
+            number = kind(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: expected a number, got {value!r}") from None
+        if number < low:
+            raise ConfigError(f"{name}: expected a number >= {low}, got {value!r}")
+        return number
     if not isinstance(value, str):
         raise ConfigError(f"{name}: expected a string, got {value!r}")
     if name == "log_format" and value not in _LOG_FORMATS:

@@ -157,6 +157,10 @@ class Workspace:
                 return "trait", f"{parts[1]}/{Path(parts[2]).stem}"
         return None
 
+    def files(self) -> list[Path]:
+        """Every file read by the last scan or refresh (absolute paths)."""
+        return list(self._raw)
+
     def _disk_files(self, top: Path) -> set[Path]:
         if top.is_file():
             return {top}

@@ -1,0 +1,297 @@
+"""`agentd watch`: the real daemon process, real files, real watchfiles events."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import clean_build, read_outputs, run_daemon
+
+
+def replace(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, (path, old)
+    path.write_text(text.replace(old, new))
+
+
+async def test_startup_builds_everything(tiny: Path) -> None:
+    """Startup compiles and builds every agent before reporting ready."""
+    async with run_daemon(tiny) as d:
+        first = d.builds[0]
+        assert first["written"] == ["alpha.md", "beta.md"] and first["errors"] == 0
+        assert first["build_id"]
+
+
+@pytest.mark.parametrize(
+    ("path", "old", "new", "expected"),
+    [
+        ("agents/alpha.yaml", "skills: [a1, a2]", "skills: [a1, a2, a3]", ["alpha/summary"]),
+        ("agents/alpha.yaml", "name: Alpha", "name: Alpha Prime", ["alpha/peers", "beta/peers"]),
+        ("templates/sections/summary.j2", "{{ agent.description }}", "> {{ agent.description }}", ["alpha/summary", "beta/summary"]),
+        ("templates/fragments/list-item.j2", "- {{ i }}", "* {{ i }}", ["alpha/summary", "beta/summary"]),
+        ("agents/traits/safety/careful.yaml", "Look", "Peek", ["alpha/shared", "alpha/traits", "beta/shared"]),
+        ("templates/base/footer.j2", "-- end of", "-- the end of", []),
+    ],
+    ids=["agent-key", "catalog-entry", "section-template", "fragment-macro", "trait", "base-template"],
+)
+async def test_each_edit_kind_re_renders_exactly_its_readers(
+    tiny: Path, tmp_path: Path, path: str, old: str, new: str, expected: list[str]
+) -> None:
+    """One save triggers one rebuild of exactly the affected sections; out/ equals a clean build."""
+    async with run_daemon(tiny) as d:
+        replace(tiny / path, old, new)
+        build = await d.next_build()
+        assert sorted(build["rendered"]) == expected
+        assert build["changed"] == [path]
+        await d.quiet(0.4)
+        assert len(d.builds) == 2
+    assert read_outputs(tiny) == clean_build(tiny, tmp_path / "oracle")
+
+
+async def test_unchanged_output_is_not_rewritten(tiny: Path) -> None:
+    """An edit that changes only beta leaves alpha's file (and mtime) alone."""
+    async with run_daemon(tiny) as d:
+        alpha = tiny / "out/alpha.md"
+        mtime = alpha.stat().st_mtime_ns
+        replace(tiny / "agents/beta.yaml", "skills: [b1]", "skills: [b2]")
+        build = await d.next_build()
+        assert build["written"] == ["beta.md"]
+        assert alpha.stat().st_mtime_ns == mtime
+
+
+def _inplace(path: Path, text: str) -> None:
+    with open(path, "r+") as fh:
+        fh.seek(0)
+        fh.write(text)
+        fh.truncate()
+
+
+def _temp_rename(path: Path, text: str) -> None:
+    # VS Code / JetBrains "safe write": a temp file next to the target, then rename over it.
+    tmp = path.with_name(path.name + "___jb_tmp___")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _vim(path: Path, text: str) -> None:
+    # vim with backupcopy=no: probe file 4913, rename the original to a backup, write anew.
+    probe = path.with_name("4913")
+    probe.write_text("")
+    probe.unlink()
+    backup = path.with_name(path.name + "~")
+    os.rename(path, backup)
+    path.write_text(text)
+    backup.unlink()
+
+
+def _sed(path: Path, text: str) -> None:
+    old = path.read_text()
+    assert "skills: [a1, a2]" in old and "skills: [a1, a2, a3]" in text
+    subprocess.run(["sed", "-i", "s/skills: \\[a1, a2\\]/skills: [a1, a2, a3]/", str(path)], check=True)
+
+
+@pytest.mark.parametrize("save", [_inplace, _temp_rename, _vim, _sed], ids=["in-place", "temp-rename", "vim", "sed-i"])
+async def test_each_editor_save_style_gives_one_correct_rebuild(tiny: Path, tmp_path: Path, save) -> None:  # type: ignore[no-untyped-def]
+    """In-place writes, temp-then-rename, vim's backup dance and sed -i each cause exactly one
+    rebuild, and temp files never reach the workspace."""
+    target = tiny / "agents/alpha.yaml"
+    async with run_daemon(tiny) as d:
+        save(target, target.read_text().replace("skills: [a1, a2]", "skills: [a1, a2, a3]"))
+        build = await d.next_build()
+        assert build["changed"] == ["agents/alpha.yaml"] and build["rendered"] == ["alpha/summary"]
+        await d.quiet(0.5)
+        assert len(d.builds) == 2, [b["changed"] for b in d.builds]
+        assert "- a3" in (tiny / "out/alpha.md").read_text()
+    assert read_outputs(tiny) == clean_build(tiny, tmp_path / "oracle")
+
+
+def _git(root: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=root, check=True, capture_output=True)
+
+
+async def test_git_checkout_of_many_files_is_one_rebuild(tiny: Path, tmp_path: Path) -> None:
+    """Switching branches rewrites 300 files at once: one rebuild, output equal to a clean build."""
+    for i in range(300):
+        (tiny / f"agents/bulk{i:03}.yaml").write_text(f"name: Bulk {i}\ndescription: d{i}\nskills: [s]\nsections: [summary]\n")
+    _git(tiny, "init", "-q", "-b", "main")
+    _git(tiny, "add", "-A")
+    _git(tiny, "commit", "-qm", "one")
+    _git(tiny, "checkout", "-q", "-b", "other")
+    for i in range(300):
+        (tiny / f"agents/bulk{i:03}.yaml").write_text(f"name: Bulk {i}\ndescription: changed {i}\nskills: [s]\nsections: [summary]\n")
+    _git(tiny, "commit", "-qam", "two")
+    _git(tiny, "checkout", "-q", "main")
+    async with run_daemon(tiny) as d:
+        _git(tiny, "checkout", "-q", "other")
+        build = await d.next_build(timeout=30)
+        assert len(build["rendered"]) == 302  # 300 summaries + the two peer lists (descriptions are catalog data)
+        await d.quiet(0.6)
+        assert len(d.builds) == 2
+        assert read_outputs(tiny) == clean_build(tiny, tmp_path / "oracle")
+        _git(tiny, "stash", "list")  # git stash style: back and forth in one go
+        _git(tiny, "checkout", "-q", "main")
+        await d.next_build(timeout=30)
+        await d.quiet(0.6)
+        assert len(d.builds) == 3
+    assert read_outputs(tiny) == clean_build(tiny, tmp_path / "oracle2")
+
+
+async def test_changes_during_a_rebuild_cause_one_follow_up(tiny: Path, tmp_path: Path) -> None:
+    """Edits that land while a build runs are all picked up by exactly one more build."""
+    slow = tiny / "templates/sections/summary.j2"
+    replace(slow, "## {{", "{% for _ in range(400000) %}{% endfor %}## {{")  # ~0.2 s per render
+    async with run_daemon(tiny) as d:
+        replace(tiny / "agents/alpha.yaml", "skills: [a1, a2]", "skills: [a1]")
+        await d.wait_for(lambda e: e.get("event") == "build.started" and e["changed"] == ["agents/alpha.yaml"], start=len(d.events))
+        count = len(d.builds)
+        replace(tiny / "agents/beta.yaml", "skills: [b1]", "skills: [b9]")
+        replace(tiny / "agents/traits/safety/careful.yaml", "Look", "Peek")
+        await d.next_build()  # the one that was running
+        follow_up = await d.next_build()
+        assert sorted(follow_up["changed"]) == ["agents/beta.yaml", "agents/traits/safety/careful.yaml"]
+        await d.quiet(0.6)
+        assert len(d.builds) == count + 2
+    assert read_outputs(tiny) == clean_build(tiny, tmp_path / "oracle")
+
+
+@pytest.mark.parametrize(
+    ("path", "old", "new", "location"),
+    [
+        ("templates/sections/summary.j2", "{{ agent.description }}", "{{ agent.description }", "templates/sections/summary.j2:3"),
+        ("templates/sections/summary.j2", "{{ agent.description }}", "{{ agent.nope }}", "templates/sections/summary.j2:3"),
+        ("agents/alpha.yaml", "skills: [a1, a2]", "skills: [a1, a2", "agents/alpha.yaml:4"),
+        ("templates/sections/summary.j2", '"fragments/list-item.j2"', '"fragments/missing.j2"', "templates/sections/summary.j2:1"),
+    ],
+    ids=["syntax-error", "undefined-variable", "broken-yaml", "missing-include"],
+)
+async def test_error_mid_session_keeps_running_and_recovers(
+    tiny: Path, tmp_path: Path, path: str, old: str, new: str, location: str
+) -> None:
+    """An error is logged with file:line, the last good output stays, other agents keep
+    rebuilding, and the save that fixes it recovers fully."""
+    async with run_daemon(tiny) as d:
+        good = read_outputs(tiny)
+        replace(tiny / path, old, new)
+        build = await d.next_build()
+        assert build["errors"] >= 1
+        errors = [e for e in d.named("build.error") if e["build_id"] == build["build_id"]]
+        assert location in {e["location"] for e in errors}
+        assert all(e["text"] for e in errors)
+        if path.startswith("agents/alpha"):
+            assert (tiny / "out/alpha.md").read_bytes() == good["alpha.md"]
+        else:
+            assert read_outputs(tiny) == good
+        # unaffected work goes on
+        replace(tiny / "agents/beta.yaml", "description: Second agent.", "description: Second agent!")
+        await d.next_build()
+        if not path.startswith("templates/sections/summary"):
+            assert "Second agent!" in (tiny / "out/beta.md").read_text()
+        replace(tiny / path, new, old)
+        fixed = await d.next_build()
+        assert fixed["errors"] == 0
+        await d.quiet(0.3)
+    assert read_outputs(tiny) == clean_build(tiny, tmp_path / "oracle")
+
+
+async def test_include_cycle_mid_session(tiny: Path, tmp_path: Path) -> None:
+    """An include cycle is reported (not a crash) and fixing it recovers."""
+    async with run_daemon(tiny) as d:
+        (tiny / "templates/fragments/b.j2").write_text('{% include "fragments/a.j2" %}\n')
+        await d.next_build()
+        (tiny / "templates/fragments/a.j2").write_text('{% include "fragments/b.j2" %}\n')
+        await d.next_build()
+        replace(tiny / "templates/sections/peers.j2", "## {{", '{% include "fragments/a.j2" %}\n## {{')
+        build = await d.next_build()
+        assert build["errors"] == 2
+        assert any("include cycle" in e["message"] for e in d.named("build.error"))
+        (tiny / "templates/fragments/a.j2").write_text("")
+        fixed = await d.next_build()
+        assert fixed["errors"] == 0
+    assert read_outputs(tiny) == clean_build(tiny, tmp_path / "oracle")
+
+
+async def test_create_delete_rename_agents(tiny: Path, tmp_path: Path) -> None:
+    """A new agent is built, a deleted one's output removed, a renamed one moved."""
+    async with run_daemon(tiny) as d:
+        gamma = tiny / "agents/gamma.yaml"
+        gamma.write_text("name: Gamma\ndescription: Third.\nskills: []\nsections: [summary]\n")
+        build = await d.next_build()
+        assert "gamma.md" in build["written"]
+        gamma.rename(tiny / "agents/delta.yaml")
+        build = await d.next_build()
+        await d.quiet(0.4)
+        assert not (tiny / "out/gamma.md").exists() and (tiny / "out/delta.md").exists()
+        (tiny / "agents/delta.yaml").unlink()
+        build = await d.next_build()
+        assert build["removed"] == ["delta.md"]
+    assert read_outputs(tiny) == clean_build(tiny, tmp_path / "oracle")
+
+
+async def test_template_folder_deleted_and_recreated(tiny: Path, tmp_path: Path) -> None:
+    """Deleting templates/fragments and putting it back recovers fully."""
+    import shutil
+
+    async with run_daemon(tiny) as d:
+        saved = tmp_path / "saved"
+        shutil.copytree(tiny / "templates/fragments", saved)
+        shutil.rmtree(tiny / "templates/fragments")
+        build = await d.next_build()
+        assert build["errors"] >= 1
+        shutil.copytree(saved, tiny / "templates/fragments")
+        await d.wait_for(lambda e: e.get("event") == "build.finished" and e["errors"] == 0, start=len(d.events))
+        await d.quiet(0.4)
+    assert read_outputs(tiny) == clean_build(tiny, tmp_path / "oracle")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+async def test_signal_stops_cleanly(tiny: Path, sig: signal.Signals) -> None:
+    """SIGINT/SIGTERM exit 0 promptly and leave no partial file in out/."""
+    async with run_daemon(tiny) as d:
+        replace(tiny / "agents/alpha.yaml", "skills: [a1, a2]", "skills: [a1]")
+        d.proc.send_signal(sig)
+        code = await asyncio.wait_for(d.proc.wait(), 10)
+        assert code == 0
+        await d.wait_for(lambda e: e.get("event") == "watch.stopped")
+    assert sorted(p.name for p in (tiny / "out").iterdir()) == [".agentd-manifest.json", "alpha.md", "beta.md"]
+
+
+async def test_verify_on_demand_with_sigusr1(tiny: Path) -> None:
+    """SIGUSR1 makes the daemon run a clean-build comparison and log it."""
+    async with run_daemon(tiny) as d:
+        d.proc.send_signal(signal.SIGUSR1)
+        result = await d.wait_for(lambda e: e.get("event") == "verify.finished")
+        assert result["ok"] is True and result["checked"] == 2
+        (tiny / "out/alpha.md").write_text("tampered\n")
+        d.proc.send_signal(signal.SIGUSR1)
+        result = await d.wait_for(lambda e: e.get("event") == "verify.finished" and not e["ok"], start=len(d.events))
+        assert result["differing"] == ["alpha.md"]
+
+
+async def test_config_change_rebuilds(tiny: Path) -> None:
+    """Editing agentd.toml reloads the configuration and rebuilds with it."""
+    async with run_daemon(tiny) as d:
+        (tiny / "agentd.toml").write_text('output_dir = "elsewhere"\n')
+        await d.wait_for(lambda e: e.get("event") == "config.reloaded")
+        build = await d.next_build()
+        assert sorted(build["written"]) == ["alpha.md", "beta.md"]
+        assert (tiny / "elsewhere/alpha.md").exists()
+        (tiny / "agentd.toml").write_text("output_dirr = 1\n")
+        error = await d.wait_for(lambda e: e.get("event") == "config.error")
+        assert "output_dirr" in error["error"]
+        replace(tiny / "agents/alpha.yaml", "skills: [a1, a2]", "skills: [a7]")
+        await d.next_build()
+        assert "- a7" in (tiny / "elsewhere/alpha.md").read_text()
+
+
+async def test_out_is_not_watched(tiny: Path) -> None:
+    """Writing into out/ never triggers a rebuild."""
+    async with run_daemon(tiny) as d:
+        (tiny / "out/notes.md").write_text("mine\n")
+        (tiny / "out/alpha.md").write_text("tampered\n")
+        await d.quiet(0.5)
+        assert len(d.builds) == 1
