@@ -164,7 +164,9 @@ class Daemon:
     def builds(self) -> list[dict[str, Any]]:
         return self.named("build.finished")
 
-    async def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 15, start: int = 0) -> dict[str, Any]:
+    async def wait_for(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 15, start: int = 0
+    ) -> dict[str, Any]:
         """The first event from index ``start`` on that matches; fails after ``timeout`` s."""
 
         async def scan() -> dict[str, Any]:
@@ -182,8 +184,10 @@ class Daemon:
 
         try:
             return await asyncio.wait_for(scan(), timeout)
-        except asyncio.TimeoutError:
-            raise AssertionError("timed out waiting for an event; last log lines:\n" + "\n".join(self.raw[-20:])) from None
+        except TimeoutError:
+            raise AssertionError(
+                "timed out waiting for an event; last log lines:\n" + "\n".join(self.raw[-20:])
+            ) from None
 
     async def next_build(self, timeout: float = 15) -> dict[str, Any]:
         """Wait for the next ``build.finished`` after the events seen so far."""
@@ -204,7 +208,15 @@ class Daemon:
 async def run_daemon(root: Path, *args: str, env: dict[str, str] | None = None) -> AsyncIterator[Daemon]:
     """Start ``agentd watch`` on ``root``, wait until it is ready, stop it (SIGTERM) on exit."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "agentd", "watch", "--root", str(root), "--log-format", "json", *args,
+        sys.executable,
+        "-m",
+        "agentd",
+        "watch",
+        "--root",
+        str(root),
+        "--log-format",
+        "json",
+        *args,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
@@ -219,7 +231,7 @@ async def run_daemon(root: Path, *args: str, env: dict[str, str] | None = None) 
             proc.send_signal(signal.SIGTERM)
             try:
                 await asyncio.wait_for(proc.wait(), 10)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 proc.kill()
                 await proc.wait()
         with contextlib.suppress(asyncio.TimeoutError):

@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import subprocess
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,12 @@ async def test_startup_builds_everything(tiny: Path) -> None:
     [
         ("agents/alpha.yaml", "skills: [a1, a2]", "skills: [a1, a2, a3]", ["alpha/summary"]),
         ("agents/alpha.yaml", "name: Alpha", "name: Alpha Prime", ["alpha/peers", "beta/peers"]),
-        ("templates/sections/summary.j2", "{{ agent.description }}", "> {{ agent.description }}", ["alpha/summary", "beta/summary"]),
+        (
+            "templates/sections/summary.j2",
+            "{{ agent.description }}",
+            "> {{ agent.description }}",
+            ["alpha/summary", "beta/summary"],
+        ),
         ("templates/fragments/list-item.j2", "- {{ i }}", "* {{ i }}", ["alpha/summary", "beta/summary"]),
         ("agents/traits/safety/careful.yaml", "Look", "Peek", ["alpha/shared", "alpha/traits", "beta/shared"]),
         ("templates/base/footer.j2", "-- end of", "-- the end of", []),
@@ -111,19 +117,25 @@ async def test_each_editor_save_style_gives_one_correct_rebuild(tiny: Path, tmp_
 
 
 def _git(root: Path, *args: str) -> None:
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=root, check=True, capture_output=True)
+    subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=root, check=True, capture_output=True
+    )
 
 
 async def test_git_checkout_of_many_files_is_one_rebuild(tiny: Path, tmp_path: Path) -> None:
     """Switching branches rewrites 300 files at once: one rebuild, output equal to a clean build."""
     for i in range(300):
-        (tiny / f"agents/bulk{i:03}.yaml").write_text(f"name: Bulk {i}\ndescription: d{i}\nskills: [s]\nsections: [summary]\n")
+        (tiny / f"agents/bulk{i:03}.yaml").write_text(
+            f"name: Bulk {i}\ndescription: d{i}\nskills: [s]\nsections: [summary]\n"
+        )
     _git(tiny, "init", "-q", "-b", "main")
     _git(tiny, "add", "-A")
     _git(tiny, "commit", "-qm", "one")
     _git(tiny, "checkout", "-q", "-b", "other")
     for i in range(300):
-        (tiny / f"agents/bulk{i:03}.yaml").write_text(f"name: Bulk {i}\ndescription: changed {i}\nskills: [s]\nsections: [summary]\n")
+        (tiny / f"agents/bulk{i:03}.yaml").write_text(
+            f"name: Bulk {i}\ndescription: changed {i}\nskills: [s]\nsections: [summary]\n"
+        )
     _git(tiny, "commit", "-qam", "two")
     _git(tiny, "checkout", "-q", "main")
     async with run_daemon(tiny) as d:
@@ -147,7 +159,9 @@ async def test_changes_during_a_rebuild_cause_one_follow_up(tiny: Path, tmp_path
     replace(slow, "## {{", "{% for _ in range(400000) %}{% endfor %}## {{")  # ~0.2 s per render
     async with run_daemon(tiny) as d:
         replace(tiny / "agents/alpha.yaml", "skills: [a1, a2]", "skills: [a1]")
-        await d.wait_for(lambda e: e.get("event") == "build.started" and e["changed"] == ["agents/alpha.yaml"], start=len(d.events))
+        await d.wait_for(
+            lambda e: e.get("event") == "build.started" and e["changed"] == ["agents/alpha.yaml"], start=len(d.events)
+        )
         count = len(d.builds)
         replace(tiny / "agents/beta.yaml", "skills: [b1]", "skills: [b9]")
         replace(tiny / "agents/traits/safety/careful.yaml", "Look", "Peek")
@@ -162,10 +176,25 @@ async def test_changes_during_a_rebuild_cause_one_follow_up(tiny: Path, tmp_path
 @pytest.mark.parametrize(
     ("path", "old", "new", "location"),
     [
-        ("templates/sections/summary.j2", "{{ agent.description }}", "{{ agent.description }", "templates/sections/summary.j2:3"),
-        ("templates/sections/summary.j2", "{{ agent.description }}", "{{ agent.nope }}", "templates/sections/summary.j2:3"),
+        (
+            "templates/sections/summary.j2",
+            "{{ agent.description }}",
+            "{{ agent.description }",
+            "templates/sections/summary.j2:3",
+        ),
+        (
+            "templates/sections/summary.j2",
+            "{{ agent.description }}",
+            "{{ agent.nope }}",
+            "templates/sections/summary.j2:3",
+        ),
         ("agents/alpha.yaml", "skills: [a1, a2]", "skills: [a1, a2", "agents/alpha.yaml:4"),
-        ("templates/sections/summary.j2", '"fragments/list-item.j2"', '"fragments/missing.j2"', "templates/sections/summary.j2:1"),
+        (
+            "templates/sections/summary.j2",
+            '"fragments/list-item.j2"',
+            '"fragments/missing.j2"',
+            "templates/sections/summary.j2:1",
+        ),
     ],
     ids=["syntax-error", "undefined-variable", "broken-yaml", "missing-include"],
 )
@@ -295,3 +324,177 @@ async def test_out_is_not_watched(tiny: Path) -> None:
         (tiny / "out/alpha.md").write_text("tampered\n")
         await d.quiet(0.5)
         assert len(d.builds) == 1
+
+
+# -- a stateful model: random edit sequences against a clean-build oracle -------------------
+
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule  # noqa: E402
+
+from conftest import TINY, Daemon, write_files  # noqa: E402
+
+NAMES = ["alpha", "beta", "gamma", "delta", "omega"]
+SKILLS = ["[a1]", "[a1, a2]", "[]", "[x, y, z]"]
+DESCRIPTIONS = ["First agent.", "Changed.", "Something else entirely."]
+TEMPLATE_VARIANTS = {
+    "templates/sections/summary.j2": [
+        TINY["templates/sections/summary.j2"],
+        TINY["templates/sections/summary.j2"].replace("{{ agent.description }}", "> {{ agent.description }}"),
+        # same output, different source: rendered, cut off, nothing written
+        "{# a comment #}\n" + TINY["templates/sections/summary.j2"],
+    ],
+    "templates/fragments/list-item.j2": [
+        TINY["templates/fragments/list-item.j2"],
+        TINY["templates/fragments/list-item.j2"].replace("- {{ i }}", "* {{ i }}"),
+    ],
+    "templates/traits/safety-traits.j2": [
+        TINY["templates/traits/safety-traits.j2"],
+        "#### {{ trait.name }}: {{ trait.rule }}\n",
+    ],
+    "templates/base/footer.j2": [TINY["templates/base/footer.j2"], "== {{ agent.name }} ==\n"],
+    "templates/sections/peers.j2": [
+        TINY["templates/sections/peers.j2"],
+        TINY["templates/sections/peers.j2"].replace("- {{ peer.name }}", "- {{ peer.name }}: {{ peer.description }}"),
+    ],
+}
+
+
+def agent_yaml(name: str, skills: str, description: str, sections: str) -> str:
+    return (
+        f"name: {name.capitalize()}\ndescription: {description}\nskills: {skills}\n"
+        f"sections: {sections}\ntraits:\n  safety: [careful]\n"
+    )
+
+
+class DaemonMatchesCleanBuild(RuleBasedStateMachine):
+    """Drive a real `agentd watch` through creates, edits, deletes and renames of agents,
+    templates and traits; after every step out/ must equal a clean build, and no output whose
+    bytes did not change may have been rewritten."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tmp = Path(tempfile.mkdtemp(prefix="agentd-stateful-"))
+        self.root = self.tmp / "ws"
+        write_files(self.root, TINY)
+        self.loop = asyncio.new_event_loop()
+        self.cm = run_daemon(self.root)
+        self.d: Daemon = self.loop.run_until_complete(self.cm.__aenter__())
+        self.before: dict[str, tuple[bytes, int]] = {}
+
+    def teardown(self) -> None:
+        try:
+            self.loop.run_until_complete(self.cm.__aexit__(None, None, None))
+        finally:
+            self.loop.close()
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # -- helpers ------------------------------------------------------------------------------
+    def agents(self) -> list[str]:
+        return sorted(p.stem for p in (self.root / "agents").glob("*.yaml"))
+
+    def snapshot(self) -> None:
+        self.before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in (self.root / "out").glob("*.md")}
+
+    def settle(self, *paths: Path) -> None:
+        """Wait until builds have covered every touched path, then for quiet."""
+        want = {p.relative_to(self.root).as_posix() for p in paths}
+        start = len(self.d.events)
+
+        async def covered() -> None:
+            while True:
+                count = len(self.d.events)
+                builds = [e for e in self.d.events[start:count] if e.get("event") == "build.finished"]
+                if want <= {c for e in builds for c in e["changed"]}:
+                    break
+                await self.d.wait_for(lambda e: e.get("event") == "build.finished", timeout=20, start=count)
+            await self.d.quiet(0.25)
+
+        self.loop.run_until_complete(covered())
+
+    # -- rules ----------------------------------------------------------------------------------
+    @precondition(lambda self: bool(self.agents()))
+    @rule(data=st.data(), skills=st.sampled_from(SKILLS), description=st.sampled_from(DESCRIPTIONS))
+    def edit_agent(self, data: st.DataObject, skills: str, description: str) -> None:
+        name = data.draw(st.sampled_from(self.agents()))
+        self.snapshot()
+        path = self.root / f"agents/{name}.yaml"
+        path.write_text(agent_yaml(name, skills, description, "[summary, peers, traits, shared]"))
+        self.settle(path)
+
+    @rule(name=st.sampled_from(NAMES), sections=st.sampled_from(["[summary, peers]", "[peers, shared, summary]"]))
+    def create_agent(self, name: str, sections: str) -> None:
+        path = self.root / f"agents/{name}.yaml"
+        if path.exists():
+            return
+        self.snapshot()
+        path.write_text(agent_yaml(name, "[n1]", "New.", sections))
+        self.settle(path)
+
+    @precondition(lambda self: len(self.agents()) > 1)
+    @rule(data=st.data())
+    def delete_agent(self, data: st.DataObject) -> None:
+        path = self.root / f"agents/{data.draw(st.sampled_from(self.agents()))}.yaml"
+        self.snapshot()
+        path.unlink()
+        self.settle(path)
+
+    @precondition(lambda self: bool(self.agents()))
+    @rule(data=st.data(), new=st.sampled_from(NAMES))
+    def rename_agent(self, data: st.DataObject, new: str) -> None:
+        old = self.root / f"agents/{data.draw(st.sampled_from(self.agents()))}.yaml"
+        target = self.root / f"agents/{new}.yaml"
+        if target.exists():
+            return
+        self.snapshot()
+        old.rename(target)
+        self.settle(old, target)
+
+    @rule(template=st.sampled_from(sorted(TEMPLATE_VARIANTS)), data=st.data())
+    def edit_template(self, template: str, data: st.DataObject) -> None:
+        path = self.root / template
+        text = data.draw(st.sampled_from(TEMPLATE_VARIANTS[template]))
+        self.snapshot()
+        path.write_text(textwrap.dedent(text))
+        self.settle(path)
+
+    @rule(rule_text=st.sampled_from(["Look before you leap.", "Measure twice.", "Stop."]))
+    def edit_trait(self, rule_text: str) -> None:
+        path = self.root / "agents/traits/safety/careful.yaml"
+        self.snapshot()
+        path.write_text(f"name: Careful\nrule: {rule_text}\n")
+        self.settle(path)
+
+    @rule()
+    def break_then_fix_a_template(self) -> None:
+        path = self.root / "templates/sections/peers.j2"
+        good = path.read_text()
+        self.snapshot()
+        path.write_text(good.replace("{% endfor %}", "{% endfor"))
+        self.settle(path)
+        path.write_text(good)
+        self.settle(path)
+
+    # -- what must always hold --------------------------------------------------------------------
+    @invariant()
+    def outputs_equal_a_clean_build(self) -> None:
+        assert read_outputs(self.root) == clean_build(self.root, self.tmp / "oracle")
+
+    @invariant()
+    def unchanged_outputs_were_not_rewritten(self) -> None:
+        for name, (data, mtime) in self.before.items():
+            path = self.root / "out" / name
+            if path.exists() and path.read_bytes() == data:
+                assert path.stat().st_mtime_ns == mtime, f"{name} rewritten with identical bytes"
+
+
+DaemonMatchesCleanBuild.TestCase.settings = settings(
+    max_examples=6,
+    stateful_step_count=10,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+test_daemon_matches_clean_build = DaemonMatchesCleanBuild.TestCase
