@@ -169,7 +169,7 @@ class Engine:
 
     # -- invalidation ---------------------------------------------------------------------
     def _invalidate(self, delta: Any) -> dict[tuple[str, str], bytes]:
-        """Evict every render that read a changed input; return evicted sections' old bytes
+        """Evict every render that read a changed input; return evicted sections' old digests
         (to detect re-renders that come out identical)."""
         old: dict[tuple[str, str], bytes] = {}
         for node in self.graph.readers(delta.nodes):
@@ -178,7 +178,7 @@ class Engine:
                 agent_id, section = rest.split("/", 1)
                 entry = self.caches.l3.pop((agent_id, section))
                 if entry is not None:
-                    old[(agent_id, section)] = entry.data
+                    old[(agent_id, section)] = entry.digest
             elif kind == "fragment":
                 self.caches.l2.pop(rest)
                 self.graph.remove([node])
@@ -220,7 +220,7 @@ class Engine:
                     entry = self.caches.l3.pop((agent_id, section))
                     self.graph.remove([g.section_node(agent_id, section)])
                     if entry is not None and section in plan.meta_fps:
-                        old_sections[(agent_id, section)] = entry.data
+                        old_sections[(agent_id, section)] = entry.digest
 
     def _drop_agent(self, agent_id: str, old: Plan | None, keep_output: bool) -> None:
         """Forget an agent's renders (it was deleted or no longer resolves). Its output stays
@@ -332,10 +332,11 @@ class Engine:
                 continue
             node = g.section_node(agent_id, meta["id"])
             reads = {**rendered.reads, g.meta_node(agent_id, meta["id"]): plan.meta_fps[meta["id"]]}
-            self.caches.l3.put(key, Rendered(rendered.data, reads))
+            digest = fingerprint(rendered.data)
+            self.caches.l3.put(key, Rendered(rendered.data, reads, digest))
             self.graph.set_inputs(node, reads)
             report.sections_rendered.append(f"{agent_id}/{meta['id']}")
-            if old.get(key) == rendered.data:
+            if old.get(key) == digest:
                 report.sections_cut_off += 1
             else:
                 self._compose_pending.add(agent_id)
@@ -352,7 +353,7 @@ class Engine:
             entry = self.caches.l3.peek((agent_id, meta["id"]))
             assert entry is not None
             sections.append({**meta, "content": entry.data.decode()})
-            section_reads[g.section_node(agent_id, meta["id"])] = fingerprint(entry.data)
+            section_reads[g.section_node(agent_id, meta["id"])] = entry.digest
         context = self._context(plan, catalog)
         context["sections"] = sections
         try:

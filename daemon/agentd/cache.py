@@ -43,6 +43,8 @@ class Rendered:
 
     data: bytes
     reads: dict[str, bytes]
+    #: Content fingerprint, computed once where it is needed again (sections: compose, cutoff).
+    digest: bytes = b""
 
     @property
     def size(self) -> int:
