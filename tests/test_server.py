@@ -141,16 +141,42 @@ async def test_git_checkout_of_many_files_is_one_rebuild(tiny: Path, tmp_path: P
     async with run_daemon(tiny) as d:
         _git(tiny, "checkout", "-q", "other")
         build = await d.next_build(timeout=30)
-        assert len(build["rendered"]) == 302  # 300 summaries + the two peer lists (descriptions are catalog data)
+        assert build["sections_rendered"] == 302  # 300 summaries + the two peer lists (descriptions are catalog data)
         await d.quiet(0.6)
         assert len(d.builds) == 2
         assert read_outputs(tiny) == clean_build(tiny, tmp_path / "oracle")
-        _git(tiny, "stash", "list")  # git stash style: back and forth in one go
         _git(tiny, "checkout", "-q", "main")
         await d.next_build(timeout=30)
         await d.quiet(0.6)
         assert len(d.builds) == 3
     assert read_outputs(tiny) == clean_build(tiny, tmp_path / "oracle2")
+
+
+async def test_git_stash_and_pop_are_one_rebuild_each(tiny: Path, tmp_path: Path) -> None:
+    """`git stash` reverting many files, then `git stash pop`, each give one rebuild."""
+    for i in range(60):
+        (tiny / f"agents/bulk{i:02}.yaml").write_text(
+            f"name: Bulk {i}\ndescription: d{i}\nskills: [s]\nsections: [summary]\n"
+        )
+    _git(tiny, "init", "-q", "-b", "main")
+    _git(tiny, "add", "-A")
+    _git(tiny, "commit", "-qm", "one")
+    async with run_daemon(tiny) as d:
+        for i in range(60):
+            (tiny / f"agents/bulk{i:02}.yaml").write_text(
+                f"name: Bulk {i}\ndescription: wip {i}\nskills: [s]\nsections: [summary]\n"
+            )
+        await d.next_build(timeout=30)
+        await d.quiet(0.6)
+        count = len(d.builds)
+        for command in ("stash", "pop"):
+            _git(tiny, "stash", *(["pop"] if command == "pop" else ["-q"]))
+            await d.next_build(timeout=30)
+            await d.quiet(0.6)
+            count += 1
+            assert len(d.builds) == count, command
+            assert read_outputs(tiny) == clean_build(tiny, tmp_path / f"oracle-{command}")
+        assert "wip 7" in (tiny / "out/bulk07.md").read_text()
 
 
 async def test_changes_during_a_rebuild_cause_one_follow_up(tiny: Path, tmp_path: Path) -> None:

@@ -217,9 +217,9 @@ class Server:
             sections_rendered=len(report.sections_rendered),
             sections_reused=report.sections_reused,
             sections_cut_off=report.sections_cut_off,
-            rendered=report.sections_rendered,
-            agents_composed=report.agents_composed,
-            written=report.written,
+            rendered=_capped(report.sections_rendered),
+            agents_composed=_capped(report.agents_composed),
+            written=_capped(report.written),
             unchanged=len(report.unchanged),
             removed=report.removed,
             errors=len(report.errors),
@@ -261,6 +261,17 @@ async def _first(*events: asyncio.Event) -> None:
             w.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*waiters, return_exceptions=True)
+
+
+#: Lists in a log line beyond this length are cut (a cold build of 1,000 agents renders 9,000
+#: sections; the counts are logged in full).
+LOG_LIST_LIMIT = 50
+
+
+def _capped(items: list[str]) -> list[str]:
+    if len(items) <= LOG_LIST_LIMIT:
+        return items
+    return [*items[:LOG_LIST_LIMIT], f"... {len(items) - LOG_LIST_LIMIT} more"]
 
 
 def _error_fields(error: AgentdError) -> dict[str, Any]:
