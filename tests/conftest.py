@@ -94,6 +94,50 @@ TINY: dict[str, str] = {
 }
 
 
+#: One edit of each kind in the tiny workspace, and the sections it must re-render (exactly).
+EDIT_KINDS = [
+    pytest.param("agents/alpha.yaml", "skills: [a1, a2]", "skills: [a1, a2, a3]", ["alpha/summary"], id="agent-key"),
+    pytest.param("agents/alpha.yaml", "not read by any template", "still not read", [], id="unread-key"),
+    # a catalog key: every section that lists peers re-renders
+    pytest.param(
+        "agents/alpha.yaml", "name: Alpha", "name: Alpha Prime", ["alpha/peers", "beta/peers"], id="catalog-entry"
+    ),
+    pytest.param(
+        "templates/sections/summary.j2",
+        "{{ agent.description }}",
+        "> {{ agent.description }}",
+        ["alpha/summary", "beta/summary"],
+        id="section-template",
+    ),
+    # a macro library: only the renders that import it
+    pytest.param(
+        "templates/fragments/list-item.j2",
+        "- {{ i }}",
+        "* {{ i }}",
+        ["alpha/summary", "beta/summary"],
+        id="fragment-macro",
+    ),
+    # a trait: the renders that used it, through a dynamic include and the L2 cache
+    pytest.param(
+        "agents/traits/safety/careful.yaml",
+        "Look before",
+        "Always look before",
+        ["alpha/shared", "alpha/traits", "beta/shared"],
+        id="trait",
+    ),
+    # a trait template reached only by a dynamic include
+    pytest.param(
+        "templates/traits/safety-traits.j2",
+        "### ",
+        "#### ",
+        ["alpha/shared", "alpha/traits", "beta/shared"],
+        id="dynamic-include",
+    ),
+    # base templates: recompose from cached sections, render no section
+    pytest.param("templates/base/footer.j2", "-- end of", "-- the end of", [], id="base-template"),
+]
+
+
 def write_files(root: Path, files: dict[str, str]) -> None:
     for rel, text in files.items():
         path = root / rel

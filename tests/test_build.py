@@ -9,6 +9,7 @@ import pytest
 
 from agentd.build import Engine
 from agentd.config import Config
+from conftest import EDIT_KINDS
 
 
 def engine(root: Path) -> Engine:
@@ -66,37 +67,7 @@ def test_nothing_changed_means_nothing_rendered_or_written(tiny: Path) -> None:
     assert {p: p.stat().st_mtime_ns for p in (tiny / "out").glob("*.md")} == before
 
 
-@pytest.mark.parametrize(
-    ("path", "old", "new", "expected"),
-    [
-        # one agent key, read by one section of that agent only
-        ("agents/alpha.yaml", "skills: [a1, a2]", "skills: [a1, a2, a3]", ["alpha/summary"]),
-        # a key no template reads
-        ("agents/alpha.yaml", "not read by any template", "still not read", []),
-        # a catalog key: every section that lists peers re-renders
-        ("agents/alpha.yaml", "name: Alpha", "name: Alpha Prime", ["alpha/peers", "beta/peers"]),
-        # a section template: that section, for the agents that enable it
-        (
-            "templates/sections/summary.j2",
-            "{{ agent.description }}",
-            "> {{ agent.description }}",
-            ["alpha/summary", "beta/summary"],
-        ),
-        # a macro library: only the renders that import it
-        ("templates/fragments/list-item.j2", "- {{ i }}", "* {{ i }}", ["alpha/summary", "beta/summary"]),
-        # a trait: the renders that used it, through a dynamic include and the L2 cache
-        (
-            "agents/traits/safety/careful.yaml",
-            "Look before",
-            "Always look before",
-            ["alpha/shared", "alpha/traits", "beta/shared"],
-        ),
-        # a trait template reached only by a dynamic include
-        ("templates/traits/safety-traits.j2", "### ", "#### ", ["alpha/shared", "alpha/traits", "beta/shared"]),
-        # base templates: recompose from cached sections, render no section
-        ("templates/base/footer.j2", "-- end of", "-- the end of", []),
-    ],
-)
+@pytest.mark.parametrize(("path", "old", "new", "expected"), EDIT_KINDS)
 def test_an_edit_re_renders_exactly_its_readers(
     tiny: Path, tmp_path: Path, path: str, old: str, new: str, expected: list[str]
 ) -> None:

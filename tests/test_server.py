@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import clean_build, read_outputs, run_daemon
+from conftest import EDIT_KINDS, clean_build, read_outputs, run_daemon
 
 
 def replace(path: Path, old: str, new: str) -> None:
@@ -28,23 +28,7 @@ async def test_startup_builds_everything(tiny: Path) -> None:
         assert first["build_id"]
 
 
-@pytest.mark.parametrize(
-    ("path", "old", "new", "expected"),
-    [
-        ("agents/alpha.yaml", "skills: [a1, a2]", "skills: [a1, a2, a3]", ["alpha/summary"]),
-        ("agents/alpha.yaml", "name: Alpha", "name: Alpha Prime", ["alpha/peers", "beta/peers"]),
-        (
-            "templates/sections/summary.j2",
-            "{{ agent.description }}",
-            "> {{ agent.description }}",
-            ["alpha/summary", "beta/summary"],
-        ),
-        ("templates/fragments/list-item.j2", "- {{ i }}", "* {{ i }}", ["alpha/summary", "beta/summary"]),
-        ("agents/traits/safety/careful.yaml", "Look", "Peek", ["alpha/shared", "alpha/traits", "beta/shared"]),
-        ("templates/base/footer.j2", "-- end of", "-- the end of", []),
-    ],
-    ids=["agent-key", "catalog-entry", "section-template", "fragment-macro", "trait", "base-template"],
-)
+@pytest.mark.parametrize(("path", "old", "new", "expected"), EDIT_KINDS)
 async def test_each_edit_kind_re_renders_exactly_its_readers(
     tiny: Path, tmp_path: Path, path: str, old: str, new: str, expected: list[str]
 ) -> None:

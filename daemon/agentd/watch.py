@@ -14,6 +14,7 @@ import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from watchfiles import Change, DefaultFilter, awatch
 
@@ -97,20 +98,24 @@ class Pending:
         return self.batch.deletions or len(self.batch.paths) >= many
 
 
+def _watch(config: Config, paths: list[Path], watch_filter: Any, stop: asyncio.Event, recursive: bool) -> Any:
+    return awatch(
+        *paths,
+        watch_filter=watch_filter,
+        debounce=config.debounce_ms,
+        step=config.step_ms,
+        stop_event=stop,
+        recursive=recursive,
+    )
+
+
 async def watch_tree(
     config: Config, pending: Pending, stop: asyncio.Event, is_known_dir: Callable[[Path], bool]
 ) -> None:
     """Watch ``templates/`` and ``agents/`` recursively until ``stop`` is set. ``out/`` is not
     watched at all (our own writes must never look like edits)."""
     dirs = [config.templates_path, config.agents_path]
-    async for changes in awatch(
-        *dirs,
-        watch_filter=WorkspaceFilter(is_known_dir),
-        debounce=config.debounce_ms,
-        step=config.step_ms,
-        stop_event=stop,
-        recursive=True,
-    ):
+    async for changes in _watch(config, dirs, WorkspaceFilter(is_known_dir), stop, recursive=True):
         batch = Batch(received=time.monotonic())
         for change, path in changes:
             batch.paths.add(Path(path))
@@ -126,14 +131,7 @@ def _root_filter(config: Config) -> Callable[[Change, str], bool]:
 async def watch_root(config: Config, pending: Pending, stop: asyncio.Event) -> None:
     """Watch the workspace root (not recursively) for ``agentd.toml`` and for ``templates/`` or
     ``agents/`` being replaced wholesale, which silently ends a recursive watch on them."""
-    async for changes in awatch(
-        config.root,
-        watch_filter=_root_filter(config),
-        debounce=config.debounce_ms,
-        step=config.step_ms,
-        stop_event=stop,
-        recursive=False,
-    ):
+    async for changes in _watch(config, [config.root], _root_filter(config), stop, recursive=False):
         batch = Batch(received=time.monotonic())
         for _change, path in changes:
             if Path(path).name == CONFIG_FILE:
