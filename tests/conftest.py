@@ -138,6 +138,17 @@ EDIT_KINDS = [
 ]
 
 
+def slow_down(template: Path, iterations: int = 1_000_000) -> None:
+    """Make a template expensive (~0.5 s per million iterations here): Jinja work that cannot be
+    skipped, for tests that need a build to be running."""
+    loop = (
+        "{% set ns = namespace(x=0) %}{% for i in range("
+        + str(iterations)
+        + ") %}{% set ns.x = ns.x + i %}{% endfor %}"
+    )
+    template.write_text(loop + template.read_text())
+
+
 def write_files(root: Path, files: dict[str, str]) -> None:
     for rel, text in files.items():
         path = root / rel

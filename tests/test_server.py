@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EDIT_KINDS, clean_build, read_outputs, run_daemon
+from conftest import EDIT_KINDS, clean_build, read_outputs, run_daemon, slow_down
 
 
 def replace(path: Path, old: str, new: str) -> None:
@@ -165,8 +165,7 @@ async def test_git_stash_and_pop_are_one_rebuild_each(tiny: Path, tmp_path: Path
 
 async def test_changes_during_a_rebuild_cause_one_follow_up(tiny: Path, tmp_path: Path) -> None:
     """Edits that land while a build runs are all picked up by exactly one more build."""
-    slow = tiny / "templates/sections/summary.j2"
-    replace(slow, "## {{", "{% for _ in range(400000) %}{% endfor %}## {{")  # ~0.2 s per render
+    slow_down(tiny / "templates/sections/summary.j2", 400_000)
     async with run_daemon(tiny) as d:
         replace(tiny / "agents/alpha.yaml", "skills: [a1, a2]", "skills: [a1]")
         await d.wait_for(

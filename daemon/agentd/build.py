@@ -59,6 +59,10 @@ class BuildReport:
     removed: list[str] = dataclasses.field(default_factory=list)
     errors: list[AgentdError] = dataclasses.field(default_factory=list)
     caches: dict[str, Counters] = dataclasses.field(default_factory=dict)
+    #: (template, seconds) for every render of this build.
+    timings: list[tuple[str, float]] = dataclasses.field(default_factory=list)
+    #: A build from empty caches (the first one): its misses say nothing about cache health.
+    cold: bool = False
     duration_ms: float = 0.0
 
     @property
@@ -94,6 +98,8 @@ class Engine:
         report = BuildReport(build_id=build_id or self.new_build_id(), started=time.time())
         t0 = time.perf_counter()
         before = self.caches.counters()
+        self.renderer.timings = []
+        report.cold = not self._scanned
         if paths is None or not self._scanned:
             delta = self.workspace.scan()
             self._scanned = True
@@ -115,8 +121,18 @@ class Engine:
         report.agents = len(self.workspace.agents) + len(self.workspace.agent_errors)
         report.errors = self.current_errors()
         report.caches = {k: v.since(before[k]) for k, v in self.caches.counters().items()}
+        report.timings = self.renderer.timings
         report.duration_ms = (time.perf_counter() - t0) * 1000
         return report
+
+    def forget(self, agent_ids: Iterable[str]) -> None:
+        """Drop every cached render of these agents, so the next build renders them anew."""
+        for agent_id in agent_ids:
+            plan = self.plans.get(agent_id)
+            for meta in plan.metas if plan else []:
+                self.caches.l3.pop((agent_id, meta["id"]))
+            self.caches.l4.pop(agent_id)
+            self._compose_pending.add(agent_id)
 
     def known_dirs(self) -> set[Path]:
         """Every folder holding a file the workspace has read (to recognise a deleted folder)."""

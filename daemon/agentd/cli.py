@@ -1,13 +1,15 @@
-"""Command line: ``agentd build | watch | verify | graph | affected``.
+"""Command line: ``agentd build | watch | status | verify | graph | affected | service``.
 
 The boundary where errors are printed and turned into exit codes: 0 success, 1 an agent (or
-any source) failed, 2 usage or configuration error.
+any source) failed, 2 usage or configuration error, 3 no daemon answers (``status``), 4 a
+daemon already runs on this workspace (``watch``).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -17,9 +19,9 @@ import orjson
 from . import __version__
 from .build import BuildReport, Engine
 from .config import Config
-from .exceptions import AgentdError, ConfigError
+from .exceptions import AgentdError, AlreadyRunning, ConfigError, ControlError
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_DAEMON, EXIT_RUNNING = 0, 1, 2, 3, 4
 
 _DESCRIPTION = """\
 Render every agents/<id>.yaml through the Jinja2 templates in templates/ into out/<id>.md,
@@ -38,6 +40,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     root_help = "workspace root holding templates/ and agents/ (default: the current directory)"
+    socket_help = "status socket (default: $XDG_RUNTIME_DIR/agentd/<workspace>.sock; env AGENTD_SOCKET)"
     p = _Parser(prog="agentd", description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"agentd {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
@@ -81,6 +84,31 @@ def _parser() -> argparse.ArgumentParser:
     )
     w.add_argument("--log-format", choices=("auto", "console", "json"), help="log renderer (default: auto)")
     w.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="default: info")
+    w.add_argument("--socket", metavar="PATH", help=socket_help)
+
+    st = sub.add_parser(
+        "status",
+        help="ask a running daemon how it is doing",
+        description="Ask the `agentd watch` of a workspace for its state, last build, cache hit "
+        "rates, slowest templates, alerts and errors. Exit 0 when healthy, 1 when the daemon "
+        "reports errors, 3 when no daemon answers.",
+    )
+    st.add_argument("--root", default=".", help=root_help)
+    st.add_argument("--socket", metavar="PATH", help=socket_help)
+    st.add_argument("--json", action="store_true", help="print the raw `stats` reply as JSON")
+    st.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
+    st.add_argument("--interval", type=float, default=1.0, metavar="S", help="refresh period for --watch (default: 1)")
+
+    sv = sub.add_parser(
+        "service",
+        help="install agentd as a systemd user service",
+        description="Write ~/.config/systemd/user/agentd@.service (running this agentd) and "
+        "enable and start the instance for the workspace (agentd@<escaped path>.service).",
+    )
+    sv.add_argument("action", choices=("install",), help="what to do")
+    sv.add_argument("--root", default=".", help=root_help)
+    sv.add_argument("--no-start", action="store_true", help="only write the unit; print the commands that start it")
+    sv.add_argument("--print", action="store_true", dest="print_unit", help="print the unit instead of installing it")
 
     v = sub.add_parser(
         "verify",
@@ -118,18 +146,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         overrides = {
-            k: getattr(args, k, None) for k in ("output_dir", "debounce_ms", "step_ms", "log_format", "log_level")
+            k: getattr(args, k, None)
+            for k in ("output_dir", "debounce_ms", "step_ms", "log_format", "log_level", "socket")
         }
         config = Config.load(args.root, overrides)
         handler = {
             "build": _cmd_build,
             "watch": _cmd_watch,
             "verify": _cmd_verify,
+            "status": _cmd_status,
+            "service": _cmd_service,
             "graph": _cmd_graph,
             "affected": _cmd_affected,
         }[args.command]
         return handler(config, args)
-    except ConfigError as exc:
+    except AlreadyRunning as exc:
+        print(f"agentd: {exc}", file=sys.stderr)
+        return EXIT_RUNNING
+    except (ConfigError, ControlError) as exc:
         print(f"agentd: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except AgentdError as exc:
@@ -183,8 +217,60 @@ def _cmd_watch(config: Config, args: argparse.Namespace) -> int:
 
     _check_workspace(config)
     log.configure(config.log_format, config.log_level)
-    overrides = {k: v for k, v in vars(args).items() if k in ("output_dir", "debounce_ms", "step_ms") and v is not None}
+    keep = ("output_dir", "debounce_ms", "step_ms", "socket")
+    overrides = {k: v for k, v in vars(args).items() if k in keep and v is not None}
     return Server(config, overrides).run()
+
+
+def _cmd_status(config: Config, args: argparse.Namespace) -> int:
+    from .control import request, socket_path
+    from .status import render_table
+
+    path = socket_path(config)
+    code = EXIT_NO_DAEMON
+    while True:
+        try:
+            stats = request(path, "stats", timeout=5)
+        except (OSError, ValueError) as exc:
+            where = "set by --socket/AGENTD_SOCKET" if config.socket else f"derived from the workspace {config.root}"
+            print(
+                f"agentd: no daemon answers at {path} ({where}): {getattr(exc, 'strerror', None) or exc}\n"
+                f"start one with: agentd watch --root {config.root}",
+                file=sys.stderr,
+            )
+            code = EXIT_NO_DAEMON
+        else:
+            code = EXIT_FAILED if stats["errors"] else EXIT_OK
+            if args.json:
+                sys.stdout.write(orjson.dumps(stats, option=orjson.OPT_INDENT_2).decode() + "\n")
+            else:
+                if args.watch:
+                    sys.stdout.write("\x1b[H\x1b[2J")  # home + clear, like watch(1)
+                print(render_table(stats))
+            sys.stdout.flush()
+        if not args.watch:
+            return code
+        try:
+            time.sleep(max(0.1, args.interval))
+        except KeyboardInterrupt:
+            return code
+
+
+def _cmd_service(config: Config, args: argparse.Namespace) -> int:
+    from .service import install, unit_text
+
+    if args.print_unit:
+        sys.stdout.write(unit_text(sys.executable))
+        return EXIT_OK
+    _check_workspace(config)
+    try:
+        lines = install(config.root, start=not args.no_start)
+    except OSError as exc:
+        print(f"agentd: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    for line in lines:
+        print(line)
+    return EXIT_OK
 
 
 def _cmd_verify(config: Config, args: argparse.Namespace) -> int:

@@ -51,6 +51,17 @@ class Config:
     settle_ms: int = 100
     #: Seconds a shutdown waits for the build in flight before giving up on it.
     graceful_timeout: float = 5.0
+    #: The status socket; empty: ``$XDG_RUNTIME_DIR/agentd/<name>.sock`` (see ``control.py``).
+    socket: str = ""
+    #: A template render slower than this raises an alert (ms).
+    slow_template_ms: float = 100.0
+    #: A cache layer whose hit rate over the recent builds falls below this raises an alert.
+    hit_rate_floor: float = 0.95
+    #: How many recent builds the hit-rate floor looks at, and which layers it watches.
+    hit_rate_window: int = 20
+    hit_rate_layers: tuple[str, ...] = ("L1", "L3")
+    #: Longest request line the status socket accepts (bytes).
+    max_request_bytes: int = 65536
 
     @property
     def templates_path(self) -> Path:
@@ -91,6 +102,10 @@ _NUMBERS: dict[str, tuple[type, float]] = {
     "debounce_ms": (int, 1),
     "settle_ms": (int, 0),
     "graceful_timeout": (float, 0),
+    "slow_template_ms": (float, 0),
+    "hit_rate_floor": (float, 0),
+    "hit_rate_window": (int, 1),
+    "max_request_bytes": (int, 256),
 }
 
 
@@ -123,11 +138,14 @@ def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
 def _coerce(name: str, value: Any) -> Any:
     if name == "root":
         return value
-    if name == "sections":
+    if name in ("sections", "hit_rate_layers"):
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)) or not all(isinstance(s, str) for s in items):
-            raise ConfigError(f"sections: expected a list of section names, got {value!r}")
-        return tuple(s.strip() for s in items if s.strip())
+            raise ConfigError(f"{name}: expected a list of names, got {value!r}")
+        items = tuple(s.strip() for s in items if s.strip())
+        if name == "hit_rate_layers" and not set(items) <= {"L1", "L2", "L3", "L4"}:
+            raise ConfigError(f"hit_rate_layers: expected names among L1, L2, L3, L4, got {value!r}")
+        return items
     if name in _NUMBERS:
         kind, low = _NUMBERS[name]
         try:

@@ -62,3 +62,20 @@ class TemplateError(SourceError):
 
 class OutputError(AgentdError):
     """An output that cannot be written without losing a user's file."""
+
+
+class AlreadyRunning(AgentdError):
+    """Another ``agentd watch`` holds this workspace (or serves this socket)."""
+
+
+class ControlError(AgentdError):
+    """The status socket cannot be set up safely (permissions, ownership, path length)."""
+
+
+class RequestError(AgentdError):
+    """A status-socket request that cannot be served; ``code`` goes into the error reply."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message

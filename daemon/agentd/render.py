@@ -11,6 +11,7 @@ that loaded it are invalidated through the graph.
 from __future__ import annotations
 
 import re
+import time
 import traceback
 import weakref
 from collections.abc import Callable, Mapping
@@ -158,6 +159,9 @@ class Renderer:
         )
         self.env = env
         self.compile_errors: dict[str, TemplateError] = {}
+        #: (template, seconds) of every top-level render and fragment miss since the last reset:
+        #: the per-template metrics. Two ``perf_counter`` calls per render, nothing more.
+        self.timings: list[tuple[str, float]] = []
 
     # -- L1 ---------------------------------------------------------------------------------
     def compile(self, names: set[str]) -> None:
@@ -196,8 +200,10 @@ class Renderer:
         key = fingerprint(b"\0".join(parts)).hex()
         hit = self.caches.l2.get(key)
         if hit is None:
+            t0 = time.perf_counter()
             with tracing() as trace:
                 text = self.env.get_template(name).render(inputs)
+            self.timings.append((name, time.perf_counter() - t0))
             hit = Rendered(text.encode(), trace.reads)
             self.caches.l2.put(key, hit)
             self.graph.set_inputs(g.fragment_node(key), trace.reads)
@@ -208,6 +214,7 @@ class Renderer:
     # -- L3 / composition -----------------------------------------------------------------
     def render(self, name: str, context: dict[str, Any]) -> Rendered:
         """Render template ``name``; errors become ``TemplateError`` located in the template."""
+        t0 = time.perf_counter()
         with tracing() as trace:
             try:
                 text = self.env.get_template(name).render(context)
@@ -219,6 +226,7 @@ class Renderer:
                 raise self._cycle_error(exc) from None
             except Exception as exc:  # anything a template expression can raise
                 raise self._runtime_error(exc, name) from None
+        self.timings.append((name, time.perf_counter() - t0))
         return Rendered(text.encode(), trace.reads)
 
     # -- errors ---------------------------------------------------------------------------

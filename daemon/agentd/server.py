@@ -2,9 +2,9 @@
 
 One ``asyncio.Event`` (``should_exit``) stops everything: signal handlers set it and the
 watchers' ``awatch(stop_event=...)`` calls end with it. Builds run in a worker thread
-(``asyncio.to_thread``): Jinja rendering is CPU-bound and holds the GIL in bursts, but the event
-loop keeps turning between them, so watch events are collected while a build runs and produce
-exactly one follow-up build.
+(``asyncio.to_thread``): Jinja rendering is CPU-bound, but CPython hands the GIL to the event
+loop every switch interval (5 ms), so watch events are collected and the status socket answers
+while a build runs. Builds are serialised by one lock (watch events, socket ``rebuild``, SIGHUP).
 """
 
 from __future__ import annotations
@@ -23,13 +23,22 @@ import structlog
 
 from .build import BuildReport, Engine
 from .config import Config
-from .exceptions import AgentdError, ConfigError, SourceError
+from .control import ControlServer, WorkspaceLock, socket_path
+from .exceptions import ConfigError, RequestError
 from .log import get_logger
+from .notify import Notifier
+from .status import Monitor, error_fields
 from .verify import verify
 from .watch import Batch, Pending, watch_root, watch_tree
 
+COMMANDS = ("ping", "status", "stats", "rebuild", "affected", "verify")
+
 #: A settle never holds a build back longer than this, however busy the disk is.
 MAX_SETTLE_S = 2.0
+
+#: Lists in a log line beyond this length are cut (a cold build of 1,000 agents renders 9,000
+#: sections; the counts are logged in full).
+LOG_LIST_LIMIT = 50
 
 
 class Server:
@@ -41,10 +50,15 @@ class Server:
         self.engine = Engine(config)
         self.pending = Pending()
         self.should_exit = asyncio.Event()
-        self.state = "starting"
-        self.builds = 0
-        self.last_report: BuildReport | None = None
+        self.monitor = Monitor(config)
+        self.notifier = Notifier()
+        self.lock = WorkspaceLock(config.root)
+        self.socket_path = socket_path(config)
         self.log = get_logger()
+        self.control = ControlServer(self.socket_path, self.handle_request, config.max_request_bytes, self.log)
+        self.last_report: BuildReport | None = None
+        self._build_lock = asyncio.Lock()
+        self._ready = False
         self._known_dirs: set[Path] = set()
         self._tree_stop = asyncio.Event()
         self._watchers: list[asyncio.Task[None]] = []
@@ -55,12 +69,14 @@ class Server:
         return asyncio.run(self.serve())
 
     async def serve(self) -> int:
-        self._install_signal_handlers()
-        await self.startup()
+        self.lock.acquire()  # before anything else: a second daemon must not touch the socket
         try:
+            self._install_signal_handlers()
+            await self.startup()
             await self.main_loop()
         finally:
             await self.shutdown()
+            self.lock.release()
         return 0
 
     async def startup(self) -> None:
@@ -68,15 +84,23 @@ class Server:
             "watch.starting",
             root=str(self.config.root),
             pid=os.getpid(),
+            socket=str(self.socket_path),
             step_ms=self.config.step_ms,
             debounce_ms=self.config.debounce_ms,
         )
-        # Watch first, then build: an edit made during the first build is queued, not missed.
+        # The socket first (status answers "starting"), then the watchers, then the first
+        # build: an edit made during the first build is queued, not missed.
+        await self.control.start()
+        if self.control.stale_replaced:
+            self.log.warning("socket.stale_replaced", socket=str(self.socket_path))
         await self._start_watchers(root_too=True)
         await self._build(None)
-        self.log.info(
-            "watch.ready", root=str(self.config.root), agents=self.last_report.agents if self.last_report else 0
-        )
+        self.notifier.ready(self.monitor.one_line())
+        self._ready = True
+        if self.notifier.watchdog_interval:
+            self._spawn(self._watchdog(self.notifier.watchdog_interval / 2))
+        agents = self.last_report.agents if self.last_report else 0
+        self.log.info("watch.ready", root=str(self.config.root), agents=agents, socket=str(self.socket_path))
 
     async def main_loop(self) -> None:
         while not self.should_exit.is_set():
@@ -87,7 +111,8 @@ class Server:
             await self._apply(self.pending.take())
 
     async def shutdown(self) -> None:
-        self.state = "stopping"
+        self.monitor.state = "stopping"
+        self.notifier.stopping()
         self.log.info("watch.stopping")
         self.should_exit.set()
         self._tree_stop.set()
@@ -99,7 +124,8 @@ class Server:
             for task in done:
                 if not task.cancelled() and task.exception() is not None:
                     self.log.error("watch.task_failed", error=repr(task.exception()))
-        self.log.info("watch.stopped", builds=self.builds)
+        await self.control.close()
+        self.log.info("watch.stopped", builds=self.monitor.builds)
 
     # -- watching ---------------------------------------------------------------------------
     async def _start_watchers(self, root_too: bool) -> None:
@@ -113,17 +139,11 @@ class Server:
         self._tree_stop = asyncio.Event()
         stop = self._tree_stop
         self._spawn(self._mirror(self.should_exit, stop))
-        self._watchers.append(
-            asyncio.create_task(
-                self._guard(watch_tree(self.config, self.pending, stop, self._is_known_dir)), name="watch-tree"
-            )
-        )
+        tree = watch_tree(self.config, self.pending, stop, self._is_known_dir)
+        self._watchers.append(asyncio.create_task(self._guard(tree), name="watch-tree"))
         if root_too:
-            self._watchers.append(
-                asyncio.create_task(
-                    self._guard(watch_root(self.config, self.pending, self.should_exit)), name="watch-root"
-                )
-            )
+            root = watch_root(self.config, self.pending, self.should_exit)
+            self._watchers.append(asyncio.create_task(self._guard(root), name="watch-root"))
         # Let the watchers reach their first await: their inotify watches are then in place.
         for _ in range(3):
             await asyncio.sleep(0)
@@ -184,47 +204,45 @@ class Server:
             return False
         if config == self.config:
             return False
-        self.log.info(
-            "config.reloaded",
-            changed=[
-                f.name for f in dataclasses.fields(config) if getattr(config, f.name) != getattr(self.config, f.name)
-            ],
-        )
-        self.config = config
-        self.engine = Engine(config)
+        changed = [
+            f.name for f in dataclasses.fields(config) if getattr(config, f.name) != getattr(self.config, f.name)
+        ]
+        self.log.info("config.reloaded", changed=changed)
+        async with self._build_lock:
+            self.config = config
+            self.monitor.config = config
+            self.engine = Engine(config)
         return True
 
     async def _build(self, paths: set[Path] | None) -> BuildReport:
-        self.state = "building"
-        build_id = self.engine.new_build_id()
-        with structlog.contextvars.bound_contextvars(build_id=build_id):
-            self.log.info("build.started", changed=sorted(self.engine.workspace.rel(p) for p in paths or ()))
-            report = await asyncio.to_thread(self.engine.build, paths, build_id=build_id)
-            self.builds += 1
-            self.last_report = report
-            self._known_dirs = self.engine.known_dirs()
-            self._log_report(report)
-        self.state = "error" if report.errors else "idle"
-        return report
+        async with self._build_lock:
+            self.monitor.state = "building"
+            build_id = self.engine.new_build_id()
+            with structlog.contextvars.bound_contextvars(build_id=build_id):
+                self.log.info("build.started", changed=sorted(self.engine.workspace.rel(p) for p in paths or ()))
+                report = await asyncio.to_thread(self.engine.build, paths, build_id=build_id)
+                self.last_report = report
+                self._known_dirs = self.engine.known_dirs()
+                self.monitor.record_build(report)
+                self.monitor.record_watch(self.pending.batches_seen, self.pending.events_seen)
+                self._log_report(report)
+            if self._ready:  # before READY=1 the READY message itself carries the status
+                self.notifier.status(self.monitor.one_line())
+            return report
 
     def _log_report(self, report: BuildReport) -> None:
+        """One line per rebuild, from the monitor's record of it (plus the lists, capped)."""
         for error in report.errors:
-            self.log.error("build.error", **_error_fields(error))
+            self.log.error("build.error", **error_fields(error))
+        last = dict(self.monitor.last_build or {})
+        last.pop("build_id", None)  # bound in the context already
         self.log.info(
             "build.finished",
-            changed=report.changed,
-            agents=report.agents,
-            sections_rendered=len(report.sections_rendered),
-            sections_reused=report.sections_reused,
-            sections_cut_off=report.sections_cut_off,
+            **last,
             rendered=_capped(report.sections_rendered),
-            agents_composed=_capped(report.agents_composed),
             written=_capped(report.written),
-            unchanged=len(report.unchanged),
             removed=report.removed,
-            errors=len(report.errors),
             caches={k: {"hits": c.hits, "misses": c.misses} for k, c in report.caches.items()},
-            duration_ms=round(report.duration_ms, 2),
         )
 
     # -- signals ----------------------------------------------------------------------------
@@ -233,6 +251,7 @@ class Server:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._handle_exit, sig)
         loop.add_signal_handler(signal.SIGUSR1, lambda: self._spawn(self.verify()))
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
 
     def _handle_exit(self, sig: signal.Signals) -> None:
         if self.should_exit.is_set():
@@ -243,12 +262,89 @@ class Server:
         self.log.info("watch.signal", signal=sig.name)
         self.should_exit.set()
 
+    async def reload(self) -> None:
+        """SIGHUP: re-read the configuration, recompile every template, rebuild (systemd's
+        ``ExecReload``). A build in flight finishes first."""
+        self.notifier.reloading()
+        self.log.info("watch.reloading")
+        try:
+            config = Config.load(self.config.root, self._overrides)
+        except ConfigError as exc:
+            self.log.error("config.error", error=str(exc))
+            config = self.config
+        async with self._build_lock:
+            self.config = config
+            self.monitor.config = config
+            self.engine = Engine(config)
+        await self._start_watchers(root_too=False)
+        await self._build(None)
+        self.notifier.ready(self.monitor.one_line())
+        self.log.info("watch.reloaded")
+
+    async def _watchdog(self, every: float) -> None:
+        """WATCHDOG=1 from the event loop itself: if the loop blocks, the pings stop and systemd
+        restarts us."""
+        while not self.should_exit.is_set():
+            self.notifier.watchdog()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.should_exit.wait(), every)
+
     async def verify(self) -> dict[str, object]:
         """A clean build in a temporary folder, compared with ``out/`` (on demand)."""
         result = await asyncio.to_thread(verify, self.config)
         log = self.log.info if result.ok else self.log.warning
         log("verify.finished", **result.to_dict())
         return result.to_dict()
+
+    # -- the status socket ------------------------------------------------------------------
+    async def handle_request(self, request: dict[str, Any]) -> Any:
+        command = request["command"]
+        handler = getattr(self, f"_cmd_{command}", None) if command in COMMANDS else None
+        if handler is None:
+            raise RequestError(
+                "unknown_command", f"unknown command {command!r}; expected one of: {', '.join(COMMANDS)}"
+            )
+        return await handler(request)
+
+    async def _cmd_ping(self, request: dict[str, Any]) -> Any:
+        return {"pong": True, "pid": os.getpid()}
+
+    async def _cmd_status(self, request: dict[str, Any]) -> Any:
+        return {**self.monitor.summary(), "socket": str(self.socket_path)}
+
+    async def _cmd_stats(self, request: dict[str, Any]) -> Any:
+        return {**self.monitor.stats(self.engine), "socket": str(self.socket_path)}
+
+    async def _cmd_rebuild(self, request: dict[str, Any]) -> Any:
+        agents = _string_list(request, "agents", required=False)
+        if agents is not None:
+            ws = self.engine.workspace
+            unknown = sorted(set(agents) - set(ws.agents) - set(ws.agent_errors))
+            if unknown:
+                raise RequestError("bad_request", f"unknown agent(s): {', '.join(unknown)}")
+        async with self._build_lock:
+            if agents is None:
+                self.engine = Engine(self.config)  # from scratch: every template and section
+            else:
+                self.engine.forget(agents)
+        report = await self._build(None)
+        return {
+            **(self.monitor.last_build or {}),
+            "written": report.written,
+            "errors": [error_fields(e) for e in report.errors],
+        }
+
+    async def _cmd_affected(self, request: dict[str, Any]) -> Any:
+        paths = _string_list(request, "paths", required=True) or []
+        resolved = [Path(p) if Path(p).is_absolute() else self.config.root / p for p in paths]
+        foreign = [p for p, r in zip(paths, resolved, strict=True) if self.engine.workspace.classify(r) is None]
+        if foreign:
+            raise RequestError("bad_request", f"not a template, agent or trait file: {', '.join(foreign)}")
+        async with self._build_lock:  # the graph is only consistent between builds
+            return self.engine.affected(resolved)
+
+    async def _cmd_verify(self, request: dict[str, Any]) -> Any:
+        return await self.verify()
 
 
 async def _first(*events: asyncio.Event) -> None:
@@ -263,26 +359,16 @@ async def _first(*events: asyncio.Event) -> None:
             await asyncio.gather(*waiters, return_exceptions=True)
 
 
-#: Lists in a log line beyond this length are cut (a cold build of 1,000 agents renders 9,000
-#: sections; the counts are logged in full).
-LOG_LIST_LIMIT = 50
-
-
 def _capped(items: list[str]) -> list[str]:
     if len(items) <= LOG_LIST_LIMIT:
         return items
     return [*items[:LOG_LIST_LIMIT], f"... {len(items) - LOG_LIST_LIMIT} more"]
 
 
-def _error_fields(error: AgentdError) -> dict[str, Any]:
-    if isinstance(error, SourceError):
-        return {
-            "path": error.path,
-            "line": error.line,
-            "location": error.location,
-            "message": error.message,
-            "source_line": error.source_line.strip() if error.source_line else None,
-            "context": error.context,
-            "text": str(error),
-        }
-    return {"message": str(error), "text": str(error)}
+def _string_list(request: dict[str, Any], key: str, required: bool) -> list[str] | None:
+    value = request.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise RequestError("bad_request", f"{key}: expected a non-empty list of strings, got {value!r}")
+    return value

@@ -1,0 +1,292 @@
+"""The status socket: newline-delimited JSON over a Unix socket, plus the workspace lock.
+
+One request object per line (``{"command": "stats"}``), one reply per request:
+``{"protocol": 1, "ok": true, "result": ...}`` or ``{"protocol": 1, "ok": false, "error":
+{"code": ..., "message": ...}}``; an ``id`` in the request is echoed back. Modelled on
+watchman's JSON protocol. Only the daemon's own user may talk to it: the folder is 0700, the
+socket 0600 (bound under umask 077) and peers of another uid are refused (``SO_PEERCRED``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import hashlib
+import os
+import socket
+import stat
+import struct
+import tempfile
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .config import Config
+from .exceptions import AlreadyRunning, ControlError, RequestError
+
+PROTOCOL = 1
+#: sun_path is 108 bytes on Linux, NUL included.
+MAX_SOCKET_PATH = 107
+LOCK_FILE = ".agentd/watch.lock"
+
+Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+
+
+# -- where ------------------------------------------------------------------------------------
+def runtime_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """``$XDG_RUNTIME_DIR/agentd``, or a 0700 folder of our own under the temp dir."""
+    env = os.environ if environ is None else environ
+    base = env.get("XDG_RUNTIME_DIR")
+    if base and Path(base).is_dir():
+        return Path(base) / "agentd"
+    return Path(tempfile.gettempdir()) / f"agentd-{os.getuid()}"
+
+
+def socket_path(config: Config, environ: Mapping[str, str] | None = None) -> Path:
+    """The socket for ``config``'s workspace: ``config.socket`` when set, otherwise named after
+    the workspace path (its name plus a hash, so two workspaces never collide)."""
+    if config.socket:
+        path = Path(config.socket).expanduser()
+        path = path if path.is_absolute() else config.root / path
+        if len(str(path).encode()) > MAX_SOCKET_PATH:
+            raise ControlError(f"socket path {path} is longer than {MAX_SOCKET_PATH} bytes (the AF_UNIX limit)")
+        return path
+    folder = runtime_dir(environ)
+    digest = hashlib.sha256(str(config.root).encode()).hexdigest()[:12]
+    path = folder / f"{config.root.name[:40]}-{digest}.sock"
+    if len(str(path).encode()) > MAX_SOCKET_PATH:
+        path = folder / f"{digest}.sock"
+    if len(str(path).encode()) > MAX_SOCKET_PATH:
+        path = Path(tempfile.gettempdir()) / f"agentd-{os.getuid()}" / f"{digest}.sock"
+    return path
+
+
+# -- the workspace lock -------------------------------------------------------------------------
+class WorkspaceLock:
+    """``flock`` on ``.agentd/watch.lock``: one daemon per workspace. The kernel drops the lock
+    when the process dies, so a crash never leaves it stuck."""
+
+    def __init__(self, root: Path) -> None:
+        self.path = root / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise AlreadyRunning(
+                f"another agentd watch (pid {holder}) is already running on {self.path.parent.parent}; "
+                "stop it first, or ask it with `agentd status`"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
+            os.close(self._fd)
+            self._fd = None
+
+
+# -- the server ---------------------------------------------------------------------------------
+def _check_folder(folder: Path) -> None:
+    if not folder.exists():
+        old = os.umask(0o077)
+        try:
+            folder.mkdir(parents=True, mode=0o700, exist_ok=True)
+        finally:
+            os.umask(old)
+    st = folder.stat()
+    if st.st_uid != os.getuid():
+        raise ControlError(f"refusing to use {folder}: it is owned by uid {st.st_uid}, not by you (uid {os.getuid()})")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ControlError(
+            f"refusing to use {folder}: it is writable by group or others (mode {stat.S_IMODE(st.st_mode):o}); "
+            "expected 0700"
+        )
+
+
+def _is_live(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except OSError as exc:
+            if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+                return False
+            raise
+    return True
+
+
+def _clear_stale(path: Path) -> bool:
+    """Remove a socket left by a crashed daemon; refuse to touch a live one or a non-socket.
+    (asyncio's ``create_unix_server`` would silently unlink whatever is there.)"""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ControlError(f"refusing to replace {path}: it exists and is not a socket")
+    if _is_live(path):
+        raise AlreadyRunning(f"another agentd daemon is serving {path}")
+    path.unlink()
+    return True
+
+
+def peer_uid(writer: asyncio.StreamWriter) -> int | None:
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return None
+    data = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", data)
+    return int(uid)
+
+
+def encode_reply(ok: bool, payload: Any, request_id: Any = None) -> bytes:
+    reply: dict[str, Any] = {"protocol": PROTOCOL, "ok": ok}
+    if request_id is not None:
+        reply["id"] = request_id
+    reply["result" if ok else "error"] = payload
+    return orjson.dumps(reply, default=str) + b"\n"
+
+
+def error_reply(code: str, message: str, request_id: Any = None) -> bytes:
+    return encode_reply(False, {"code": code, "message": message}, request_id)
+
+
+def parse_request(line: bytes) -> dict[str, Any]:
+    try:
+        request = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        raise RequestError("bad_json", f"request is not valid JSON: {exc}") from None
+    if not isinstance(request, dict):
+        raise RequestError("bad_request", f"a request is a JSON object, got {type(request).__name__}")
+    command = request.get("command")
+    if not isinstance(command, str):
+        raise RequestError("bad_request", 'a request needs a "command" string, e.g. {"command": "ping"}')
+    return request
+
+
+class ControlServer:
+    """Serves one handler over the socket; each client is served in its own task, so a slow
+    command (``rebuild``, ``verify``) never stalls the others."""
+
+    def __init__(self, path: Path, handler: Handler, max_request_bytes: int, log: Any) -> None:
+        self.path = path
+        self.handler = handler
+        self.limit = max_request_bytes
+        self.log = log
+        self.stale_replaced = False
+        self._server: asyncio.base_events.Server | None = None
+        self._inode: int | None = None
+
+    async def start(self) -> None:
+        _check_folder(self.path.parent)
+        self.stale_replaced = _clear_stale(self.path)
+        old = os.umask(0o077)
+        try:
+            self._server = await asyncio.start_unix_server(self._serve, path=str(self.path), limit=self.limit)
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+        self._inode = self.path.stat().st_ino
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+        # Only remove the socket if it is still ours (not one a successor bound since).
+        with contextlib.suppress(FileNotFoundError):
+            if self._inode is not None and self.path.stat().st_ino == self._inode:
+                self.path.unlink()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            uid = peer_uid(writer)
+            if uid is not None and uid != os.getuid():
+                self.log.warning("socket.refused", peer_uid=uid)
+                writer.write(error_reply("forbidden", f"peer uid {uid} is not this daemon's uid {os.getuid()}"))
+                await writer.drain()
+                return
+            while True:
+                line = await self._read_line(reader, writer)
+                if line is None:
+                    return
+                if not line.strip():
+                    continue
+                writer.write(await self._answer(line))
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _read_line(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes | None:
+        """The next request line; an over-long one is answered with an error and skipped."""
+        while True:
+            try:
+                line = await reader.readuntil(b"\n")
+                return line
+            except asyncio.IncompleteReadError as exc:
+                return exc.partial if exc.partial.strip() else None
+            except asyncio.LimitOverrunError as exc:
+                await self._discard_line(reader, exc.consumed)
+                writer.write(error_reply("too_large", f"request line longer than {self.limit} bytes"))
+                await writer.drain()
+
+    @staticmethod
+    async def _discard_line(reader: asyncio.StreamReader, consumed: int) -> None:
+        await reader.readexactly(consumed)
+        while True:
+            try:
+                await reader.readuntil(b"\n")
+                return
+            except asyncio.LimitOverrunError as exc:
+                await reader.readexactly(exc.consumed)
+
+    async def _answer(self, line: bytes) -> bytes:
+        request_id = None
+        try:
+            request = parse_request(line)
+            request_id = request.get("id")
+            result = await self.handler(request)
+            return encode_reply(True, result, request_id)
+        except RequestError as exc:
+            return error_reply(exc.code, exc.message, request_id)
+        except Exception as exc:  # a bug must cost one reply, never the daemon
+            self.log.exception("socket.internal_error")
+            return error_reply("internal", f"{type(exc).__name__}: {exc}", request_id)
+
+
+# -- the client ---------------------------------------------------------------------------------
+def request(path: Path, command: str, timeout: float = 10.0, **args: Any) -> Any:
+    """Send one request and return its result; raise ``RequestError`` for an error reply and
+    ``OSError`` when nothing answers."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        sock.sendall(orjson.dumps({"command": command, **args}) + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(1 << 16)
+            if not chunk:
+                break
+            data += chunk
+    reply = orjson.loads(data)
+    if not reply.get("ok"):
+        error = reply.get("error") or {}
+        raise RequestError(error.get("code", "error"), error.get("message", "request failed"))
+    return reply["result"]

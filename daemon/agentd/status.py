@@ -1,0 +1,311 @@
+"""The performance monitor: every metric the daemon reports, kept in one place.
+
+The build loop feeds it one ``BuildReport`` per build (in the event-loop thread, after the
+build thread is done, so nothing here needs a lock); the log line, the status socket's
+``stats``/``status`` replies, systemd's ``STATUS=`` and ``agentd status`` all read from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import resource
+import time
+from collections import deque
+from typing import Any
+
+import structlog
+
+from . import __version__
+from .build import BuildReport, Engine
+from .cache import Counters
+from .config import Config
+from .exceptions import AgentdError, SourceError
+
+#: Render samples kept per template for the percentiles.
+SAMPLES_PER_TEMPLATE = 512
+#: Alerts kept in the history list.
+ALERT_HISTORY = 50
+
+
+@dataclasses.dataclass
+class TemplateStats:
+    renders: int = 0
+    samples: deque[float] = dataclasses.field(default_factory=lambda: deque(maxlen=SAMPLES_PER_TEMPLATE))
+    max_ms: float = 0.0
+
+    def add(self, ms: float) -> None:
+        self.renders += 1
+        self.samples.append(ms)
+        self.max_ms = max(self.max_ms, ms)
+
+    def summary(self) -> dict[str, Any]:
+        ordered = sorted(self.samples)
+        return {
+            "renders": self.renders,
+            "p50_ms": round(_percentile(ordered, 0.50), 3),
+            "p95_ms": round(_percentile(ordered, 0.95), 3),
+            "max_ms": round(self.max_ms, 3),
+        }
+
+
+def _percentile(ordered: list[float], q: float) -> float:
+    if not ordered:
+        return 0.0
+    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def error_fields(error: AgentdError) -> dict[str, Any]:
+    """An error as data: file, line and message, for logs and the socket."""
+    if isinstance(error, SourceError):
+        return {
+            "path": error.path,
+            "line": error.line,
+            "location": error.location,
+            "message": error.message,
+            "source_line": error.source_line.strip() if error.source_line else None,
+            "context": error.context,
+            "text": str(error),
+        }
+    return {"path": None, "line": None, "location": None, "message": str(error), "text": str(error)}
+
+
+def rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):  # not Linux
+        return 0
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+class Monitor:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.started = time.time()
+        self._started_mono = time.monotonic()
+        self.state = "starting"
+        self.builds = 0
+        self.last_build: dict[str, Any] | None = None
+        self.last_caches: dict[str, Counters] = {}
+        self.templates: dict[str, TemplateStats] = {}
+        self.errors: list[dict[str, Any]] = []
+        self.alerts: list[dict[str, Any]] = []  # active now
+        self.alert_history: deque[dict[str, Any]] = deque(maxlen=ALERT_HISTORY)
+        self.watcher = {"batches": 0, "events": 0}
+        self._window: deque[dict[str, Counters]] = deque(maxlen=config.hit_rate_window)
+        self.log = structlog.get_logger("agentd")
+
+    # -- feeding ------------------------------------------------------------------------------
+    def record_build(self, report: BuildReport) -> None:
+        self.builds += 1
+        self.last_caches = report.caches
+        self.last_build = {
+            "build_id": report.build_id,
+            "start": report.started,
+            "duration_ms": round(report.duration_ms, 2),
+            "changed": report.changed,
+            "agents": report.agents,
+            "agents_rendered": report.agents_composed,
+            "sections_rendered": len(report.sections_rendered),
+            "sections_reused": report.sections_reused,
+            "sections_cut_off": report.sections_cut_off,
+            "outputs_written": len(report.written),
+            "outputs_unchanged": len(report.unchanged),
+            "outputs_removed": len(report.removed),
+            "errors": len(report.errors),
+        }
+        for name, seconds in report.timings:
+            self.templates.setdefault(name, TemplateStats()).add(seconds * 1000)
+        self.errors = [error_fields(e) for e in report.errors]
+        self.state = "error" if report.errors else "idle"
+        self._check_slow_templates(report)
+        if not report.cold:
+            self._window.append(report.caches)
+            self._check_hit_rates()
+
+    def record_watch(self, batches: int, events: int) -> None:
+        self.watcher = {"batches": batches, "events": events}
+
+    # -- alerts -------------------------------------------------------------------------------
+    def _raise(self, key: str, **fields: Any) -> None:
+        if any(a["key"] == key for a in self.alerts):
+            return
+        alert = {"key": key, "since": time.time(), **fields}
+        self.alerts.append(alert)
+        self.alert_history.append(alert)
+        self.log.warning("alert.raised", **alert)
+
+    def _clear(self, key: str) -> None:
+        kept = [a for a in self.alerts if a["key"] != key]
+        if len(kept) != len(self.alerts):
+            self.alerts = kept
+            self.log.info("alert.cleared", key=key)
+
+    def _check_slow_templates(self, report: BuildReport) -> None:
+        limit = self.config.slow_template_ms
+        slowest: dict[str, float] = {}
+        for name, seconds in report.timings:
+            slowest[name] = max(slowest.get(name, 0.0), seconds * 1000)
+        for name, ms in slowest.items():
+            key = f"slow_template:{name}"
+            if ms > limit:
+                self._raise(key, kind="slow_template", template=name, ms=round(ms, 2), threshold_ms=limit)
+            else:
+                self._clear(key)
+
+    def _check_hit_rates(self) -> None:
+        floor = self.config.hit_rate_floor
+        for layer in self.config.hit_rate_layers:
+            hits = sum(c[layer].hits for c in self._window if layer in c)
+            total = hits + sum(c[layer].misses for c in self._window if layer in c)
+            key = f"low_hit_rate:{layer}"
+            if total and hits / total < floor:
+                self._raise(
+                    key,
+                    kind="low_hit_rate",
+                    layer=layer,
+                    hit_rate=round(hits / total, 4),
+                    floor=floor,
+                    builds=len(self._window),
+                )
+            elif total:
+                self._clear(key)
+
+    # -- reading ------------------------------------------------------------------------------
+    def uptime_s(self) -> float:
+        return round(time.monotonic() - self._started_mono, 3)
+
+    def one_line(self) -> str:
+        """For systemd's STATUS= and quick glances."""
+        b = self.last_build
+        if b is None:
+            return f"{self.state}: first build running"
+        errors = f", {len(self.errors)} error(s)" if self.errors else ""
+        return (
+            f"{self.state}: {self.builds} builds; last {b['duration_ms']:.0f} ms, "
+            f"{b['sections_rendered']} sections rendered, {b['outputs_written']} written{errors}"
+        )
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "pid": os.getpid(),
+            "version": __version__,
+            "root": str(self.config.root),
+            "uptime_s": self.uptime_s(),
+            "builds": self.builds,
+            "last_build": self.last_build,
+            "errors": len(self.errors),
+            "alerts": len(self.alerts),
+            "summary": self.one_line(),
+        }
+
+    def stats(self, engine: Engine) -> dict[str, Any]:
+        lifetime = engine.caches.stats()
+        caches = {}
+        for layer, data in lifetime.items():
+            last = self.last_caches.get(layer, Counters())
+            caches[layer] = {
+                **data,
+                "last_build": {
+                    "hits": last.hits,
+                    "misses": last.misses,
+                    "evictions": last.evictions,
+                    "hit_rate": last.hit_rate,
+                },
+            }
+        return {
+            "state": self.state,
+            "pid": os.getpid(),
+            "version": __version__,
+            "root": str(self.config.root),
+            "uptime_s": self.uptime_s(),
+            "builds": self.builds,
+            "last_build": self.last_build,
+            "caches": caches,
+            "templates": {name: t.summary() for name, t in sorted(self.templates.items())},
+            "alerts": list(self.alerts),
+            "alert_history": list(self.alert_history),
+            "errors": self.errors,
+            "rss_bytes": rss_bytes(),
+            "peak_rss_bytes": peak_rss_bytes(),
+            "watcher": dict(self.watcher),
+        }
+
+
+def render_table(stats: dict[str, Any]) -> str:
+    """``agentd status``'s human view of a ``stats`` reply."""
+    lines = [
+        f"agentd {stats['version']}  {stats['root']}  (pid {stats['pid']}, up {_duration(stats['uptime_s'])})",
+        f"state       {stats['state']}",
+    ]
+    b = stats.get("last_build")
+    if b:
+        lines.append(
+            f"builds      {stats['builds']}  last {b['build_id']}: {b['duration_ms']:.1f} ms, "
+            f"{b['sections_rendered']} rendered / {b['sections_reused']} reused / {b['sections_cut_off']} cut off, "
+            f"{b['outputs_written']} written / {b['outputs_unchanged']} unchanged"
+        )
+        if b["changed"]:
+            shown = ", ".join(b["changed"][:5]) + (f" (+{len(b['changed']) - 5})" if len(b["changed"]) > 5 else "")
+            lines.append(f"changed     {shown}")
+    else:
+        lines.append(f"builds      {stats['builds']}")
+    lines += ["", "cache  entries      bytes  hit rate (life)  last build   hits/misses   evictions"]
+    for layer, c in stats["caches"].items():
+        last = c["last_build"]
+        lines.append(
+            f"{layer:<5}{c['entries']:>9}{_size(c['bytes']):>11}  {_rate(c['hit_rate']):>15}"
+            f"  {_rate(last['hit_rate']):>10}  {c['hits']:>6}/{c['misses']:<6}  {c['evictions']:>9}"
+        )
+    slow = sorted(stats["templates"].items(), key=lambda kv: kv[1]["p95_ms"], reverse=True)[:5]
+    if slow:
+        lines += ["", "slowest templates                          p50 ms   p95 ms   max ms  renders"]
+        for name, t in slow:
+            lines.append(f"{name:<40}{t['p50_ms']:>9.2f}{t['p95_ms']:>9.2f}{t['max_ms']:>9.2f}{t['renders']:>9}")
+    lines.append("")
+    lines.append("alerts      " + ("none" if not stats["alerts"] else ""))
+    for a in stats["alerts"]:
+        detail = a.get("template") or a.get("layer")
+        value = (
+            f"{a['ms']} ms > {a['threshold_ms']} ms"
+            if a["kind"] == "slow_template"
+            else f"{a['hit_rate']:.1%} < {a['floor']:.0%}"
+        )
+        lines.append(f"  {a['kind']}: {detail} ({value})")
+    lines.append("errors      " + ("none" if not stats["errors"] else ""))
+    for e in stats["errors"]:
+        lines.append(f"  {e['location'] or ''} {e['message']}".rstrip())
+    w = stats["watcher"]
+    lines.append(
+        f"memory      rss {_size(stats['rss_bytes'])} (peak {_size(stats['peak_rss_bytes'])});"
+        f"  watcher: {w['batches']} batches, {w['events']} events"
+    )
+    return "\n".join(lines)
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"

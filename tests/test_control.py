@@ -1,0 +1,271 @@
+"""The status socket: a real daemon, a real Unix socket, every reply and every refusal."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import stat
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from agentd.config import Config
+from agentd.control import MAX_SOCKET_PATH, socket_path
+from conftest import run_cli, run_daemon, slow_down
+
+
+async def ask(path: Path, *lines: bytes, timeout: float = 10) -> list[dict]:
+    """Send raw request lines on one connection; return one parsed reply per line."""
+    reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path), limit=1 << 24), timeout)
+    replies = []
+    try:
+        for line in lines:
+            writer.write(line)
+            await writer.drain()
+            replies.append(orjson.loads(await asyncio.wait_for(reader.readline(), timeout)))
+    finally:
+        writer.close()
+    return replies
+
+
+def sock_of(root: Path) -> Path:
+    return socket_path(Config.load(root))
+
+
+async def test_every_command_and_reply_shape(tiny: Path) -> None:
+    """ping, status, stats, rebuild, affected and verify answer with protocol/ok/result; an id
+    is echoed."""
+    async with run_daemon(tiny) as d:
+        path = sock_of(tiny)
+        replies = await ask(
+            path,
+            b'{"command": "ping", "id": 7}\n',
+            b'{"command": "status"}\n',
+            b'{"command": "stats"}\n',
+            b'{"command": "affected", "paths": ["templates/sections/peers.j2"]}\n',
+            b'{"command": "rebuild", "agents": ["alpha"]}\n',
+            b'{"command": "rebuild"}\n',
+            b'{"command": "verify"}\n',
+        )
+        assert all(r["protocol"] == 1 and r["ok"] for r in replies), replies
+        ping, status, stats, affected, rebuild_one, rebuild_all, verify = (r["result"] for r in replies)
+        assert replies[0]["id"] == 7 and ping == {"pong": True, "pid": d.proc.pid}
+        assert status["state"] == "idle" and status["pid"] == d.proc.pid and status["builds"] == 1
+        for key in ("state", "pid", "version", "uptime_s", "builds", "last_build", "caches", "templates",
+                    "alerts", "errors", "rss_bytes", "peak_rss_bytes", "watcher"):  # fmt: skip
+            assert key in stats, key
+        assert sorted(stats["caches"]) == ["L1", "L2", "L3", "L4"]
+        for layer in stats["caches"].values():
+            assert {"entries", "bytes", "hits", "misses", "evictions", "hit_rate"} <= set(layer)
+        assert stats["caches"]["L3"]["entries"] == 7 and stats["rss_bytes"] > 0
+        assert set(stats["templates"]["sections/summary.j2"]) == {"renders", "p50_ms", "p95_ms", "max_ms"}
+        assert affected == {"agents": ["alpha", "beta"], "sections": ["alpha/peers", "beta/peers"]}
+        assert rebuild_one["sections_rendered"] == 4 and rebuild_one["agents_rendered"] == ["alpha"]
+        assert rebuild_all["sections_rendered"] == 7
+        assert verify["ok"] is True
+
+
+@pytest.mark.parametrize(
+    ("line", "code"),
+    [
+        (b"this is not json\n", "bad_json"),
+        (b"[1, 2]\n", "bad_request"),
+        (b'{"no": "command"}\n', "bad_request"),
+        (b'{"command": 42}\n', "bad_request"),
+        (b'{"command": "explode"}\n', "unknown_command"),
+        (b'{"command": "affected"}\n', "bad_request"),
+        (b'{"command": "affected", "paths": "agents/alpha.yaml"}\n', "bad_request"),
+        (b'{"command": "affected", "paths": [1]}\n', "bad_request"),
+        (b'{"command": "affected", "paths": ["README.md"]}\n', "bad_request"),
+        (b'{"command": "rebuild", "agents": ["nobody"]}\n', "bad_request"),
+        (b'{"command": "' + b"x" * 70_000 + b'"}\n', "too_large"),
+    ],
+    ids=[
+        "malformed",
+        "not-object",
+        "no-command",
+        "command-type",
+        "unknown",
+        "missing-arg",
+        "arg-type",
+        "arg-item-type",
+        "foreign-path",
+        "unknown-agent",
+        "oversized",
+    ],  # fmt: skip
+)
+async def test_bad_requests_get_error_replies_and_the_daemon_lives_on(tiny: Path, line: bytes, code: str) -> None:
+    """Every malformed request gets an error reply with a code and message; the same
+    connection keeps working afterwards."""
+    async with run_daemon(tiny):
+        bad, ping = await ask(sock_of(tiny), line, b'{"command": "ping"}\n')
+        assert bad["protocol"] == 1 and bad["ok"] is False
+        assert bad["error"]["code"] == code and bad["error"]["message"]
+        assert ping["ok"] is True
+
+
+async def test_fifty_clients_during_a_rebuild(tiny: Path) -> None:
+    """50 concurrent clients get prompt answers while a slow rebuild is running."""
+    slow_down(tiny / "templates/sections/summary.j2")
+    async with run_daemon(tiny) as d:
+        path = sock_of(tiny)
+        rebuild = asyncio.create_task(ask(path, b'{"command": "rebuild"}\n', timeout=60))
+        await d.wait_for(lambda e: e.get("event") == "build.started", start=len(d.events))
+        started = time.monotonic()
+        replies = await asyncio.gather(
+            *(ask(path, b'{"command": "stats"}\n', b'{"command": "ping"}\n') for _ in range(50))
+        )
+        answered_in = time.monotonic() - started
+        assert all(r["ok"] for pair in replies for r in pair)
+        assert {pair[0]["result"]["state"] for pair in replies} == {"building"}
+        assert not rebuild.done(), f"the rebuild finished before the clients were answered ({answered_in:.2f} s)"
+        (result,) = await rebuild
+        assert result["ok"] and result["result"]["sections_rendered"] == 7
+
+
+async def test_socket_and_folder_permissions(tiny: Path, tmp_path: Path) -> None:
+    """The socket folder is 0700 and the socket 0600, owned by us."""
+    async with run_daemon(tiny, env={"XDG_RUNTIME_DIR": str(tmp_path)}):
+        path = next((tmp_path / "agentd").glob("*.sock"))
+        assert stat.S_IMODE((tmp_path / "agentd").stat().st_mode) == 0o700
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert path.stat().st_uid == os.getuid()
+
+
+def test_default_socket_path_is_per_workspace_and_short(tmp_path: Path) -> None:
+    """Two workspaces never share a socket, and the path fits sun_path even for deep roots."""
+    a, b = tmp_path / "ws", tmp_path / "other" / "ws"
+    a.mkdir()
+    b.mkdir(parents=True)
+    env = {"XDG_RUNTIME_DIR": str(tmp_path)}
+    pa, pb = socket_path(Config.load(a), env), socket_path(Config.load(b), env)
+    assert pa != pb and pa.parent == tmp_path / "agentd" and pa.name.startswith("ws-")
+    deep = tmp_path.joinpath(*(["d" * 50] * 4))
+    deep.mkdir(parents=True)
+    assert len(str(socket_path(Config.load(deep), {"XDG_RUNTIME_DIR": str(deep)}))) <= MAX_SOCKET_PATH
+    fallback = socket_path(Config.load(a), {})
+    assert fallback.parent.name == f"agentd-{os.getuid()}"
+
+
+async def test_socket_flag_and_env(tiny: Path, tmp_path: Path) -> None:
+    """--socket on watch and status, and AGENTD_SOCKET, choose the socket."""
+    custom = tmp_path / "s" / "custom.sock"
+    async with run_daemon(tiny, "--socket", str(custom)):
+        assert custom.exists()
+        result = await asyncio.to_thread(run_cli, "status", "--json", "--socket", str(custom), cwd=tiny)
+        assert result.returncode == 0 and orjson.loads(result.stdout)["state"] == "idle"
+        result = await asyncio.to_thread(run_cli, "status", "--json", cwd=tiny, env={"AGENTD_SOCKET": str(custom)})
+        assert result.returncode == 0
+
+
+async def test_group_writable_folder_is_refused(tiny: Path, tmp_path: Path) -> None:
+    """A socket folder others can write to is refused with exit 2 and a reason."""
+    folder = tmp_path / "open"
+    folder.mkdir()
+    folder.chmod(0o777)
+    result = await asyncio.to_thread(run_cli, "watch", "--socket", str(folder / "s.sock"), cwd=tiny)
+    assert result.returncode == 2 and "writable by group or others" in result.stderr
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to create a folder owned by another user")
+async def test_foreign_owned_folder_is_refused(tiny: Path, tmp_path: Path) -> None:
+    """A socket folder owned by someone else is refused."""
+    folder = tmp_path / "theirs"
+    folder.mkdir(mode=0o700)
+    os.chown(folder, 65534, 65534)
+    result = await asyncio.to_thread(run_cli, "watch", "--socket", str(folder / "s.sock"), cwd=tiny)
+    assert result.returncode == 2 and "owned by uid 65534" in result.stderr
+
+
+async def test_stale_socket_is_replaced(tiny: Path, tmp_path: Path) -> None:
+    """A socket file left by a crashed daemon (nobody listening) is replaced."""
+    path = tmp_path / "run" / "s.sock"
+    path.parent.mkdir(mode=0o700)
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(str(path))
+    dead.close()  # the file stays, nobody listens
+    async with run_daemon(tiny, "--socket", str(path)) as d:
+        assert d.named("socket.stale_replaced")
+        assert (await ask(path, b'{"command": "ping"}\n'))[0]["ok"]
+
+
+async def test_a_non_socket_file_is_never_removed(tiny: Path, tmp_path: Path) -> None:
+    """A regular file where the socket should go is left alone and startup fails."""
+    path = tmp_path / "run" / "s.sock"
+    path.parent.mkdir(mode=0o700)
+    path.write_text("precious\n")
+    result = await asyncio.to_thread(run_cli, "watch", "--socket", str(path), cwd=tiny)
+    assert result.returncode == 2 and "not a socket" in result.stderr
+    assert path.read_text() == "precious\n"
+
+
+async def test_second_instance_is_refused(tiny: Path, tmp_path: Path) -> None:
+    """A second daemon on the same workspace exits 4 and leaves the live socket alone, even
+    when told to use another socket path."""
+    async with run_daemon(tiny) as d:
+        path = sock_of(tiny)
+        for extra in ([], ["--socket", str(tmp_path / "x.sock")]):
+            result = await asyncio.to_thread(run_cli, "watch", *extra, cwd=tiny)
+            assert result.returncode == 4
+            assert f"already running on {tiny}" in result.stderr and str(d.proc.pid) in result.stderr
+        assert (await ask(path, b'{"command": "ping"}\n'))[0]["result"]["pid"] == d.proc.pid
+
+
+async def test_live_socket_of_another_workspace_is_not_stolen(tiny: Path, tmp_path: Path) -> None:
+    """A daemon pointed at a socket another daemon serves refuses to start (exit 4)."""
+    other = tmp_path / "other"
+    import shutil
+
+    shutil.copytree(tiny, other)
+    path = tmp_path / "run" / "shared.sock"
+    async with run_daemon(tiny, "--socket", str(path)):
+        result = await asyncio.to_thread(run_cli, "watch", "--socket", str(path), cwd=other)
+        assert result.returncode == 4 and "another agentd daemon is serving" in result.stderr
+        assert (await ask(path, b'{"command": "ping"}\n'))[0]["ok"]
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to connect as another uid")
+async def test_peer_of_another_uid_is_refused(tiny: Path, tmp_path: Path) -> None:
+    """A client running as another uid gets a `forbidden` reply (SO_PEERCRED)."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="agentd-peer-"))  # pytest's tmp_path is 0700: unreachable for nobody
+    folder.chmod(0o755)
+    path = folder / "s.sock"
+    async with run_daemon(tiny, "--socket", str(path)) as d:
+        path.chmod(0o666)  # let the other user reach the socket at all
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child: become nobody, connect, report the reply
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.settimeout(5)
+                    s.connect(str(path))
+                    s.sendall(b'{"command": "stats"}\n')
+                    os.write(write_fd, s.recv(4096))
+            finally:
+                os._exit(0)
+        os.close(write_fd)
+        await asyncio.to_thread(os.waitpid, pid, 0)
+        reply = orjson.loads(os.read(read_fd, 4096))
+        os.close(read_fd)
+        assert reply["ok"] is False and reply["error"]["code"] == "forbidden"
+        assert d.named("socket.refused")
+    folder.rmdir()
+
+
+async def test_sigterm_removes_the_socket(tiny: Path) -> None:
+    """A clean shutdown removes its socket and releases the workspace."""
+    async with run_daemon(tiny) as d:
+        path = sock_of(tiny)
+        assert path.exists()
+        d.proc.terminate()
+        assert await asyncio.wait_for(d.proc.wait(), 10) == 0
+        assert not path.exists()
+    async with run_daemon(tiny):  # the lock was released: a new daemon starts
+        assert path.exists()

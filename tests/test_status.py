@@ -1,0 +1,101 @@
+"""`agentd status` and the performance monitor behind it."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+
+from agentd.config import Config
+from agentd.control import socket_path
+from conftest import run_cli, run_daemon
+
+
+def test_no_daemon_exits_3_saying_where_it_looked(tiny: Path) -> None:
+    """Without a daemon, status exits 3 and names the socket it tried."""
+    result = run_cli("status", cwd=tiny)
+    assert result.returncode == 3
+    assert str(socket_path(Config.load(tiny))) in result.stderr
+    assert "agentd watch --root" in result.stderr
+
+
+async def test_healthy_daemon_table(tiny: Path) -> None:
+    """A healthy daemon's status is a readable table and exits 0."""
+    async with run_daemon(tiny):
+        result = await asyncio.to_thread(run_cli, "status", cwd=tiny)
+        assert result.returncode == 0, result.stderr
+        out = result.stdout
+        assert "state       idle" in out
+        for row in ("L1 ", "L2 ", "L3 ", "L4 ", "slowest templates", "sections/summary.j2"):
+            assert row in out, row
+        assert "alerts      none" in out and "errors      none" in out
+        assert "memory      rss" in out
+
+
+async def test_errors_exit_1_and_are_listed_with_location(tiny: Path) -> None:
+    """When the daemon reports errors, status lists them with file:line and exits 1."""
+    async with run_daemon(tiny) as d:
+        (tiny / "templates/sections/peers.j2").write_text("{{ oops }\n")
+        await d.next_build()
+        result = await asyncio.to_thread(run_cli, "status", cwd=tiny)
+        assert result.returncode == 1
+        assert "templates/sections/peers.j2:1" in result.stdout
+        data = orjson.loads((await asyncio.to_thread(run_cli, "status", "--json", cwd=tiny)).stdout)
+        assert data["state"] == "error"
+        assert {e["location"] for e in data["errors"]} == {"templates/sections/peers.j2:1"}
+
+
+async def test_json_is_the_stats_reply(tiny: Path) -> None:
+    """--json prints the stats reply with the documented top-level keys."""
+    async with run_daemon(tiny):
+        data = orjson.loads((await asyncio.to_thread(run_cli, "status", "--json", cwd=tiny)).stdout)
+        assert {
+            "state", "pid", "version", "uptime_s", "builds", "last_build", "caches", "templates",
+            "alerts", "errors", "rss_bytes", "peak_rss_bytes", "watcher",
+        } <= set(data)  # fmt: skip
+        last = data["last_build"]
+        for key in ("build_id", "start", "duration_ms", "changed", "agents_rendered", "sections_rendered",
+                    "sections_reused", "sections_cut_off", "outputs_written", "outputs_unchanged"):  # fmt: skip
+            assert key in last, key
+
+
+async def test_watch_refreshes(tiny: Path) -> None:
+    """--watch redraws the table until interrupted."""
+    async with run_daemon(tiny):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agentd", "status", "--watch", "--interval", "0.2", cwd=tiny,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        await asyncio.sleep(1.2)
+        proc.send_signal(signal.SIGINT)
+        out, _ = await asyncio.wait_for(proc.communicate(), 10)
+        assert proc.returncode == 0
+        assert out.count(b"\x1b[H\x1b[2J") >= 3 and out.count(b"state       idle") >= 3
+
+
+async def test_slow_template_alert(tiny: Path) -> None:
+    """A render over the threshold raises an alert: logged as a warning and listed."""
+    async with run_daemon(tiny, env={"AGENTD_SLOW_TEMPLATE_MS": "0"}) as d:
+        alert = await d.wait_for(lambda e: e.get("event") == "alert.raised" and e["kind"] == "slow_template")
+        assert alert["level"] == "warning" and alert["threshold_ms"] == 0
+        data = orjson.loads((await asyncio.to_thread(run_cli, "status", "--json", cwd=tiny)).stdout)
+        assert {a["template"] for a in data["alerts"] if a["kind"] == "slow_template"} >= {"sections/summary.j2"}
+
+
+async def test_low_hit_rate_alert_and_recovery(tiny: Path) -> None:
+    """A layer whose recent hit rate falls below the floor raises an alert; it clears when the
+    rate recovers. The cold first build does not count."""
+    env = {"AGENTD_HIT_RATE_FLOOR": "0.9", "AGENTD_HIT_RATE_WINDOW": "1"}
+    async with run_daemon(tiny, env=env) as d:
+        assert not d.named("alert.raised")
+        summary = tiny / "templates/sections/summary.j2"
+        summary.write_text(summary.read_text().replace("{{ agent.description }}", "> {{ agent.description }}"))
+        alert = await d.wait_for(lambda e: e.get("event") == "alert.raised" and e["kind"] == "low_hit_rate")
+        assert alert["layer"] == "L3" and alert["hit_rate"] < 0.9
+        alpha = tiny / "agents/alpha.yaml"
+        alpha.write_text(alpha.read_text().replace("not read by any template", "unread"))
+        await d.wait_for(lambda e: e.get("event") == "alert.cleared" and e["key"] == "low_hit_rate:L3")
