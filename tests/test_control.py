@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
 import stat
+import subprocess
 import time
 from pathlib import Path
 
@@ -217,8 +219,6 @@ async def test_second_instance_is_refused(tiny: Path, tmp_path: Path) -> None:
 async def test_live_socket_of_another_workspace_is_not_stolen(tiny: Path, tmp_path: Path) -> None:
     """A daemon pointed at a socket another daemon serves refuses to start (exit 4)."""
     other = tmp_path / "other"
-    import shutil
-
     shutil.copytree(tiny, other)
     path = tmp_path / "run" / "shared.sock"
     async with run_daemon(tiny, "--socket", str(path)):
@@ -237,23 +237,27 @@ async def test_peer_of_another_uid_is_refused(tiny: Path, tmp_path: Path) -> Non
     path = folder / "s.sock"
     async with run_daemon(tiny, "--socket", str(path)) as d:
         path.chmod(0o666)  # let the other user reach the socket at all
-        read_fd, write_fd = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # child: become nobody, connect, report the reply
-            try:
-                os.setgid(65534)
-                os.setuid(65534)
-                with socket.socket(socket.AF_UNIX) as s:
-                    s.settimeout(5)
-                    s.connect(str(path))
-                    s.sendall(b'{"command": "stats"}\n')
-                    os.write(write_fd, s.recv(4096))
-            finally:
-                os._exit(0)
-        os.close(write_fd)
-        await asyncio.to_thread(os.waitpid, pid, 0)
-        reply = orjson.loads(os.read(read_fd, 4096))
-        os.close(read_fd)
+        client = (
+            "import socket, sys\n"
+            "s = socket.socket(socket.AF_UNIX); s.settimeout(5); s.connect(sys.argv[1])\n"
+            's.sendall(b\'{"command": "stats"}\\n\'); print(s.recv(4096).decode())\n'
+        )
+        # The test's own interpreter may live where uid 65534 cannot reach (a venv under /root).
+        python = shutil.which("python3", path="/usr/bin:/usr/local/bin:/bin")
+        if python is None:
+            pytest.skip("no system python3 that another user can run")
+        result = await asyncio.to_thread(
+            subprocess.run,
+            [python, "-c", client, str(path)],
+            user=65534,
+            group=65534,
+            extra_groups=[],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert result.returncode == 0, result.stderr
+        reply = orjson.loads(result.stdout)
         assert reply["ok"] is False and reply["error"]["code"] == "forbidden"
         assert d.named("socket.refused")
     folder.rmdir()
