@@ -7,7 +7,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, set_config
 
 
 def test_build_writes_outputs_and_prints_a_summary(tiny: Path) -> None:
@@ -49,14 +49,14 @@ def test_unknown_flag_is_a_usage_error(tiny: Path) -> None:
 
 def test_bad_config_is_a_usage_error(tiny: Path) -> None:
     """An unknown agentd.toml setting exits 2 naming it."""
-    (tiny / "agentd.toml").write_text('output_dirr = "x"\n')
+    set_config(tiny, 'output_dirr = "x"')
     result = run_cli("build", cwd=tiny)
     assert result.returncode == 2 and "output_dirr" in result.stderr
 
 
 def test_config_precedence_flag_env_file(tiny: Path) -> None:
     """CLI flag beats AGENTD_* beats agentd.toml."""
-    (tiny / "agentd.toml").write_text('output_dir = "from-file"\n')
+    set_config(tiny, 'output_dir = "from-file"')
     run_cli("build", cwd=tiny)
     assert (tiny / "from-file/alpha.md").exists()
     run_cli("build", cwd=tiny, env={"AGENTD_OUTPUT_DIR": "from-env"})

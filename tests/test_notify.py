@@ -15,7 +15,7 @@ import pytest
 
 from agentd.notify import Notifier
 from agentd.service import escape_path, unit_text
-from conftest import REPO, run_cli, run_daemon
+from conftest import REPO, run_cli, run_daemon, set_config
 
 
 class NotifySink:
@@ -96,7 +96,7 @@ def test_notifier_without_socket_is_a_no_op() -> None:
 async def test_sighup_recompiles_everything_and_rebuilds(tiny: Path) -> None:
     """SIGHUP re-reads the configuration, recompiles every template and rebuilds."""
     async with run_daemon(tiny) as d:
-        (tiny / "agentd.toml").write_text('output_dir = "reloaded"\n')
+        set_config(tiny, 'output_dir = "reloaded"')
         await d.wait_for(lambda e: e.get("event") == "config.reloaded")  # the watcher saw it too
         await d.next_build()
         d.proc.send_signal(signal.SIGHUP)

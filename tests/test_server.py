@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EDIT_KINDS, clean_build, read_outputs, run_daemon, slow_down
+from conftest import EDIT_KINDS, clean_build, read_outputs, run_daemon, set_config, slow_down
 
 
 def replace(path: Path, old: str, new: str) -> None:
@@ -313,12 +313,12 @@ async def test_verify_on_demand_with_sigusr1(tiny: Path) -> None:
 async def test_config_change_rebuilds(tiny: Path) -> None:
     """Editing agentd.toml reloads the configuration and rebuilds with it."""
     async with run_daemon(tiny) as d:
-        (tiny / "agentd.toml").write_text('output_dir = "elsewhere"\n')
+        set_config(tiny, 'output_dir = "elsewhere"')
         await d.wait_for(lambda e: e.get("event") == "config.reloaded")
         build = await d.next_build()
         assert sorted(build["written"]) == ["alpha.md", "beta.md"]
         assert (tiny / "elsewhere/alpha.md").exists()
-        (tiny / "agentd.toml").write_text("output_dirr = 1\n")
+        set_config(tiny, "output_dirr = 1")
         error = await d.wait_for(lambda e: e.get("event") == "config.error")
         assert "output_dirr" in error["error"]
         replace(tiny / "agents/alpha.yaml", "skills: [a1, a2]", "skills: [a7]")

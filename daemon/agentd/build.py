@@ -14,7 +14,7 @@ import dataclasses
 import itertools
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,8 @@ class BuildReport:
     timings: list[tuple[str, float]] = dataclasses.field(default_factory=list)
     #: A build from empty caches (the first one): its misses say nothing about cache health.
     cold: bool = False
+    #: Output-gate findings for the agents composed in this build (see ``Engine.output_check``).
+    findings: list[Any] = dataclasses.field(default_factory=list)
     duration_ms: float = 0.0
 
     @property
@@ -83,6 +85,10 @@ class Engine:
         self.plans: dict[str, Plan] = {}
         self.agent_errors: dict[str, list[AgentdError]] = {}
         self._compose_pending: set[str] = set()
+        #: Called with (agent id, output bytes, plan) after every composition; its findings are
+        #: kept per agent until the agent is composed again (the daemon's output gates).
+        self.output_check: Callable[[str, bytes, Plan], list[Any]] | None = None
+        self.findings: dict[str, list[Any]] = {}
         self._scanned = False
         self._ids = itertools.count(1)
 
@@ -248,6 +254,7 @@ class Engine:
         self._compose_pending.discard(agent_id)
         if not keep_output:
             self.caches.l4.pop(agent_id)
+            self.findings.pop(agent_id, None)
 
     def _plan(self, agent: AgentSource, available: list[str], kinds: list[str]) -> Plan:
         """Resolve an agent's section list and trait references, or raise ``DataError`` at the
@@ -388,6 +395,7 @@ class Engine:
             return
         self.caches.l4.put(agent_id, digest)
         if not write:
+            self._check_output(agent_id, rendered.data, plan, report)
             return
         try:
             written = self.output.write(name, rendered.data)
@@ -397,6 +405,14 @@ class Engine:
             self.agent_errors[agent_id] = [exc if isinstance(exc, OutputError) else OutputError(f"{name}: {exc}")]
             return
         (report.written if written else report.unchanged).append(name)
+        self._check_output(agent_id, rendered.data, plan, report)
+
+    def _check_output(self, agent_id: str, data: bytes, plan: Plan, report: BuildReport) -> None:
+        """Run the output gates after the write (they never delay the file) and only for an
+        output whose bytes changed: an identical one has the same findings."""
+        if self.output_check is not None:
+            self.findings[agent_id] = self.output_check(agent_id, data, plan)
+            report.findings += self.findings[agent_id]
 
     def _remove_stale(self, report: BuildReport) -> None:
         existing = set(self.workspace.agents) | set(self.workspace.agent_errors)

@@ -1,4 +1,4 @@
-"""Command line: ``agentd build | watch | status | verify | graph | affected | service``.
+"""Command line: ``agentd build | watch | status | check | verify | graph | affected | service``.
 
 The boundary where errors are printed and turned into exit codes: 0 success, 1 an agent (or
 any source) failed, 2 usage or configuration error, 3 no daemon answers (``status``), 4 a
@@ -110,6 +110,20 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--no-start", action="store_true", help="only write the unit; print the commands that start it")
     sv.add_argument("--print", action="store_true", dest="print_unit", help="print the unit instead of installing it")
 
+    ch = sub.add_parser(
+        "check",
+        help="lint templates, sources and outputs (in memory; writes nothing)",
+        description="Check that every template compiles and reads only its documented context, "
+        "every include exists and none form a cycle, every agent and trait source matches the "
+        "workspace schema (types, allowed values, no duplicate keys, known sections and traits), "
+        "and every generated agent is complete, valid Markdown. Renders in memory: no prior "
+        "build needed, out/ is never written. Exit 0 clean, 1 on errors (or warnings with "
+        "--strict), 2 on a usage error. Rules are configured under [check] in agentd.toml.",
+    )
+    ch.add_argument("--root", default=".", help=root_help)
+    ch.add_argument("--format", choices=("text", "json"), default="text", help="output format (default: text)")
+    ch.add_argument("--strict", action="store_true", help="warnings fail too")
+
     v = sub.add_parser(
         "verify",
         help="check that out/ is byte-identical to a clean build",
@@ -155,6 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "watch": _cmd_watch,
             "verify": _cmd_verify,
             "status": _cmd_status,
+            "check": _cmd_check,
             "service": _cmd_service,
             "graph": _cmd_graph,
             "affected": _cmd_affected,
@@ -254,6 +269,36 @@ def _cmd_status(config: Config, args: argparse.Namespace) -> int:
             time.sleep(max(0.1, args.interval))
         except KeyboardInterrupt:
             return code
+
+
+def _cmd_check(config: Config, args: argparse.Namespace) -> int:
+    from .check import Checker
+
+    _check_workspace(config)
+    findings = Checker(config).run()
+    errors = sum(f.severity == "error" for f in findings)
+    warnings = len(findings) - errors
+    failed = errors > 0 or (args.strict and warnings > 0)
+    if args.format == "json":
+        body = {
+            "findings": [f.to_dict() for f in findings],
+            "summary": {"errors": errors, "warnings": warnings, "files": len({f.path for f in findings})},
+        }
+        sys.stdout.write(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return EXIT_FAILED if failed else EXIT_OK
+    current = None
+    for f in findings:
+        if f.path != current:
+            if current is not None:
+                print()
+            print(f.path)
+            current = f.path
+        print(f"  {f.format()}")
+    if findings:
+        print(f"\n{errors} error(s), {warnings} warning(s) in {len({f.path for f in findings})} file(s)")
+    else:
+        print("agentd check: no findings")
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 def _cmd_service(config: Config, args: argparse.Namespace) -> int:

@@ -62,6 +62,16 @@ class Config:
     hit_rate_layers: tuple[str, ...] = ("L1", "L3")
     #: Longest request line the status socket accepts (bytes).
     max_request_bytes: int = 65536
+    #: ``agentd check`` (``[check]`` in agentd.toml): output line range, sections every agent
+    #: must enable, front matter keys, rules switched off, and the JSON Schemas sources are
+    #: validated against (empty: the built-in ones, which match the shipped templates).
+    check_min_lines: int = 6000
+    check_max_lines: int = 11000
+    check_required_sections: tuple[str, ...] = ()
+    check_front_matter: tuple[str, ...] = ("name", "description", "tools", "model")
+    check_disable: tuple[str, ...] = ()
+    check_agent_schema: str = ""
+    check_trait_schema: str = ""
 
     @property
     def templates_path(self) -> Path:
@@ -106,6 +116,8 @@ _NUMBERS: dict[str, tuple[type, float]] = {
     "hit_rate_floor": (float, 0),
     "hit_rate_window": (int, 1),
     "max_request_bytes": (int, 256),
+    "check_min_lines": (int, 0),
+    "check_max_lines": (int, 0),
 }
 
 
@@ -116,7 +128,11 @@ def _from_toml(path: Path) -> dict[str, Any]:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path.name}: {exc}") from exc
-    table = data.get("agentd", data)
+    table = dict(data.get("agentd", data))
+    check = table.pop("check", {})
+    if not isinstance(check, dict):
+        raise ConfigError(f"{path.name}: [check] must be a table")
+    table.update({f"check_{k}": v for k, v in check.items()})
     unknown = sorted(set(table) - set(_FIELDS) - {"root"})
     if unknown:
         raise ConfigError(
@@ -138,7 +154,7 @@ def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
 def _coerce(name: str, value: Any) -> Any:
     if name == "root":
         return value
-    if name in ("sections", "hit_rate_layers"):
+    if name in ("sections", "hit_rate_layers", "check_required_sections", "check_front_matter", "check_disable"):
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)) or not all(isinstance(s, str) for s in items):
             raise ConfigError(f"{name}: expected a list of names, got {value!r}")

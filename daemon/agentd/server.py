@@ -21,7 +21,8 @@ from typing import Any
 
 import structlog
 
-from .build import BuildReport, Engine
+from .build import OUTPUT_SUFFIX, BuildReport, Engine, Plan
+from .check import Finding, check_output
 from .config import Config
 from .control import ControlServer, WorkspaceLock, socket_path
 from .exceptions import ConfigError, RequestError
@@ -47,7 +48,7 @@ class Server:
     def __init__(self, config: Config, overrides: Mapping[str, Any] | None = None) -> None:
         self.config = config
         self._overrides = dict(overrides or {})  # CLI flags: they still win after a reload
-        self.engine = Engine(config)
+        self.engine = self._new_engine(config)
         self.pending = Pending()
         self.should_exit = asyncio.Event()
         self.monitor = Monitor(config)
@@ -63,6 +64,18 @@ class Server:
         self._tree_stop = asyncio.Event()
         self._watchers: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
+
+    @staticmethod
+    def _new_engine(config: Config) -> Engine:
+        """An engine whose every changed output goes through the output gates of ``check``."""
+        engine = Engine(config)
+        out = config.output_dir
+
+        def gate(agent_id: str, data: bytes, plan: Plan) -> list[Finding]:
+            return check_output(f"{out}/{agent_id}{OUTPUT_SUFFIX}", data.decode(), plan.metas, config)
+
+        engine.output_check = gate
+        return engine
 
     # -- lifecycle --------------------------------------------------------------------------
     def run(self) -> int:
@@ -211,7 +224,7 @@ class Server:
         async with self._build_lock:
             self.config = config
             self.monitor.config = config
-            self.engine = Engine(config)
+            self.engine = self._new_engine(config)
         return True
 
     async def _build(self, paths: set[Path] | None) -> BuildReport:
@@ -223,7 +236,7 @@ class Server:
                 report = await asyncio.to_thread(self.engine.build, paths, build_id=build_id)
                 self.last_report = report
                 self._known_dirs = self.engine.known_dirs()
-                self.monitor.record_build(report)
+                self.monitor.record_build(report, [f for fs in self.engine.findings.values() for f in fs])
                 self.monitor.record_watch(self.pending.batches_seen, self.pending.events_seen)
                 self._log_report(report)
             if self._ready:  # before READY=1 the READY message itself carries the status
@@ -236,12 +249,14 @@ class Server:
             self.log.error("build.error", **error_fields(error))
         last = dict(self.monitor.last_build or {})
         last.pop("build_id", None)  # bound in the context already
+        last.pop("findings", None)  # logged in full below
         self.log.info(
             "build.finished",
             **last,
             rendered=_capped(report.sections_rendered),
             written=_capped(report.written),
             removed=report.removed,
+            findings=_capped([f.format() for f in report.findings]),
             caches={k: {"hits": c.hits, "misses": c.misses} for k, c in report.caches.items()},
         )
 
@@ -275,7 +290,7 @@ class Server:
         async with self._build_lock:
             self.config = config
             self.monitor.config = config
-            self.engine = Engine(config)
+            self.engine = self._new_engine(config)
         await self._start_watchers(root_too=False)
         await self._build(None)
         self.notifier.ready(self.monitor.one_line())
@@ -324,7 +339,7 @@ class Server:
                 raise RequestError("bad_request", f"unknown agent(s): {', '.join(unknown)}")
         async with self._build_lock:
             if agents is None:
-                self.engine = Engine(self.config)  # from scratch: every template and section
+                self.engine = self._new_engine(self.config)  # from scratch: every template and section
             else:
                 self.engine.forget(agents)
         report = await self._build(None)

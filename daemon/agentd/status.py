@@ -101,7 +101,8 @@ class Monitor:
         self.log = structlog.get_logger("agentd")
 
     # -- feeding ------------------------------------------------------------------------------
-    def record_build(self, report: BuildReport) -> None:
+    def record_build(self, report: BuildReport, findings: list[Any] | None = None) -> None:
+        """``findings``: the output gates' current findings for every agent (``check``)."""
         self.builds += 1
         self.last_caches = report.caches
         self.last_build = {
@@ -118,11 +119,23 @@ class Monitor:
             "outputs_unchanged": len(report.unchanged),
             "outputs_removed": len(report.removed),
             "errors": len(report.errors),
+            "findings": len(report.findings),
         }
         for name, seconds in report.timings:
             self.templates.setdefault(name, TemplateStats()).add(seconds * 1000)
-        self.errors = [error_fields(e) for e in report.errors]
-        self.state = "error" if report.errors else "idle"
+        gate_errors = [f for f in findings or [] if f.severity == "error"]
+        self.errors = [error_fields(e) for e in report.errors] + [
+            {
+                "path": f.path,
+                "line": f.line,
+                "location": f"{f.path}:{f.line}",
+                "message": f.message,
+                "rule": f.rule,
+                "text": f.format(),
+            }
+            for f in gate_errors
+        ]
+        self.state = "error" if self.errors else "idle"
         self._check_slow_templates(report)
         if not report.cold:
             self._window.append(report.caches)

@@ -96,27 +96,43 @@ def source_line(text: str, line: int | None) -> str | None:
     return lines[line - 1] if 0 < line <= len(lines) else None
 
 
-def locate(text: str, keys: Iterable[str | int]) -> int | None:
-    """The 1-based line of the YAML node at ``keys`` (mapping keys / sequence indexes), or of
-    its deepest existing ancestor. Only used on the error path: composing is slower than
-    loading."""
+def compose(text: str) -> yaml.Node | None:
+    """The YAML node tree (with line/column marks), or None when the text does not parse."""
     try:
-        node = yaml.compose(text, Loader=_Loader)
+        return yaml.compose(text, Loader=_Loader)
     except yaml.YAMLError:
         return None
-    line = node.start_mark.line + 1 if node is not None else None
+
+
+def node_at(root: yaml.Node | None, keys: Iterable[str | int]) -> tuple[yaml.Node | None, yaml.Node | None]:
+    """The deepest node along ``keys`` (mapping keys / sequence indexes) and, when the last step
+    was a mapping key, that key's node."""
+    node, key_node = root, None
     for key in keys:
         if isinstance(node, yaml.MappingNode) and isinstance(key, str):
             match = next(((k, v) for k, v in node.value if k.value == key), None)
             if match is None:
                 break
-            line, node = match[0].start_mark.line + 1, match[1]
+            key_node, node = match
         elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
-            node = node.value[key]
-            line = node.start_mark.line + 1
+            node, key_node = node.value[key], None
         else:
             break
-    return line
+    return node, key_node
+
+
+def position(*candidates: yaml.Node | None) -> tuple[int, int] | None:
+    """1-based (line, column) of the first node given that exists."""
+    node = next((n for n in candidates if n is not None), None)
+    return (node.start_mark.line + 1, node.start_mark.column + 1) if node is not None else None
+
+
+def locate(text: str, keys: Iterable[str | int]) -> int | None:
+    """The 1-based line of the YAML node at ``keys``, or of its deepest existing ancestor. Only
+    used on the error path: composing is slower than loading."""
+    node, key_node = node_at(compose(text), keys)
+    where = position(key_node, node)
+    return where[0] if where else None
 
 
 class Workspace:

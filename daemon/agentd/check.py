@@ -1,0 +1,543 @@
+"""``agentd check``: quality gates for templates, sources and outputs.
+
+Everything is checked in memory (a fresh ``Engine`` with ``write=False``): nothing is written to
+``out/`` and no prior build is needed. Each finding names a file, a 1-based line and column, a
+severity and a rule id; rules can be switched off with ``[check] disable = [...]``.
+
+Sources are validated with JSON Schema (``jsonschema``, ``schema/*.json``): the workspace
+contract becomes a document users can also hand to their editor's YAML language server, and the
+validator reports *every* violation with its path, which we map back to the YAML node's
+line and column. Hand-written checks would duplicate a well-kept library and drift from the
+documentation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import re
+from collections.abc import Iterable, Iterator
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.meta
+import jsonschema
+import networkx as nx
+import yaml
+from jinja2 import nodes
+
+from .build import BASE_TEMPLATE, OUTPUT_SUFFIX, SECTION_DIR, Engine, Plan
+from .config import Config
+from .exceptions import TemplateError
+from .render import anchor
+from .workspace import TRAITS_DIR, YAML_SUFFIXES, _Loader, node_at, position
+
+#: rule id -> (severity, what it checks). The README lists the same table.
+RULES: dict[str, tuple[str, str]] = {
+    "template-syntax": ("error", "a template does not compile"),
+    "undeclared-variable": ("error", "a template reads a variable its context does not provide"),
+    "undefined-variable": ("error", "a render hit an undefined value (StrictUndefined)"),
+    "render-error": ("error", "a render failed for another reason"),
+    "missing-template": ("error", "include/import/extends names a template that does not exist"),
+    "template-cycle": ("error", "templates include, import or extend each other in a cycle"),
+    "unreachable-template": ("warning", "nothing includes, imports, extends or renders this template"),
+    "yaml-syntax": ("error", "a source is not valid YAML"),
+    "yaml-tag": ("error", "a source uses a tag the safe loader refuses (objects, code)"),
+    "duplicate-key": ("error", "a mapping repeats a key (YAML would silently keep the last)"),
+    "schema": ("error", "a source breaks the workspace contract (required keys, types, allowed values)"),
+    "unknown-section": ("error", "an agent enables a section that has no template"),
+    "unknown-trait": ("error", "an agent lists a trait that does not exist"),
+    "line-count": ("error", "an output is outside the configured line range"),
+    "front-matter": ("error", "an output's front matter is missing, does not parse or lacks a key"),
+    "section-order": ("error", "an enabled section is missing from the output or out of order"),
+    "unbalanced-fence": ("error", "a code fence is never closed"),
+    "heading-skip": ("error", "a heading skips a level (## then ####)"),
+    "table-columns": ("error", "a table row has a different number of columns than its header"),
+    "broken-anchor": ("error", "an internal #anchor link matches no heading"),
+    "template-leak": ("error", "template syntax ({{ or {%) outside code blocks and inline code"),
+}
+
+#: What each template folder's templates may read (besides Jinja's and agentd's globals).
+CONTEXTS: dict[str, frozenset[str]] = {
+    "sections": frozenset({"agent", "section", "sections", "traits", "catalog"}),
+    "base": frozenset({"agent", "sections", "catalog"}),
+    "traits": frozenset({"trait"}),
+    "fragments": frozenset(),
+}
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Finding:
+    path: str
+    line: int
+    column: int
+    rule: str
+    message: str
+    severity: str = "error"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "line": self.line,
+            "column": self.column,
+            "severity": self.severity,
+            "rule": self.rule,
+            "message": self.message,
+        }
+
+    def format(self) -> str:
+        return f"{self.path}:{self.line}:{self.column}: {self.severity} [{self.rule}] {self.message}"
+
+
+def finding(path: str, line: int | None, column: int | None, rule: str, message: str) -> Finding:
+    return Finding(path, line or 1, column or 1, rule, message, RULES[rule][0])
+
+
+# -- outputs ------------------------------------------------------------------------------------
+_FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})(.*)$")
+_HEADING = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.*?)[ \t]*#*[ \t]*$")
+_LINK = re.compile(r"\]\(#([^)\s]+)\)")
+_CODE_SPAN = re.compile(r"(`+)(?:.+?)\1")
+_PIPE = re.compile(r"(?<!\\)\|")
+
+
+def check_output(rel_path: str, text: str, metas: list[dict[str, Any]], config: Config) -> list[Finding]:
+    """The output gates for one generated agent (the daemon runs these after every compose)."""
+    out: list[Finding] = []
+    lines = text.splitlines()
+    if not config.check_min_lines <= len(lines) <= config.check_max_lines:
+        out.append(
+            finding(
+                rel_path,
+                len(lines),
+                1,
+                "line-count",
+                f"{len(lines)} lines; expected between {config.check_min_lines} and {config.check_max_lines}",
+            )
+        )
+    body_start = _front_matter(rel_path, lines, config, out)
+    headings = _scan_markdown(rel_path, lines, body_start, out)
+    _section_order(rel_path, headings, metas, out)
+    return out
+
+
+def _front_matter(path: str, lines: list[str], config: Config, out: list[Finding]) -> int:
+    if not lines or lines[0] != "---":
+        out.append(finding(path, 1, 1, "front-matter", "no YAML front matter: the first line must be ---"))
+        return 0
+    try:
+        end = lines.index("---", 1)
+    except ValueError:
+        out.append(finding(path, 1, 1, "front-matter", "front matter is never closed with ---"))
+        return 0
+    try:
+        data = yaml.load("\n".join(lines[1:end]), Loader=_Loader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 2 if mark else 1
+        out.append(finding(path, line, 1, "front-matter", f"front matter does not parse: {exc}"))
+        return end + 1
+    if not isinstance(data, dict):
+        out.append(finding(path, 2, 1, "front-matter", "front matter must be a mapping"))
+        return end + 1
+    for key in config.check_front_matter:
+        if data.get(key) in (None, "", []):
+            out.append(finding(path, end + 1, 1, "front-matter", f"front matter lacks {key!r}"))
+    return end + 1
+
+
+def _scan_markdown(path: str, lines: list[str], start: int, out: list[Finding]) -> list[tuple[int, int, str]]:
+    """One pass over the body: fences, headings, tables, links, leaked template syntax.
+    Returns the headings as (line, level, text)."""
+    fence: tuple[str, int, int] | None = None  # char, length, opening line
+    headings: list[tuple[int, int, str]] = []
+    anchors: dict[str, int] = {}
+    links: list[tuple[int, int, str]] = []
+    table: int | None = None  # columns of the table being read
+    previous_level = 0
+    for index in range(start, len(lines)):
+        raw = lines[index]
+        number = index + 1
+        first = raw.lstrip(" ")[:1]  # most lines are decided by their first character
+        m = _FENCE.match(raw) if first in ("`", "~") else None
+        if fence is not None:
+            if m and m.group(1)[0] == fence[0] and len(m.group(1)) >= fence[1] and not m.group(2).strip():
+                fence = None
+            continue
+        if m:
+            fence = (m.group(1)[0], len(m.group(1)), number)
+            table = None
+            continue
+        if first == "|":
+            columns = len(_PIPE.findall(raw.strip())) - 1
+            if table is None:
+                table = columns
+            elif columns != table:
+                message = f"table row has {columns} columns; its header has {table}"
+                out.append(finding(path, number, 1, "table-columns", message))
+        else:
+            table = None
+        h = _HEADING.match(raw) if first == "#" else None
+        if h:
+            level = len(h.group(1))
+            if previous_level and level > previous_level + 1:
+                message = f"heading level {level} follows level {previous_level}"
+                out.append(finding(path, number, 1, "heading-skip", message))
+            previous_level = level
+            headings.append((number, level, h.group(2)))
+            slug = anchor(h.group(2))
+            count = anchors.get(slug)
+            anchors[slug] = 0 if count is None else count + 1
+            if count is not None:
+                anchors[f"{slug}-{count + 1}"] = 0
+        if "{" not in raw and "](#" not in raw:
+            continue
+        plain = _CODE_SPAN.sub("", raw) if "`" in raw else raw
+        for link in _LINK.finditer(plain):
+            links.append((number, link.start() + 1, link.group(1)))
+        for token in ("{{", "{%"):
+            col = plain.find(token)
+            if col >= 0:
+                message = f"{token} outside a code block: unrendered template syntax?"
+                out.append(finding(path, number, col + 1, "template-leak", message))
+                break
+    if fence is not None:
+        out.append(finding(path, fence[2], 1, "unbalanced-fence", f"code fence {fence[0] * fence[1]} is never closed"))
+    for number, col, target in links:
+        if target not in anchors:
+            out.append(
+                finding(path, number, col, "broken-anchor", f"link to #{target}, but no heading has that anchor")
+            )
+    return headings
+
+
+def _section_order(
+    path: str, headings: list[tuple[int, int, str]], metas: list[dict[str, Any]], out: list[Finding]
+) -> None:
+    found = {text: line for line, level, text in headings if level == 2}
+    last = 0
+    for meta in metas:
+        text = f"{meta['number']}. {meta['title']}"
+        line = found.get(text)
+        if line is None:
+            out.append(
+                finding(path, 1, 1, "section-order", f"section {meta['id']!r} is enabled but '## {text}' is missing")
+            )
+        elif line < last:
+            out.append(finding(path, line, 1, "section-order", f"section {meta['id']!r} ('## {text}') is out of order"))
+        else:
+            last = line
+
+
+# -- the checker --------------------------------------------------------------------------------
+@functools.cache
+def _builtin_schema(name: str) -> dict[str, Any]:
+    schema: dict[str, Any] = json.loads(resources.files("agentd").joinpath(f"schema/{name}.json").read_text())
+    return schema
+
+
+class Checker:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.root = config.root
+
+    def run(self) -> list[Finding]:
+        engine = Engine(self.config)
+        outputs: dict[str, tuple[bytes, Plan]] = {}
+
+        def keep(agent_id: str, data: bytes, plan: Plan) -> list[Any]:
+            outputs[agent_id] = (data, plan)
+            return []
+
+        engine.output_check = keep
+        report = engine.build(write=False)
+        found: list[Finding] = []
+        found += self._templates(engine, report.errors)
+        found += self._sources(engine)
+        for agent_id, (data, plan) in sorted(outputs.items()):
+            rel = f"{self.config.output_dir}/{agent_id}{OUTPUT_SUFFIX}"
+            found += check_output(rel, data.decode(), plan.metas, self.config)
+        disabled = set(self.config.check_disable)
+        return sorted({f for f in found if f.rule not in disabled})
+
+    # -- templates ----------------------------------------------------------------------------
+    def _templates(self, engine: Engine, errors: Iterable[Any]) -> list[Finding]:
+        ws, env = engine.workspace, engine.renderer.env
+        out: list[Finding] = []
+        refs = nx.DiGraph()
+        ref_lines: dict[tuple[str, str], int] = {}
+        compile_errors = {**engine.renderer.compile_errors, **ws.template_errors}
+        for _name, error in sorted(compile_errors.items()):
+            message = error.message.split(": ", 1)[-1].removeprefix("template syntax error: ")
+            out.append(finding(error.path, error.line, 1, "template-syntax", message))
+        for name in sorted(set(ws.templates) - set(compile_errors)):
+            rel = f"{self.config.templates_dir}/{name}"
+            ast = env.parse(ws.templates[name], name)
+            refs.add_node(name)
+            out += self._undeclared(rel, name, ast, env)
+            for ref, line in _static_refs(ast):
+                if ref is None:
+                    continue
+                if ref not in ws.templates:
+                    out.append(
+                        finding(
+                            rel,
+                            line,
+                            1,
+                            "missing-template",
+                            f"{ref!r} does not exist under {self.config.templates_dir}/",
+                        )
+                    )
+                else:
+                    refs.add_edge(name, ref)
+                    ref_lines.setdefault((name, ref), line)
+        out += self._cycles(refs, ref_lines)
+        out += self._unreachable(engine, refs)
+        for error in errors:
+            if isinstance(error, TemplateError) and error.path.startswith(self.config.templates_dir):
+                if any(f.rule == "template-syntax" and f.path == error.path for f in out):
+                    continue
+                rule = "undefined-variable" if "undefined variable" in error.message else "render-error"
+                message = error.message.split(": ", 1)[-1] + (f" (while {error.context})" if error.context else "")
+                out.append(finding(error.path, error.line, 1, rule, message))
+        return out
+
+    def _undeclared(self, rel: str, name: str, ast: nodes.Template, env: jinja2.Environment) -> list[Finding]:
+        folder = name.split("/", 1)[0] if "/" in name else ""
+        allowed = CONTEXTS.get(folder, frozenset().union(*CONTEXTS.values())) | set(env.globals) | _assigned(ast)
+        out = []
+        for var in sorted(jinja2.meta.find_undeclared_variables(ast) - allowed):
+            line = min((n.lineno for n in ast.find_all(nodes.Name) if n.name == var and n.ctx == "load"), default=1)
+            expected = ", ".join(sorted(CONTEXTS.get(folder, ()))) or "only macro arguments and globals"
+            out.append(
+                finding(
+                    rel,
+                    line,
+                    1,
+                    "undeclared-variable",
+                    f"{var!r} is not in the context of {folder or 'this'} templates ({expected})",
+                )
+            )
+        return out
+
+    def _cycles(self, refs: nx.DiGraph, ref_lines: dict[tuple[str, str], int]) -> list[Finding]:
+        out = []
+        for component in nx.strongly_connected_components(refs):
+            start = min(component)
+            if len(component) == 1 and not refs.has_edge(start, start):
+                continue
+            cycle = nx.find_cycle(refs.subgraph(component), source=start)
+            chain = " -> ".join([u for u, _ in cycle] + [cycle[-1][1]])
+            first = cycle[0]
+            out.append(
+                finding(
+                    f"{self.config.templates_dir}/{first[0]}",
+                    ref_lines.get(first, 1),
+                    1,
+                    "template-cycle",
+                    f"cycle: {chain}",
+                )
+            )
+        return out
+
+    def _unreachable(self, engine: Engine, refs: nx.DiGraph) -> list[Finding]:
+        roots = {BASE_TEMPLATE} | {m["template"] for p in engine.plans.values() for m in p.metas}
+        # Templates renders actually loaded (dynamic includes, include_cached) count as reached.
+        roots |= {n[len("template:") :] for n in engine.graph.g if n.startswith("template:") and any(
+            not s.startswith("template:") for s in engine.graph.g.successors(n))}  # fmt: skip
+        reached = set()
+        for root in roots & set(refs):
+            reached |= {root} | nx.descendants(refs, root)
+        return [
+            finding(
+                f"{self.config.templates_dir}/{name}",
+                1,
+                1,
+                "unreachable-template",
+                "nothing includes, imports, extends or renders this template",
+            )
+            for name in sorted(set(refs) - reached)
+        ]
+
+    # -- sources ------------------------------------------------------------------------------
+    def _sources(self, engine: Engine) -> list[Finding]:
+        adir = self.config.agents_path
+        out: list[Finding] = []
+        sections = {
+            n[len(SECTION_DIR) + 1 : -3]
+            for n in engine.workspace.templates
+            if n.startswith(f"{SECTION_DIR}/") and not Path(n).name.startswith("_")
+        }
+        traits = set(engine.workspace.traits) | set(engine.workspace.trait_errors)
+        for path in sorted(p for p in adir.glob("*") if p.suffix in YAML_SUFFIXES):
+            out += self._source(path, "agent", sections, traits)
+        for path in sorted(p for p in adir.glob(f"{TRAITS_DIR}/*/*") if p.suffix in YAML_SUFFIXES):
+            out += self._source(path, "trait", sections, traits)
+        return out
+
+    def _schema(self, kind: str) -> jsonschema.protocols.Validator:
+        custom = self.config.check_agent_schema if kind == "agent" else self.config.check_trait_schema
+        schema = json.loads((self.root / custom).read_text()) if custom else _builtin_schema(kind)
+        return jsonschema.Draft202012Validator(schema)
+
+    def _source(self, path: Path, kind: str, sections: set[str], traits: set[str]) -> list[Finding]:
+        rel = path.relative_to(self.root).as_posix()
+        text = path.read_text(encoding="utf-8", errors="replace")
+        try:
+            root = yaml.compose(text, Loader=_Loader)
+            data = yaml.load(text, Loader=_Loader)
+        except yaml.constructor.ConstructorError as exc:
+            mark = exc.problem_mark
+            return [
+                finding(
+                    rel,
+                    mark.line + 1 if mark else 1,
+                    mark.column + 1 if mark else 1,
+                    "yaml-tag",
+                    f"{exc.problem}: sources are data, loaded with the safe loader only",
+                )
+            ]
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            return [
+                finding(
+                    rel,
+                    mark.line + 1 if mark else 1,
+                    mark.column + 1 if mark else 1,
+                    "yaml-syntax",
+                    str(exc.problem or exc),
+                )
+            ]
+        out = list(_duplicates(rel, root))
+        if not isinstance(data, dict):
+            return [
+                *out,
+                finding(rel, 1, 1, "schema", f"expected a mapping at the top level, got {type(data).__name__}"),
+            ]
+        for error in self._schema(kind).iter_errors(data):
+            out.append(_schema_finding(rel, root, error))
+        if kind == "agent":
+            out += _references(rel, root, data, sections, traits)
+        return out
+
+
+def _assigned(ast: nodes.Template) -> set[str]:
+    """Every name the template itself binds anywhere (set, import, macro, for). Jinja's own
+    analysis treats each block as a scope of its own, so a child template's top-level imports
+    look undeclared inside its blocks although they work at render time; reads before the
+    binding are still caught by StrictUndefined when rendering."""
+    names = {n.name for n in ast.find_all(nodes.Name) if n.ctx in ("store", "param")}
+    names |= {n.target for n in ast.find_all(nodes.Import)}
+    for imp in ast.find_all(nodes.FromImport):
+        names |= {alias if isinstance(alias, str) else alias[1] for alias in imp.names}
+    names |= {m.name for m in ast.find_all(nodes.Macro)}
+    return names
+
+
+def _static_refs(ast: nodes.Template) -> Iterator[tuple[str | None, int]]:
+    """(template name, line) of every include/import/extends; None for a dynamic name. A list
+    (``{% include ["a", "b"] %}``) counts as missing only if none of it exists: yields its first."""
+    for node in ast.find_all((nodes.Include, nodes.Import, nodes.FromImport, nodes.Extends)):
+        target = node.template  # type: ignore[attr-defined]
+        if isinstance(node, nodes.Include) and node.ignore_missing:
+            continue
+        if isinstance(target, nodes.Const) and isinstance(target.value, str):
+            yield target.value, node.lineno
+        else:
+            yield None, node.lineno
+
+
+def _duplicates(rel: str, node: yaml.Node | None) -> Iterator[Finding]:
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode):
+                if key.value in seen:
+                    line, column = position(key) or (1, 1)
+                    first = seen[key.value]
+                    message = f"duplicate key {key.value!r} (first on line {first}); YAML keeps only the last one"
+                    yield finding(rel, line, column, "duplicate-key", message)
+                else:
+                    seen[key.value] = key.start_mark.line + 1
+            yield from _duplicates(rel, value)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            yield from _duplicates(rel, item)
+
+
+_YAML_TYPES = {"string": "a string", "integer": "an integer", "number": "a number", "boolean": "true or false",
+               "array": "a list", "object": "a mapping", "null": "nothing"}  # fmt: skip
+_PY_TYPES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "a list",
+             dict: "a mapping", type(None): "nothing"}  # fmt: skip
+
+
+def key_path(parts: Iterable[Any]) -> str:
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _schema_finding(rel: str, root: yaml.Node | None, error: jsonschema.ValidationError) -> Finding:
+    parts = list(error.absolute_path)
+    node, key_node = node_at(root, parts)
+    where = node
+    got = _PY_TYPES.get(type(error.instance), type(error.instance).__name__)
+    v, value = error.validator, error.validator_value
+    if v == "enum":
+        message = f"expected one of {'|'.join(map(str, value))}, got {error.instance!r}"
+    elif v == "type":
+        wanted = " or ".join(_YAML_TYPES.get(t, t) for t in ([value] if isinstance(value, str) else value))
+        message = f"expected {wanted}, got {got}"
+    elif v == "required":
+        missing = re.match(r"'(.+)' is a required property", error.message)
+        message = f"missing required key {missing.group(1) if missing else error.message!r}"
+    elif v == "additionalProperties":
+        extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        allowed = ", ".join(error.schema.get("properties", {}))
+        message = f"unknown key {', '.join(map(repr, extra))}; expected one of: {allowed}"
+        extra_node = next((k for k, _ in getattr(where, "value", []) if getattr(k, "value", None) in extra), None)
+        where = extra_node or where
+    elif v == "minItems":
+        message = f"expected at least {value} item(s), got {len(error.instance)}"
+    elif v == "minLength":
+        message = "expected a non-empty string"
+    elif v == "uniqueItems":
+        message = "expected unique items"
+    elif v == "pattern":
+        message = f"expected to match {value}, got {error.instance!r}"
+    else:
+        message = error.message
+    line, column = position(where, key_node, root) or (1, 1)
+    return finding(rel, line, column, "schema", f"{key_path(parts)}: {message}")
+
+
+def _references(
+    rel: str, root: yaml.Node | None, data: dict[str, Any], sections: set[str], traits: set[str]
+) -> list[Finding]:
+    out = []
+
+    def at(parts: list[Any]) -> tuple[int, int]:
+        return position(*node_at(root, parts)) or (1, 1)
+
+    listed = data.get("sections")
+    if isinstance(listed, list):
+        for i, section in enumerate(listed):
+            if isinstance(section, str) and section not in sections:
+                line, col = at(["sections", i])
+                expected = ", ".join(sorted(sections))
+                message = f"sections[{i}]: no template sections/{section}.j2; expected one of: {expected}"
+                out.append(finding(rel, line, col, "unknown-section", message))
+    listed_traits = data.get("traits")
+    if isinstance(listed_traits, dict):
+        for kind, ids in listed_traits.items():
+            for i, trait_id in enumerate(ids if isinstance(ids, list) else []):
+                if isinstance(trait_id, str) and f"{kind}/{trait_id}" not in traits:
+                    known = ", ".join(sorted(t.split("/", 1)[1] for t in traits if t.startswith(f"{kind}/")))
+                    line, col = at(["traits", kind, i])
+                    message = f"traits.{kind}[{i}]: no trait {trait_id!r}; expected one of: {known or '(none)'}"
+                    out.append(finding(rel, line, col, "unknown-trait", message))
+    return out
