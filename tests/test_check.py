@@ -218,6 +218,15 @@ def test_unknown_section_and_trait(tiny: Path) -> None:
     ]
 
 
+def test_required_section(tiny: Path) -> None:
+    """[check] required_sections: every agent must enable them."""
+    replace(tiny / "agentd.toml", "[check]", '[check]\nrequired_sections = ["traits"]')
+    _, findings = check(tiny)
+    assert where(findings, "required-section") == [
+        ("agents/beta.yaml", 4, 11, "sections: 'traits' is required by [check] required_sections but not enabled")
+    ]
+
+
 # -- outputs -----------------------------------------------------------------------------------
 
 

@@ -50,6 +50,7 @@ RULES: dict[str, tuple[str, str]] = {
     "schema": ("error", "a source breaks the workspace contract (required keys, types, allowed values)"),
     "unknown-section": ("error", "an agent enables a section that has no template"),
     "unknown-trait": ("error", "an agent lists a trait that does not exist"),
+    "required-section": ("error", "an agent does not enable a section [check] required_sections demands"),
     "line-count": ("error", "an output is outside the configured line range"),
     "front-matter": ("error", "an output's front matter is missing, does not parse or lacks a key"),
     "section-order": ("error", "an enabled section is missing from the output or out of order"),
@@ -421,6 +422,12 @@ class Checker:
             out.append(_schema_finding(rel, root, error))
         if kind == "agent":
             out += _references(rel, root, data, sections, traits)
+            enabled = data.get("sections", list(self.config.sections))
+            for required in self.config.check_required_sections:
+                if isinstance(enabled, list) and required not in enabled:
+                    line, col = position(*node_at(root, ["sections"])) or (1, 1)
+                    message = f"sections: {required!r} is required by [check] required_sections but not enabled"
+                    out.append(finding(rel, line, col, "required-section", message))
         return out
 
 
