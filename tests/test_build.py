@@ -269,3 +269,39 @@ def test_yaml_values_stay_literal(tiny: Path) -> None:
     edit(tiny / "agents/alpha.yaml", "description: First agent.", "description: \"{{ 7*7 }} {% include 'x' %}\"")
     assert engine(tiny).build().ok
     assert "{{ 7*7 }} {% include 'x' %}" in (tiny / "out/alpha.md").read_text()
+
+
+def test_related_peers_rank_handoffs_then_shared_tags() -> None:
+    """related(): handoff partners first, then most shared tags, then the rest by id."""
+    from agentd.catalog import Relations
+
+    entries = {
+        "a": {"tags": ["x", "y"], "handoffs": [{"agent": "c"}]},
+        "b": {"tags": ["x"]},
+        "c": {"tags": ["z"]},
+        "d": {"tags": ["x", "y"]},
+        "e": {"tags": []},
+    }
+    r = Relations(entries)
+    assert r.related("a", 3) == ["c", "d", "b"]
+    assert r.related("c", 2) == ["a", "b"]  # handoff received, then fill by id
+    assert r.related("e", 10) == ["a", "b", "c", "d"]
+
+
+def test_related_readers_follow_only_what_they_show(tiny: Path) -> None:
+    """A description edit re-renders only the sections showing that agent; a tag edit
+    re-renders every reader of the relations."""
+    (tiny / "templates/sections/peers.j2").write_text(
+        "## {{ section.number }}. {{ section.title }}\n"
+        "{% for peer in catalog.related(agent.id, 1) %}- {{ peer.name }}: {{ peer.description }}\n{% endfor %}"
+    )
+    (tiny / "agents/gamma.yaml").write_text("name: Gamma\ndescription: Third.\nskills: []\ntags: [z]\nsections: [peers]\n")
+    edit(tiny / "agents/alpha.yaml", "name: Alpha", "name: Alpha\ntags: [z]")
+    e = engine(tiny)
+    e.build()
+    assert "- Gamma: Third." in (tiny / "out/alpha.md").read_text()
+    assert "- Alpha: First agent." in (tiny / "out/beta.md").read_text()  # fill by id
+    report = e.build([edit(tiny / "agents/gamma.yaml", "Third.", "Third!")])
+    assert report.sections_rendered == ["alpha/peers"]  # only alpha shows gamma
+    report = e.build([edit(tiny / "agents/beta.yaml", "skills: [b1]", "skills: [b1]\ntags: [z]")])
+    assert sorted(report.sections_rendered) == ["alpha/peers", "beta/peers", "gamma/peers"]

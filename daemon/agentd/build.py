@@ -20,11 +20,12 @@ from typing import Any
 
 from . import graph as g
 from .cache import Caches, Counters, Rendered
+from .catalog import Relations, TrackedCatalog
 from .config import Config
 from .exceptions import AgentdError, DataError, OutputError, SourceError
 from .output import OutputDir
 from .render import Renderer, anchor, section_title
-from .trace import MISSING, TrackedCatalog, TrackedMapping, TrackedValue, fingerprint
+from .trace import MISSING, TrackedMapping, TrackedValue, fingerprint
 from .workspace import AgentSource, Workspace, locate, source_line
 
 BASE_TEMPLATE = "base/agent-base.j2"
@@ -89,6 +90,7 @@ class Engine:
         #: kept per agent until the agent is composed again (the daemon's output gates).
         self.output_check: Callable[[str, bytes, Plan], list[Any]] | None = None
         self.findings: dict[str, list[Any]] = {}
+        self._relations: Relations | None = None
         self._scanned = False
         self._ids = itertools.count(1)
 
@@ -116,7 +118,7 @@ class Engine:
         self.renderer.compile(delta.templates)
         old_sections = self._invalidate(delta)
         self._resolve(delta, old_sections)
-        catalog = self._catalog()
+        catalog = self._catalog(delta)
         for agent_id in sorted(self.plans):
             self._render_sections(agent_id, catalog, old_sections, report)
         for agent_id in sorted(self._compose_pending & self.plans.keys()):
@@ -317,14 +319,13 @@ class Engine:
         raise DataError(f"{agent.path}: {message}", agent.path, line, source_line(text, line))
 
     # -- rendering ------------------------------------------------------------------------
-    def _catalog(self) -> TrackedCatalog:
+    def _catalog(self, delta: Any) -> TrackedCatalog:
         agents = self.workspace.agents
+        entries = {a: agents[a].catalog_entry for a in agents}
+        if self._relations is None or g.RELATIONS in delta.nodes:
+            self._relations = Relations(entries)
         return TrackedCatalog(
-            {a: agents[a].catalog_entry for a in agents},
-            {a: agents[a].catalog_fp for a in agents},
-            self.workspace.catalog_fp,
-            g.CATALOG,
-            g.catalog_node,
+            entries, {a: agents[a].catalog_fp for a in agents}, self.workspace.catalog_fp, self._relations
         )
 
     def _context(self, plan: Plan, catalog: TrackedCatalog) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from typing import Any
 import networkx as nx
 
 CATALOG = "catalog"  # membership of the catalog (which agents exist, in which order)
+RELATIONS = "catalog-relations"  # ids, tags and handoffs of every agent: who is related to whom
 
 
 def template_node(name: str) -> str:

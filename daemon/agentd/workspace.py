@@ -337,6 +337,8 @@ class Workspace:
             delta.nodes.add(g.key_node(agent_id, "*"))
         if (old.catalog_fp if old else MISSING) != (new.catalog_fp if new else MISSING):
             delta.nodes.add(g.catalog_node(agent_id))
+        if (old is None) != (new is None) or {"tags", "handoffs"} & set(changed):
+            delta.nodes.add(g.RELATIONS)
 
     def _load_trait(self, ref: str, path: Path, raw: bytes, delta: Delta) -> None:
         try:
