@@ -295,7 +295,9 @@ def test_related_readers_follow_only_what_they_show(tiny: Path) -> None:
         "## {{ section.number }}. {{ section.title }}\n"
         "{% for peer in catalog.related(agent.id, 1) %}- {{ peer.name }}: {{ peer.description }}\n{% endfor %}"
     )
-    (tiny / "agents/gamma.yaml").write_text("name: Gamma\ndescription: Third.\nskills: []\ntags: [z]\nsections: [peers]\n")
+    (tiny / "agents/gamma.yaml").write_text(
+        "name: Gamma\ndescription: Third.\nskills: []\ntags: [z]\nsections: [peers]\n"
+    )
     edit(tiny / "agents/alpha.yaml", "name: Alpha", "name: Alpha\ntags: [z]")
     e = engine(tiny)
     e.build()

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from . import __version__
 from . import graph as g
 from .cache import Caches, Counters, Rendered
 from .catalog import Relations, TrackedCatalog
@@ -25,6 +26,7 @@ from .config import Config
 from .exceptions import AgentdError, DataError, OutputError, SourceError
 from .output import OutputDir
 from .render import Renderer, anchor, section_title
+from .store import Store
 from .trace import MISSING, TrackedMapping, TrackedValue, fingerprint
 from .workspace import AgentSource, Workspace, locate, source_line
 
@@ -54,6 +56,8 @@ class BuildReport:
     agents_composed: list[str] = dataclasses.field(default_factory=list)
     sections_rendered: list[str] = dataclasses.field(default_factory=list)
     sections_reused: int = 0
+    #: Sections taken from the persistent store (rendered by an earlier process).
+    sections_restored: int = 0
     sections_cut_off: int = 0
     written: list[str] = dataclasses.field(default_factory=list)
     unchanged: list[str] = dataclasses.field(default_factory=list)
@@ -73,11 +77,28 @@ class BuildReport:
         return not self.errors
 
 
+def render_stamp(config: Config) -> bytes:
+    """What a stored render also depends on besides its traced inputs: agentd's code, Jinja2's
+    and the settings that shape rendering. A store written under another stamp never matches."""
+    import jinja2
+
+    return fingerprint(
+        [__version__, jinja2.__version__, config.templates_dir, config.agents_dir, list(config.sections)]
+    )
+
+
+def open_store(config: Config, warn: Callable[..., Any] | None = None) -> Store | None:
+    return Store(config.root, render_stamp(config), warn) if config.cache else None
+
+
 class Engine:
     """Holds one workspace's caches and graph across builds (the daemon keeps one alive)."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, store: Store | None = None) -> None:
         self.config = config
+        self.store = store
+        #: Take unchanged renders from the store (False for a forced rebuild: render, then save).
+        self.restore = True
         self.workspace = Workspace(config)
         self.caches = Caches()
         self.graph = g.DepGraph()
@@ -91,6 +112,7 @@ class Engine:
         self.output_check: Callable[[str, bytes, Plan], list[Any]] | None = None
         self.findings: dict[str, list[Any]] = {}
         self._relations: Relations | None = None
+        self.trait_kinds_fp = fingerprint([])
         self._scanned = False
         self._ids = itertools.count(1)
 
@@ -126,6 +148,8 @@ class Engine:
         if write:
             self._remove_stale(report)
             self.output.save()
+        if self.store:
+            self.store.flush()
         report.agents = len(self.workspace.agents) + len(self.workspace.agent_errors)
         report.errors = self.current_errors()
         report.caches = {k: v.since(before[k]) for k, v in self.caches.counters().items()}
@@ -223,6 +247,7 @@ class Engine:
             if n.startswith(prefix) and n.endswith(".j2") and not n[len(prefix) :].startswith("_")
         )
         kinds = sorted({ref.split("/", 1)[0] for ref in ws.traits})
+        self.trait_kinds_fp = fingerprint(kinds)
         for agent_id in sorted(todo):
             self.agent_errors.pop(agent_id, None)
             agent = ws.agents.get(agent_id)
@@ -333,7 +358,12 @@ class Engine:
         return {
             "agent": TrackedMapping(a.data, g.key_prefix(a.id), a.fps, a.fp, label=f"agent {a.id!r}"),
             "sections": TrackedValue(plan.metas, g.key_node(a.id, "sections"), a.fps.get("sections", MISSING)),
-            "traits": TrackedValue(plan.traits, g.key_node(a.id, "traits"), a.fps.get("traits", MISSING)),
+            "traits": TrackedValue(
+                plan.traits,
+                g.key_node(a.id, "traits"),
+                a.fps.get("traits", MISSING),
+                also=((g.TRAIT_KINDS, self.trait_kinds_fp),),
+            ),
             "catalog": catalog,
         }
 
@@ -348,17 +378,28 @@ class Engine:
             if self.caches.l3.get(key) is not None:
                 report.sections_reused += 1
                 continue
+            node = g.section_node(agent_id, meta["id"])
+            stored = self.store.lookup(node, self.current_fp) if self.store and self.restore else None
+            if stored is not None:  # rendered by an earlier process, inputs unchanged
+                self.caches.l3.put(key, stored)
+                self.graph.set_inputs(node, stored.reads)
+                report.sections_restored += 1
+                if old.get(key) != stored.digest:
+                    self._compose_pending.add(agent_id)
+                continue
             try:
                 rendered = self.renderer.render(meta["template"], {**context, "section": meta})
             except SourceError as exc:
                 exc.context = f"rendering section {meta['id']!r} of agent {agent_id!r} ({plan.agent.path})"
                 errors.append(exc)
                 continue
-            node = g.section_node(agent_id, meta["id"])
             reads = {**rendered.reads, g.meta_node(agent_id, meta["id"]): plan.meta_fps[meta["id"]]}
             digest = fingerprint(rendered.data)
-            self.caches.l3.put(key, Rendered(rendered.data, reads, digest))
+            entry = Rendered(rendered.data, reads, digest)
+            self.caches.l3.put(key, entry)
             self.graph.set_inputs(node, reads)
+            if self.store:
+                self.store.put(node, entry)
             report.sections_rendered.append(f"{agent_id}/{meta['id']}")
             if old.get(key) == digest:
                 report.sections_cut_off += 1
@@ -371,6 +412,11 @@ class Engine:
         plan = self.plans[agent_id]
         if agent_id in self.agent_errors:
             return  # keep the last good output; retried next build
+        name = agent_id + OUTPUT_SUFFIX
+        node = g.compose_node(agent_id)
+        restorable = write and self.store and self.restore and agent_id not in self.caches.l4
+        if restorable and self._restore_compose(agent_id, name, report):
+            return
         sections = []
         section_reads: dict[str, bytes] = {}
         for meta in plan.metas:
@@ -378,6 +424,7 @@ class Engine:
             assert entry is not None
             sections.append({**meta, "content": entry.data.decode()})
             section_reads[g.section_node(agent_id, meta["id"])] = entry.digest
+            section_reads[g.meta_node(agent_id, meta["id"])] = plan.meta_fps[meta["id"]]
         context = self._context(plan, catalog)
         context["sections"] = sections
         try:
@@ -386,11 +433,13 @@ class Engine:
             exc.context = f"composing agent {agent_id!r} ({plan.agent.path})"
             self.agent_errors[agent_id] = [exc]
             return
-        self.graph.set_inputs(g.compose_node(agent_id), {**rendered.reads, **section_reads})
+        reads = {**rendered.reads, **section_reads}
+        self.graph.set_inputs(node, reads)
         self._compose_pending.discard(agent_id)
         report.agents_composed.append(agent_id)
         digest = fingerprint(rendered.data)
-        name = agent_id + OUTPUT_SUFFIX
+        if self.store:  # the composition's inputs -> its output's digest (not the bytes again)
+            self.store.put(node, Rendered(digest, reads, fingerprint(digest)))
         if self.caches.l4.check(agent_id, digest) and self.output.owns(name):
             report.unchanged.append(name)
             return
@@ -407,6 +456,60 @@ class Engine:
             return
         (report.written if written else report.unchanged).append(name)
         self._check_output(agent_id, rendered.data, plan, report)
+
+    def _restore_compose(self, agent_id: str, name: str, report: BuildReport) -> bool:
+        """After a restart: if the composition's inputs are unchanged and out/ still holds the
+        output it produced, there is nothing to do (no render, no write)."""
+        assert self.store is not None
+        node = g.compose_node(agent_id)
+        stored = self.store.lookup(node, self.current_fp)
+        if stored is None or not self.output.owns(name):
+            return False
+        try:
+            on_disk = fingerprint((self.output.path / name).read_bytes())
+        except OSError:
+            return False
+        if on_disk != stored.data:
+            return False
+        self.graph.set_inputs(node, stored.reads)
+        self.caches.l4.put(agent_id, stored.data)
+        self._compose_pending.discard(agent_id)
+        report.unchanged.append(name)
+        return True
+
+    def current_fp(self, node: str) -> bytes | None:
+        """The current value fingerprint of an input node (to validate stored renders), or None
+        when it cannot be known."""
+        ws = self.workspace
+        kind, _, rest = node.partition(":")
+        if kind == "template":
+            return ws.template_fps.get(rest, MISSING)
+        if kind == "key":
+            agent_id, key = rest.split(":", 1)
+            agent = ws.agents.get(agent_id)
+            if agent is None:
+                return MISSING
+            return agent.fp if key == "*" else agent.fps.get(key, MISSING)
+        if kind == "catalog":
+            if not rest:
+                return ws.catalog_fp
+            agent = ws.agents.get(rest)
+            return agent.catalog_fp if agent else MISSING
+        if node == g.RELATIONS:
+            return self._relations.fingerprint if self._relations else None
+        if node == g.TRAIT_KINDS:
+            return self.trait_kinds_fp
+        if kind == "trait":
+            trait = ws.traits.get(rest)
+            return trait.fp if trait else MISSING
+        if kind == "meta":
+            agent_id, section = rest.split("/", 1)
+            plan = self.plans.get(agent_id)
+            return plan.meta_fps.get(section, MISSING) if plan else MISSING
+        if kind == "section":
+            entry = self.caches.l3.peek(tuple(rest.split("/", 1)))  # type: ignore[arg-type]
+            return entry.digest if entry else None
+        return None
 
     def _check_output(self, agent_id: str, data: bytes, plan: Plan, report: BuildReport) -> None:
         """Run the output gates after the write (they never delay the file) and only for an

@@ -17,7 +17,7 @@ from typing import Any, TextIO
 import orjson
 
 from . import __version__
-from .build import BuildReport, Engine
+from .build import BuildReport, Engine, open_store, render_stamp
 from .config import Config
 from .exceptions import AgentdError, AlreadyRunning, ConfigError, ControlError
 
@@ -57,6 +57,13 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--root", default=".", help=root_help)
     b.add_argument("--output-dir", help="output folder, relative to the root (default: out)")
     b.add_argument("--quiet", "-q", action="store_true", help="print only errors")
+    b.add_argument(
+        "--no-cache",
+        action="store_false",
+        dest="cache",
+        default=None,
+        help="ignore and do not update .agentd/cache.sqlite3",
+    )
 
     w = sub.add_parser(
         "watch",
@@ -85,6 +92,24 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--log-format", choices=("auto", "console", "json"), help="log renderer (default: auto)")
     w.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="default: info")
     w.add_argument("--socket", metavar="PATH", help=socket_help)
+    w.add_argument(
+        "--no-cache",
+        action="store_false",
+        dest="cache",
+        default=None,
+        help="ignore and do not update .agentd/cache.sqlite3",
+    )
+
+    ca = sub.add_parser(
+        "cache",
+        help="inspect or reset the persistent cache (.agentd/cache.sqlite3)",
+        description="The persistent cache keeps rendered sections and their dependency records so a "
+        "restart renders nothing that did not change. `stats` shows its size and contents; `clear` "
+        "deletes it (the next build renders everything).",
+    )
+    ca.add_argument("action", choices=("stats", "clear"), help="what to do")
+    ca.add_argument("--root", default=".", help=root_help)
+    ca.add_argument("--json", action="store_true", help="print JSON (stats)")
 
     st = sub.add_parser(
         "status",
@@ -161,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         overrides = {
             k: getattr(args, k, None)
-            for k in ("output_dir", "debounce_ms", "step_ms", "log_format", "log_level", "socket")
+            for k in ("output_dir", "debounce_ms", "step_ms", "log_format", "log_level", "socket", "cache")
         }
         config = Config.load(args.root, overrides)
         handler = {
@@ -170,6 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "verify": _cmd_verify,
             "status": _cmd_status,
             "check": _cmd_check,
+            "cache": _cmd_cache,
             "service": _cmd_service,
             "graph": _cmd_graph,
             "affected": _cmd_affected,
@@ -203,7 +229,8 @@ def summary(report: BuildReport) -> str:
     """A few lines a person can scan after a build."""
     rendered = len(report.sections_rendered)
     lines = [
-        f"agentd: {report.agents} agents, {rendered} sections rendered, {report.sections_reused} reused"
+        f"agentd: {report.agents} agents, {rendered} sections rendered, "
+        f"{report.sections_reused + report.sections_restored} reused"
         + (f" ({report.sections_cut_off} re-rendered identical)" if report.sections_cut_off else ""),
         f"  outputs: {len(report.written)} written, {len(report.unchanged)} unchanged, {len(report.removed)} removed"
         + (f", {len(report.errors)} error(s)" if report.errors else ""),
@@ -219,7 +246,10 @@ def summary(report: BuildReport) -> str:
 
 def _cmd_build(config: Config, args: argparse.Namespace) -> int:
     _check_workspace(config)
-    report = Engine(config).build()
+    store = open_store(config, warn=_warn)
+    report = Engine(config, store).build()
+    if store:
+        store.close()
     print_errors(report, sys.stderr)
     if not args.quiet:
         print(summary(report))
@@ -232,7 +262,7 @@ def _cmd_watch(config: Config, args: argparse.Namespace) -> int:
 
     _check_workspace(config)
     log.configure(config.log_format, config.log_level)
-    keep = ("output_dir", "debounce_ms", "step_ms", "socket")
+    keep = ("output_dir", "debounce_ms", "step_ms", "socket", "cache")
     overrides = {k: v for k, v in vars(args).items() if k in keep and v is not None}
     return Server(config, overrides).run()
 
@@ -269,6 +299,36 @@ def _cmd_status(config: Config, args: argparse.Namespace) -> int:
             time.sleep(max(0.1, args.interval))
         except KeyboardInterrupt:
             return code
+
+
+def _warn(event: str, **fields: Any) -> None:
+    detail = ", ".join(f"{k}={v}" for k, v in fields.items())
+    print(f"agentd: warning: {event}: {detail}", file=sys.stderr)
+
+
+def _cmd_cache(config: Config, args: argparse.Namespace) -> int:
+    from .store import Store
+
+    store = Store(config.root, render_stamp(config), warn=_warn)
+    if args.action == "clear":
+        existed = store.path.exists()
+        store.clear()
+        print(f"removed {store.path}" if existed else f"no cache at {store.path}")
+        return EXIT_OK
+    if not store.path.exists():
+        data: dict[str, Any] = {"path": str(store.path), "exists": False}
+    else:
+        data = {"exists": True, **store.stats()}
+        store.close()
+    if args.json:
+        sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
+    elif not data["exists"]:
+        print(f"no cache at {data['path']} (it is created by the next build)")
+    else:
+        print(f"cache       {data['path']} (format {data['format']})")
+        print(f"renders     {data['units']} dependency records, {data['blobs']} stored outputs")
+        print(f"size        {data['blob_bytes'] / 1e6:.1f} MB of output, {data['file_bytes'] / 1e6:.1f} MB on disk")
+    return EXIT_OK
 
 
 def _cmd_check(config: Config, args: argparse.Namespace) -> int:

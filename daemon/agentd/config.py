@@ -49,6 +49,8 @@ class Config:
     #: After a batch that deletes files or touches many, wait this long for quiet before
     #: building, so a ``git checkout`` or an editor's rename dance is one rebuild (ms).
     settle_ms: int = 100
+    #: Keep rendered sections in ``.agentd/cache.sqlite3`` across runs (see ``store.py``).
+    cache: bool = True
     #: Seconds a shutdown waits for the build in flight before giving up on it.
     graceful_timeout: float = 5.0
     #: The status socket; empty: ``$XDG_RUNTIME_DIR/agentd/<name>.sock`` (see ``control.py``).
@@ -162,6 +164,12 @@ def _coerce(name: str, value: Any) -> Any:
         if name == "hit_rate_layers" and not set(items) <= {"L1", "L2", "L3", "L4"}:
             raise ConfigError(f"hit_rate_layers: expected names among L1, L2, L3, L4, got {value!r}")
         return items
+    if name == "cache":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"cache: expected true or false, got {value!r}")
     if name in _NUMBERS:
         kind, low = _NUMBERS[name]
         try:

@@ -17,6 +17,7 @@ import networkx as nx
 
 CATALOG = "catalog"  # membership of the catalog (which agents exist, in which order)
 RELATIONS = "catalog-relations"  # ids, tags and handoffs of every agent: who is related to whom
+TRAIT_KINDS = "trait-kinds"  # which trait kinds the library has (every agent's `traits` lists them all)
 
 
 def template_node(name: str) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 
 import structlog
 
-from .build import OUTPUT_SUFFIX, BuildReport, Engine, Plan
+from .build import OUTPUT_SUFFIX, BuildReport, Engine, Plan, open_store
 from .check import Finding, check_output
 from .config import Config
 from .control import ControlServer, WorkspaceLock, socket_path
@@ -68,7 +68,8 @@ class Server:
     @staticmethod
     def _new_engine(config: Config) -> Engine:
         """An engine whose every changed output goes through the output gates of ``check``."""
-        engine = Engine(config)
+        log = get_logger()
+        engine = Engine(config, open_store(config, warn=log.warning))
         out = config.output_dir
 
         def gate(agent_id: str, data: bytes, plan: Plan) -> list[Finding]:
@@ -76,6 +77,11 @@ class Server:
 
         engine.output_check = gate
         return engine
+
+    def _replace_engine(self, config: Config) -> None:
+        if self.engine.store:
+            self.engine.store.close()
+        self.engine = self._new_engine(config)
 
     # -- lifecycle --------------------------------------------------------------------------
     def run(self) -> int:
@@ -138,6 +144,8 @@ class Server:
                 if not task.cancelled() and task.exception() is not None:
                     self.log.error("watch.task_failed", error=repr(task.exception()))
         await self.control.close()
+        if self.engine.store:
+            self.engine.store.close()
         self.log.info("watch.stopped", builds=self.monitor.builds)
 
     # -- watching ---------------------------------------------------------------------------
@@ -224,7 +232,7 @@ class Server:
         async with self._build_lock:
             self.config = config
             self.monitor.config = config
-            self.engine = self._new_engine(config)
+            self._replace_engine(config)
         return True
 
     async def _build(self, paths: set[Path] | None) -> BuildReport:
@@ -290,7 +298,7 @@ class Server:
         async with self._build_lock:
             self.config = config
             self.monitor.config = config
-            self.engine = self._new_engine(config)
+            self._replace_engine(config)
         await self._start_watchers(root_too=False)
         await self._build(None)
         self.notifier.ready(self.monitor.one_line())
@@ -339,10 +347,12 @@ class Server:
                 raise RequestError("bad_request", f"unknown agent(s): {', '.join(unknown)}")
         async with self._build_lock:
             if agents is None:
-                self.engine = self._new_engine(self.config)  # from scratch: every template and section
+                self._replace_engine(self.config)  # from scratch: every template and section
             else:
                 self.engine.forget(agents)
+            self.engine.restore = False  # rendered anew, not taken from the store
         report = await self._build(None)
+        self.engine.restore = True
         return {
             **(self.monitor.last_build or {}),
             "written": report.written,

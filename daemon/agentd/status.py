@@ -114,6 +114,7 @@ class Monitor:
             "agents_rendered": report.agents_composed,
             "sections_rendered": len(report.sections_rendered),
             "sections_reused": report.sections_reused,
+            "sections_restored": report.sections_restored,
             "sections_cut_off": report.sections_cut_off,
             "outputs_written": len(report.written),
             "outputs_unchanged": len(report.unchanged),

@@ -141,15 +141,18 @@ class TrackedValue:
     """A read-only view of a mapping or sequence that records one node on any read: for derived
     values (an agent's resolved traits, its section list) whose parts change together."""
 
-    __slots__ = ("_value", "_node", "fingerprint")
+    __slots__ = ("_value", "_node", "fingerprint", "_also")
 
-    def __init__(self, value: Any, node: str, fp: bytes) -> None:
+    def __init__(self, value: Any, node: str, fp: bytes, also: tuple[tuple[str, bytes], ...] = ()) -> None:
         self._value = value
         self._node = node
         self.fingerprint = fp
+        self._also = also  # further inputs the value is derived from
 
     def _read(self) -> Any:
         record(self._node, self.fingerprint)
+        for node, fp in self._also:
+            record(node, fp)
         return self._value
 
     def __repr__(self) -> str:

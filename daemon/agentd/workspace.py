@@ -359,6 +359,7 @@ class Workspace:
             self.traits[ref] = new
         if (old is None) != (new is None):
             delta.membership = True
+            delta.nodes.add(g.TRAIT_KINDS)
         if (old.fp if old else MISSING) != (new.fp if new else MISSING):
             delta.nodes.add(g.trait_node(ref))
         # Agents listing this trait must be re-resolved: it may have appeared or broken.

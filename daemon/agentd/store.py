@@ -1,0 +1,234 @@
+"""The persistent cache: rendered sections and compositions that survive a restart.
+
+A constructive-trace store (as in Shake or Bazel): for every render it keeps the *list* of
+inputs the render read (its dependency record), and the output under a key that fingerprints
+those inputs' values plus agentd's version, Jinja2's version and the configuration. On startup
+the engine recomputes the fingerprints of the recorded inputs; if the key exists, the render is
+reused without running. A store written by another version, Jinja2 or config never matches.
+
+SQLite (standard library) in WAL mode, not a folder of files: measured on this machine, reading
+900 sections back is ~2x faster from one indexed database than from 900 files, a build's writes
+are one transaction instead of 900 fsync-free renames, and concurrent writers (a daemon and an
+``agentd build`` on the same workspace) are serialised by SQLite's locking instead of racing.
+Every blob carries its own checksum: a corrupt row is a miss; a corrupt or truncated database
+is set aside (``*.corrupt-<time>``) with a warning and rebuilt. Never a crash, never wrong output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .cache import Rendered
+
+STORE_FILE = ".agentd/cache.sqlite3"
+FORMAT = "1"
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS deps (unit TEXT PRIMARY KEY, reads BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS blobs (key BLOB PRIMARY KEY, data BLOB NOT NULL, digest BLOB NOT NULL,
+                                  reads BLOB NOT NULL, used REAL NOT NULL);
+"""
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def input_key(stamp: bytes, unit: str, reads: dict[str, bytes]) -> bytes:
+    h = hashlib.blake2b(stamp, digest_size=20)
+    h.update(unit.encode())
+    for node in sorted(reads):
+        h.update(b"\0" + node.encode() + b"\1" + reads[node])
+    return h.digest()
+
+
+class Store:
+    """One workspace's store. All methods swallow database errors into a set-aside + fresh
+    store: the cache is an optimisation, never a reason to fail a build."""
+
+    def __init__(self, root: Path, stamp: bytes, warn: Callable[..., Any] | None = None) -> None:
+        self.path = root / STORE_FILE
+        self.stamp = stamp
+        self._warn = warn or (lambda *a, **k: None)
+        self._db: sqlite3.Connection | None = None
+        self._pending: list[tuple[str, bytes, Rendered]] = []
+        self.hits = 0
+        self.misses = 0
+        self.corrupt_rows = 0
+
+    # -- connection ---------------------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        if self._db is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self._db = self._open()
+            except sqlite3.DatabaseError as exc:
+                self._set_aside(exc)
+                self._db = self._open()
+        return self._db
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(_SCHEMA)
+            row = db.execute("SELECT value FROM meta WHERE key='format'").fetchone()
+            if row is None:
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('format', ?)", (FORMAT,))
+            elif row[0] != FORMAT:
+                raise sqlite3.DatabaseError(f"store format {row[0]!r}, expected {FORMAT!r}")
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _set_aside(self, exc: BaseException) -> None:
+        """Move a damaged store out of the way (kept for inspection) and start a new one."""
+        if self._db is not None:
+            with contextlib.suppress(Exception):
+                self._db.close()
+            self._db = None
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for suffix in ("", "-wal", "-shm"):
+            source = Path(f"{self.path}{suffix}")
+            if source.exists():
+                with contextlib.suppress(OSError):
+                    os.replace(source, f"{self.path}.corrupt-{stamp}{suffix}")
+        self._warn("cache.set_aside", path=str(self.path), reason=str(exc))
+
+    def _guard(self, action: Callable[[sqlite3.Connection], Any], default: Any) -> Any:
+        try:
+            return action(self._connect())
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+                return default  # another writer holds it for longer than our timeout: skip once
+            self._set_aside(exc)
+            return default
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    # -- lookups ------------------------------------------------------------------------------
+    def recorded_inputs(self, unit: str) -> list[str] | None:
+        """The inputs ``unit`` ("section:a/s", "compose:a") read when it last ran."""
+
+        def run(db: sqlite3.Connection) -> list[str] | None:
+            row = db.execute("SELECT reads FROM deps WHERE unit=?", (unit,)).fetchone()
+            return list(orjson.loads(row[0])) if row else None
+
+        return self._guard(run, None)  # type: ignore[no-any-return]
+
+    def lookup(self, unit: str, current: Callable[[str], bytes | None]) -> Rendered | None:
+        """The stored output of ``unit`` if every input it read still has the same value."""
+        nodes = self.recorded_inputs(unit)
+        if nodes is None:
+            self.misses += 1
+            return None
+        reads: dict[str, bytes] = {}
+        for node in nodes:
+            fp = current(node)
+            if fp is None:
+                self.misses += 1
+                return None
+            reads[node] = fp
+        key = input_key(self.stamp, unit, reads)
+
+        def run(db: sqlite3.Connection) -> Rendered | None:
+            row = db.execute("SELECT data, digest FROM blobs WHERE key=?", (key,)).fetchone()
+            if row is None:
+                return None
+            data, digest = bytes(row[0]), bytes(row[1])
+            if _digest(data) != digest:  # a damaged row is a miss, and goes away
+                self.corrupt_rows += 1
+                self._warn("cache.corrupt_row", unit=unit)
+                db.execute("DELETE FROM blobs WHERE key=?", (key,))
+                return None
+            return Rendered(data, reads, digest)
+
+        found = self._guard(run, None)
+        if found is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return found  # type: ignore[no-any-return]
+
+    # -- writes -------------------------------------------------------------------------------
+    def put(self, unit: str, rendered: Rendered) -> None:
+        """Queue a render; ``flush`` writes the queue in one transaction."""
+        self._pending.append((unit, input_key(self.stamp, unit, rendered.reads), rendered))
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        now = time.time()
+
+        def run(db: sqlite3.Connection) -> None:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany(
+                    "INSERT OR REPLACE INTO deps VALUES (?, ?)",
+                    [(unit, orjson.dumps(sorted(r.reads))) for unit, _, r in pending],
+                )
+                db.executemany(
+                    "INSERT OR REPLACE INTO blobs VALUES (?, ?, ?, ?, ?)",
+                    [
+                        (key, r.data, r.digest or _digest(r.data), orjson.dumps(sorted(r.reads)), now)
+                        for _, key, r in pending
+                    ],
+                )
+                db.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+                raise
+
+        self._guard(run, None)
+
+    def forget(self, units: Iterable[str]) -> None:
+        """Drop dependency records (the blobs stay: content-addressed, they may serve again)."""
+        self._guard(lambda db: db.executemany("DELETE FROM deps WHERE unit=?", [(u,) for u in units]), None)
+
+    # -- maintenance --------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        def run(db: sqlite3.Connection) -> dict[str, Any]:
+            units, blobs, size = db.execute(
+                "SELECT (SELECT count(*) FROM deps), (SELECT count(*) FROM blobs), "
+                "(SELECT coalesce(sum(length(data)), 0) FROM blobs)"
+            ).fetchone()
+            return {"units": units, "blobs": blobs, "blob_bytes": size}
+
+        data = self._guard(run, {"units": 0, "blobs": 0, "blob_bytes": 0})
+        files = [Path(f"{self.path}{s}") for s in ("", "-wal", "-shm")]
+        data["file_bytes"] = sum(p.stat().st_size for p in files if p.exists())
+        data.update(
+            path=str(self.path), format=FORMAT, hits=self.hits, misses=self.misses, corrupt_rows=self.corrupt_rows
+        )
+        return data  # type: ignore[no-any-return]
+
+    def prune(self, keep_days: float = 30.0) -> int:
+        """Remove blobs not written for ``keep_days`` (superseded renders)."""
+        cutoff = time.time() - keep_days * 86400
+
+        def run(db: sqlite3.Connection) -> int:
+            return db.execute("DELETE FROM blobs WHERE used < ?", (cutoff,)).rowcount
+
+        return self._guard(run, 0)  # type: ignore[no-any-return]
+
+    def clear(self) -> None:
+        self.close()
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                Path(f"{self.path}{suffix}").unlink()

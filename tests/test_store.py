@@ -1,0 +1,152 @@
+"""The persistent cache: restarts render nothing that did not change, damage is survived."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import orjson
+import pytest
+
+from agentd.build import Engine, render_stamp
+from agentd.config import Config
+from agentd.store import STORE_FILE, Store
+from conftest import EDIT_KINDS, clean_build, read_outputs, run_cli, run_daemon
+
+
+def build(root: Path, *args: str) -> str:
+    result = run_cli("build", *args, cwd=root)
+    assert result.returncode == 0, result.stderr
+    return result.stdout + result.stderr
+
+
+def engine(root: Path, stamp: bytes | None = None) -> Engine:
+    config = Config.load(root)
+    return Engine(config, Store(root, stamp or render_stamp(config)))
+
+
+def test_second_process_renders_nothing(tiny: Path, tmp_path: Path) -> None:
+    """A second `agentd build` takes every section from the store and writes nothing."""
+    assert "7 sections rendered" in build(tiny)
+    out = build(tiny)
+    assert "0 sections rendered, 7 reused" in out and "0 written, 2 unchanged" in out
+    assert read_outputs(tiny) == clean_build(tiny, tmp_path / "oracle")
+
+
+async def test_daemon_warm_restart(tiny: Path, tmp_path: Path) -> None:
+    """A daemon started on a built workspace is ready without rendering a section."""
+    build(tiny)
+    async with run_daemon(tiny) as d:
+        first = d.builds[0]
+        assert first["sections_rendered"] == 0 and first["sections_restored"] == 7
+        assert first["outputs_written"] == 0
+    assert read_outputs(tiny) == clean_build(tiny, tmp_path / "oracle")
+
+
+@pytest.mark.parametrize(("path", "old", "new", "expected"), EDIT_KINDS)
+def test_edits_while_stopped_re_render_exactly_their_readers(
+    tiny: Path, tmp_path: Path, path: str, old: str, new: str, expected: list[str]
+) -> None:
+    """Between two processes, the store's dependency records give the same minimal re-render
+    as the daemon's graph, and the result equals a clean build."""
+    engine(tiny).build()
+    text = (tiny / path).read_text()
+    (tiny / path).write_text(text.replace(old, new))
+    report = engine(tiny).build()
+    assert sorted(report.sections_rendered) == expected
+    assert report.sections_restored == 7 - len(expected)
+    assert read_outputs(tiny) == clean_build(tiny, tmp_path / "oracle")
+
+
+def test_new_trait_kind_invalidates_trait_readers(tiny: Path, tmp_path: Path) -> None:
+    """Adding a trait kind changes every agent's `traits` mapping: stored renders that read it
+    are not reused."""
+    engine(tiny).build()
+    (tiny / "agents/traits/tools").mkdir()
+    (tiny / "agents/traits/tools/cli.yaml").write_text("name: CLI\nrule: Use the shell.\n")
+    (tiny / "templates/traits/tools-traits.j2").write_text("### {{ trait.name }}\n")
+    report = engine(tiny).build()
+    assert "alpha/traits" in report.sections_rendered
+    assert read_outputs(tiny) == clean_build(tiny, tmp_path / "oracle")
+
+
+def test_foreign_stamp_is_ignored(tiny: Path) -> None:
+    """A store written by another agentd/Jinja2 version or config never matches."""
+    engine(tiny, stamp=b"agentd 0.0.1").build()
+    report = engine(tiny).build()
+    assert len(report.sections_rendered) == 7 and report.sections_restored == 0
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_damaged_store_is_set_aside(tiny: Path, tmp_path: Path, damage: str) -> None:
+    """A corrupt or truncated database is moved aside with a warning and rebuilt; the build is
+    correct and succeeds."""
+    build(tiny)
+    db = tiny / STORE_FILE
+    run_cli("build", cwd=tiny)  # checkpoint the WAL into the main file
+    with sqlite3.connect(db) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    data = db.read_bytes()
+    db.write_bytes(b"\x00garbage" * 4096 if damage == "garbage" else data[: len(data) // 2])
+    (tiny / "agents/alpha.yaml").write_text((tiny / "agents/alpha.yaml").read_text().replace("[a1, a2]", "[a1]"))
+    out = build(tiny)
+    assert "warning: cache.set_aside" in out
+    assert list(db.parent.glob("cache.sqlite3.corrupt-*"))
+    assert read_outputs(tiny) == clean_build(tiny, tmp_path / "oracle")
+    assert "0 sections rendered" in build(tiny)  # the new store works
+
+
+def test_corrupt_row_is_a_miss(tiny: Path, tmp_path: Path) -> None:
+    """A stored render whose bytes no longer match their checksum is re-rendered, not used."""
+    engine(tiny).build()
+    with sqlite3.connect(tiny / STORE_FILE) as conn:
+        conn.execute("UPDATE blobs SET data = CAST('tampered' AS BLOB)")
+    (tiny / "out/alpha.md").unlink()
+    e = engine(tiny)
+    report = e.build()
+    assert len(report.sections_rendered) == 7
+    assert e.store is not None and e.store.corrupt_rows >= 7
+    assert read_outputs(tiny) == clean_build(tiny, tmp_path / "oracle")
+
+
+async def test_daemon_and_build_share_the_store_safely(tiny: Path, tmp_path: Path) -> None:
+    """Concurrent writers (a daemon rebuilding and several `agentd build` runs) never damage the
+    store or the outputs."""
+    async with run_daemon(tiny) as d:
+        alpha = tiny / "agents/alpha.yaml"
+        original = alpha.read_text()
+        builds = [asyncio.to_thread(run_cli, "build", "-q", cwd=tiny) for _ in range(4)]
+        for i in range(6):
+            alpha.write_text(original.replace("[a1, a2]", f"[a{i}]"))
+            await asyncio.sleep(0.05)
+        results = await asyncio.gather(*builds)
+        alpha.write_text(original)
+        await d.wait_for(lambda e: e.get("event") == "build.finished" and "agents/alpha.yaml" in e["changed"])
+        await d.quiet(0.4)
+        assert not d.named("cache.set_aside")
+    assert all("cache.set_aside" not in r.stderr for r in results)
+    build(tiny)
+    assert read_outputs(tiny) == clean_build(tiny, tmp_path / "oracle")
+    with sqlite3.connect(tiny / STORE_FILE) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_cache_cli_stats_and_clear(tiny: Path) -> None:
+    """`agentd cache stats` describes the store; `clear` removes it."""
+    assert "no cache at" in run_cli("cache", "stats", cwd=tiny).stdout
+    build(tiny)
+    stats = orjson.loads(run_cli("cache", "stats", "--json", cwd=tiny).stdout)
+    assert stats["exists"] and stats["units"] == 9 and stats["blobs"] == 9  # 7 sections + 2 compositions
+    assert "renders     9 dependency records" in run_cli("cache", "stats", cwd=tiny).stdout
+    assert run_cli("cache", "clear", cwd=tiny).returncode == 0
+    assert not (tiny / STORE_FILE).exists()
+    assert "7 sections rendered" in build(tiny)
+
+
+def test_no_cache_flag(tiny: Path) -> None:
+    """--no-cache (or AGENTD_CACHE=0) neither reads nor writes the store."""
+    build(tiny, "--no-cache")
+    assert not (tiny / STORE_FILE).exists()
+    assert run_cli("build", cwd=tiny, env={"AGENTD_CACHE": "0"}).returncode == 0
+    assert not (tiny / STORE_FILE).exists()
