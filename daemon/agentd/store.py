@@ -6,10 +6,15 @@ those inputs' values plus agentd's version, Jinja2's version and the configurati
 the engine recomputes the fingerprints of the recorded inputs; if the key exists, the render is
 reused without running. A store written by another version, Jinja2 or config never matches.
 
-SQLite (standard library) in WAL mode, not a folder of files: measured on this machine, reading
-900 sections back is ~2x faster from one indexed database than from 900 files, a build's writes
-are one transaction instead of 900 fsync-free renames, and concurrent writers (a daemon and an
-``agentd build`` on the same workspace) are serialised by SQLite's locking instead of racing.
+SQLite (standard library) in WAL mode, not a folder of files. Measured side by side on this
+machine (900 blobs of 60 KB, median of 5): reads 35.5 ms from SQLite vs 34.1 ms from files,
+writes 172 ms in one SQLite transaction vs 137 ms as temp-file + rename each. Speed is a wash;
+SQLite wins on what matters here: a dependency record and its output change in one atomic
+transaction (files need two renames and can be seen half-updated), concurrent writers (a daemon
+and an ``agentd build``) are serialised by its locking instead of racing on renames, 9,000
+entries at N = 1,000 stay one indexed file instead of a directory fan-out, and a damaged store
+is one file to set aside.
+
 Every blob carries its own checksum: a corrupt row is a miss; a corrupt or truncated database
 is set aside (``*.corrupt-<time>``) with a warning and rebuilt. Never a crash, never wrong output.
 """

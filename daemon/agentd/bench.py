@@ -1,0 +1,362 @@
+"""``agentd bench``: measure agentd against the naive approach on synthetic workspaces.
+
+Everything is measured side by side in one run, on workspaces generated from the shipped
+corpus (ids renamed, names and versions varied, handoffs pointing inside the same generation so
+cross-references stay realistic). Speed lives here, never in the tests: machines are shared and
+noisy, so the report gives medians and p95 over repeated trials and ratios from the same run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import __version__
+from .build import BASE_TEMPLATE, Engine
+from .cache import Caches
+from .config import Config
+from .control import request, socket_path
+from .graph import DepGraph
+from .render import Renderer
+from .workspace import _Loader
+
+#: The edits timed through a real daemon: (label, file relative to the root, old, new).
+EDITS: list[tuple[str, str, str, str]] = [
+    ("one key of one agent", "agents/{agent}.yaml", "source: ", "source: Revised: "),
+    ("one section template", "templates/sections/troubleshooting.j2", "#### Symptoms", "#### Symptoms seen"),
+    (
+        "one trait",
+        "agents/traits/safety/change-approval.yaml",
+        "name: Change Approval Gate",
+        "name: Change Approval Gates",
+    ),
+    ("one fragment macro", "templates/fragments/badge.j2", "`level: {{ value }}`", "`level {{ value }}`"),
+    ("the base template", "templates/base/footer.j2", "Edit the source, not this file.", "Edit the source."),
+]
+
+
+@dataclasses.dataclass
+class Timing:
+    samples: list[float]
+
+    @property
+    def p50(self) -> float:
+        return statistics.median(self.samples) if self.samples else float("nan")
+
+    @property
+    def p95(self) -> float:
+        if not self.samples:
+            return float("nan")
+        ordered = sorted(self.samples)
+        return ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"p50_ms": round(self.p50, 2), "p95_ms": round(self.p95, 2), "n": len(self.samples)}
+
+
+# -- workspaces ---------------------------------------------------------------------------------
+def make_workspace(source: Path, dest: Path, n: int) -> list[str]:
+    """N agents from the shipped ones: generation g of agent a is ``a-g``; its handoffs point at
+    generation g of their targets, so every agent keeps realistic peers."""
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(source / "templates", dest / "templates")
+    shutil.copytree(source / "agents" / "traits", dest / "agents" / "traits")
+    bases = sorted(p for p in (source / "agents").glob("*.yaml"))
+    ids = []
+    for i in range(n):
+        base = bases[i % len(bases)]
+        gen = i // len(bases)
+        new_id = f"{base.stem}-{gen:04d}"
+        text = base.read_text()
+        text = re.sub(r"^id: .*$", f"id: {new_id}", text, count=1, flags=re.M)
+        text = re.sub(r"^name: (.*)$", rf"name: \1 {gen}", text, count=1, flags=re.M)
+        text = re.sub(r"^version: .*$", f"version: 1.{gen}.{i % 7}", text, count=1, flags=re.M)
+        text = re.sub(r"(\n\s+- agent: )([a-z-]+)", rf"\g<1>\g<2>-{gen:04d}", text)
+        (dest / "agents" / f"{new_id}.yaml").write_text(text)
+        ids.append(new_id)
+    # Handoffs to a generation that does not exist (n not a multiple of 8) fall back to gen 0.
+    known = set(ids)
+    for new_id in ids:
+        path = dest / "agents" / f"{new_id}.yaml"
+        text = path.read_text()
+        fixed = re.sub(
+            r"(\n\s+- agent: )([a-z-]+)-(\d{4})",
+            lambda m: m.group(0) if f"{m.group(2)}-{m.group(3)}" in known else f"{m.group(1)}{m.group(2)}-0000",
+            text,
+        )
+        if fixed != text:
+            path.write_text(fixed)
+    return ids
+
+
+# -- cold builds ----------------------------------------------------------------------------------
+def naive_build(config: Config, sample: list[str] | None = None) -> float:
+    """The spec's "current state": a fresh Environment (every template compiled again) per agent,
+    sequential. Returns ms per agent (over ``sample`` when given)."""
+    engine = Engine(config)
+    engine.build(write=False)  # parsed sources and plans; not timed
+    catalog = engine._catalog(_Everything())
+    agents = sample or sorted(engine.plans)
+    t0 = time.perf_counter()
+    for agent_id in agents:
+        renderer = Renderer(engine.workspace, Caches(), DepGraph())  # a fresh Environment
+        plan = engine.plans[agent_id]
+        context = engine._context(plan, catalog)
+        parts = [renderer.render(m["template"], {**context, "section": m}).data.decode() for m in plan.metas]
+        sections = [{**m, "content": c} for m, c in zip(plan.metas, parts, strict=True)]
+        renderer.render(BASE_TEMPLATE, {**context, "sections": sections})
+        yaml.load((config.root / plan.agent.path).read_text(), Loader=_Loader)  # it parsed its YAML too
+    return (time.perf_counter() - t0) * 1000 / len(agents)
+
+
+class _Everything:
+    nodes = frozenset(["catalog-relations"])
+
+
+def cli_build(root: Path, *args: str) -> tuple[float, str]:
+    t0 = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-m", "agentd", "build", "--root", str(root), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"agentd build failed: {result.stderr[-2000:]}")
+    return (time.perf_counter() - t0) * 1000, result.stdout
+
+
+# -- the daemon -------------------------------------------------------------------------------------
+class Daemon:
+    """A real ``agentd watch`` and its JSON log."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.events: list[dict[str, Any]] = []
+        self._lock = threading.Condition()
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agentd", "watch", "--root", str(root), "--log-format", "json"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+        self.ready_ms = (self.wait("watch.ready", timeout=600)[1] - self.started) * 1000
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            with self._lock:
+                self.events.append({**event, "_t": time.perf_counter()})
+                self._lock.notify_all()
+
+    def wait(self, name: str, start: int = 0, timeout: float = 60) -> tuple[dict[str, Any], float]:
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while True:
+                for event in self.events[start:]:
+                    if event.get("event") == name:
+                        return event, event["_t"]
+                left = deadline - time.monotonic()
+                if left <= 0 or self.proc.poll() is not None:
+                    raise RuntimeError(f"no {name} from the daemon")
+                self._lock.wait(left)
+
+    def stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = request(socket_path(Config.load(self.root)), "stats")
+        return result
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def time_edit(daemon: Daemon, path: Path, old: str, new: str, trials: int) -> tuple[Timing, list[dict[str, Any]]]:
+    """Save -> output: from the write until the last output file the build wrote is in place
+    (its mtime), or until the build finished when it wrote nothing."""
+    original = path.read_text()
+    if old not in original:
+        raise RuntimeError(f"{path}: {old!r} not found")
+    samples, builds = [], []
+    for i in range(trials):
+        text = original.replace(old, new, 1) if i % 2 == 0 else original
+        start = len(daemon.events)
+        wall0, t0 = time.time_ns(), time.perf_counter()
+        path.write_text(text)
+        event, t1 = daemon.wait("build.finished", start)
+        # The log caps its lists: look at every output's mtime (after the fact, not timed).
+        mtimes = [p.stat().st_mtime_ns for p in (daemon.root / "out").glob("*.md")]
+        fresh = [m for m in mtimes if m >= wall0]
+        samples.append((max(fresh) - wall0) / 1e6 if fresh and event["outputs_written"] else (t1 - t0) * 1000)
+        builds.append(event)
+        time.sleep(0.05)
+    if trials % 2:
+        start = len(daemon.events)
+        path.write_text(original)
+        daemon.wait("build.finished", start)
+    return Timing(samples), builds
+
+
+def oracle_ms(config: Config, rendered: list[str]) -> float:
+    """Rendering exactly those sections with precompiled templates, in-process."""
+    engine = Engine(config)
+    engine.build(write=False)
+    catalog = engine._catalog(_Everything())
+    t0 = time.perf_counter()
+    for item in rendered:
+        agent_id, section = item.split("/", 1)
+        plan = engine.plans[agent_id]
+        meta = next(m for m in plan.metas if m["id"] == section)
+        engine.renderer.render(meta["template"], {**engine._context(plan, catalog), "section": meta})
+    return (time.perf_counter() - t0) * 1000
+
+
+# -- the run ----------------------------------------------------------------------------------------
+def machine() -> dict[str, Any]:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    packages: dict[str, str | None] = {}
+    for name in ("jinja2", "networkx", "pyyaml", "orjson", "structlog", "watchfiles", "jsonschema"):
+        try:
+            packages[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            packages[name] = None
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "agentd": __version__,
+        "packages": packages,
+    }
+
+
+def bench_size(source: Path, n: int, trials: int, log: Callable[[str], None]) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix=f"agentd-bench-{n}-"))
+    try:
+        root = work / "ws"
+        ids = make_workspace(source, root, n)
+        config = Config.load(root)
+        log(f"N={n}: naive baseline")
+        sample = ids if n <= 20 else ids[:: max(1, n // 20)][:20]
+        naive_per_agent = naive_build(config, sample)
+        log(f"N={n}: cold builds")
+        cold = []
+        for _ in range(max(1, min(3, trials // 2))):
+            shutil.rmtree(root / "out", ignore_errors=True)
+            shutil.rmtree(root / ".agentd", ignore_errors=True)
+            cold.append(cli_build(root)[0])
+        warm_build = cli_build(root)
+        log(f"N={n}: daemon warm restart")
+        restarts = []
+        for _ in range(max(1, min(3, trials // 2))):
+            d = Daemon(root)
+            first = next(e for e in d.events if e.get("event") == "build.finished")
+            restarts.append((d.ready_ms, first["sections_rendered"]))
+            d.stop()
+        d = Daemon(root)
+        edits = {}
+        try:
+            for label, rel, old, new in EDITS:
+                log(f"N={n}: {label}")
+                path = root / rel.format(agent=ids[len(ids) // 2])
+                timing, builds = time_edit(d, path, old, new, trials)
+                rendered = builds[0].get("rendered", [])
+                sections = builds[0]["sections_rendered"]
+                oracle = oracle_ms(config, [r for r in rendered if not r.startswith("...")]) if rendered else 0.0
+                if len(rendered) < sections and rendered:  # the log caps long lists: scale the sample
+                    oracle *= sections / len([r for r in rendered if not r.startswith("...")])
+                edits[label] = {
+                    "save_to_output": timing.to_dict(),
+                    "sections_rendered": sections,
+                    "outputs_written": builds[0]["outputs_written"],
+                    "oracle_ms": round(oracle, 2),
+                    "naive_full_rebuild_ms": round(naive_per_agent * n, 1),
+                }
+            stats = d.stats()
+        finally:
+            d.stop()
+        return {
+            "agents": n,
+            "cold_build_ms": {
+                "naive_fresh_environment_per_agent": round(naive_per_agent * n, 1),
+                "naive_sampled_agents": len(sample),
+                "agentd_build": Timing(cold).to_dict(),
+                "agentd_build_warm_cache": round(warm_build[0], 1),
+            },
+            "daemon_warm_restart": {
+                "ready_ms": Timing([r for r, _ in restarts]).to_dict(),
+                "sections_rendered": max(s for _, s in restarts),
+            },
+            "edits": edits,
+            "peak_rss_bytes": stats["peak_rss_bytes"],
+            "hit_rates": {k: v["hit_rate"] for k, v in stats["caches"].items()},
+        }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def table(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = [f"agentd bench: {m['cpu']}, {m['cores']} cores, Python {m['python']}"]
+    for r in report["sizes"]:
+        n = r["agents"]
+        c = r["cold_build_ms"]
+        lines += [
+            "",
+            f"N = {n} agents",
+            f"  cold build        naive {c['naive_fresh_environment_per_agent']:.0f} ms | agentd build "
+            f"p50 {c['agentd_build']['p50_ms']:.0f} ms | again with the store {c['agentd_build_warm_cache']:.0f} ms "
+            "(wall, incl. interpreter start)",
+            f"  daemon restart    ready in p50 {r['daemon_warm_restart']['ready_ms']['p50_ms']:.0f} ms, "
+            f"{r['daemon_warm_restart']['sections_rendered']} sections rendered",
+            "  edit                      save->output p50 / p95     sections  written   oracle   naive rebuild",
+        ]
+        for label, e in r["edits"].items():
+            s = e["save_to_output"]
+            lines.append(
+                f"  {label:<24}{s['p50_ms']:>10.1f} / {s['p95_ms']:<8.1f} ms{e['sections_rendered']:>8}"
+                f"{e['outputs_written']:>9}{e['oracle_ms']:>8.1f} ms{e['naive_full_rebuild_ms']:>10.0f} ms"
+            )
+        rates = "  ".join(f"{k} {v:.1%}" if v is not None else f"{k} -" for k, v in r["hit_rates"].items())
+        lines.append(f"  peak RSS {r['peak_rss_bytes'] / 1e6:.0f} MB; daemon hit rates (lifetime): {rates}")
+    return "\n".join(lines)
+
+
+def run(source: Path, sizes: list[int], trials: int, output: Path | None, log: Callable[[str], None]) -> dict[str, Any]:
+    report = {"machine": machine(), "trials": trials, "sizes": [bench_size(source, n, trials, log) for n in sizes]}
+    if output:
+        output.write_text(json.dumps(report, indent=2) + "\n")
+    return report
