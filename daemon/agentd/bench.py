@@ -39,7 +39,7 @@ from .workspace import _Loader
 
 #: The edits timed through a real daemon: (label, file relative to the root, old, new).
 EDITS: list[tuple[str, str, str, str]] = [
-    ("one key of one agent", "agents/{agent}.yaml", "source: ", "source: Revised: "),
+    ("one key of one agent", "agents/{agent}.yaml", "    source: ", "    source: Revised "),
     ("one section template", "templates/sections/troubleshooting.j2", "#### Symptoms", "#### Symptoms seen"),
     (
         "one trait",
@@ -210,6 +210,8 @@ def time_edit(daemon: Daemon, path: Path, old: str, new: str, trials: int) -> tu
         wall0, t0 = time.time_ns(), time.perf_counter()
         path.write_text(text)
         event, t1 = daemon.wait("build.finished", start)
+        if event["errors"]:
+            raise RuntimeError(f"the edit of {path} broke the build: benchmarks measure working edits only")
         # The log caps its lists: look at every output's mtime (after the fact, not timed).
         mtimes = [p.stat().st_mtime_ns for p in (daemon.root / "out").glob("*.md")]
         fresh = [m for m in mtimes if m >= wall0]

@@ -111,6 +111,7 @@ class Engine:
         #: kept per agent until the agent is composed again (the daemon's output gates).
         self.output_check: Callable[[str, bytes, Plan], list[Any]] | None = None
         self.findings: dict[str, list[Any]] = {}
+        self._to_check: list[tuple[str, bytes | None, Plan]] = []
         self._relations: Relations | None = None
         self.trait_kinds_fp = fingerprint([])
         self._scanned = False
@@ -145,6 +146,12 @@ class Engine:
             self._render_sections(agent_id, catalog, old_sections, report)
         for agent_id in sorted(self._compose_pending & self.plans.keys()):
             self._compose(agent_id, catalog, report, write)
+        # Output gates after every write of this build: they never delay a file.
+        for agent_id, data, plan in self._to_check:
+            if data is None:  # written: read it back rather than hold every output in memory
+                data = (self.output.path / (agent_id + OUTPUT_SUFFIX)).read_bytes()
+            self._check_output(agent_id, data, plan, report)
+        self._to_check = []
         if write:
             self._remove_stale(report)
             self.output.save()
@@ -445,7 +452,8 @@ class Engine:
             return
         self.caches.l4.put(agent_id, digest)
         if not write:
-            self._check_output(agent_id, rendered.data, plan, report)
+            if self.output_check is not None:
+                self._to_check.append((agent_id, rendered.data, plan))
             return
         try:
             written = self.output.write(name, rendered.data)
@@ -455,7 +463,8 @@ class Engine:
             self.agent_errors[agent_id] = [exc if isinstance(exc, OutputError) else OutputError(f"{name}: {exc}")]
             return
         (report.written if written else report.unchanged).append(name)
-        self._check_output(agent_id, rendered.data, plan, report)
+        if self.output_check is not None:
+            self._to_check.append((agent_id, None, plan))
 
     def _restore_compose(self, agent_id: str, name: str, report: BuildReport) -> bool:
         """After a restart: if the composition's inputs are unchanged and out/ still holds the
@@ -512,8 +521,8 @@ class Engine:
         return None
 
     def _check_output(self, agent_id: str, data: bytes, plan: Plan, report: BuildReport) -> None:
-        """Run the output gates after the write (they never delay the file) and only for an
-        output whose bytes changed: an identical one has the same findings."""
+        """Run the output gates on an output whose bytes changed (an identical one has the same
+        findings)."""
         if self.output_check is not None:
             self.findings[agent_id] = self.output_check(agent_id, data, plan)
             report.findings += self.findings[agent_id]
