@@ -456,7 +456,7 @@ class Engine:
                 self._to_check.append((agent_id, rendered.data, plan))
             return
         try:
-            written = self.output.write(name, rendered.data)
+            written = self.output.write(name, rendered.data, digest)
         except (OutputError, OSError) as exc:
             self.caches.l4.pop(agent_id)
             self._compose_pending.add(agent_id)
