@@ -307,3 +307,30 @@ def test_related_readers_follow_only_what_they_show(tiny: Path) -> None:
     assert report.sections_rendered == ["alpha/peers"]  # only alpha shows gamma
     report = e.build([edit(tiny / "agents/beta.yaml", "skills: [b1]", "skills: [b1]\ntags: [z]")])
     assert sorted(report.sections_rendered) == ["alpha/peers", "beta/peers", "gamma/peers"]
+
+
+def test_parallel_build_is_byte_identical(corpus_copy, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`--jobs 2` writes exactly what a sequential build writes, and reports the same errors."""
+    from conftest import run_cli
+
+    root = corpus_copy()
+    result = run_cli("build", "--jobs", "2", "--no-cache", cwd=root)
+    assert result.returncode == 0, result.stderr
+    assert "72 sections rendered" in result.stdout
+    assert outputs(root) == clean_outputs(root, tmp_path)
+    troubleshooting = root / "templates/sections/troubleshooting.j2"
+    troubleshooting.write_text(troubleshooting.read_text().replace("{{ f.title }}", "{{ f.titel }}", 1))
+    parallel = run_cli("build", "--jobs", "2", "--no-cache", cwd=root)
+    sequential = run_cli("build", "--jobs", "1", "--no-cache", cwd=root)
+    assert parallel.returncode == sequential.returncode == 1
+    assert parallel.stderr == sequential.stderr
+    assert "undefined variable" in parallel.stderr and 'File "templates/sections/troubleshooting.j2"' in parallel.stderr
+
+
+def test_jobs_flag_validation(tiny: Path) -> None:
+    """--jobs takes a positive number or 'auto'."""
+    from conftest import run_cli
+
+    assert run_cli("build", "--jobs", "auto", cwd=tiny).returncode == 0
+    bad = run_cli("build", "--jobs", "0", cwd=tiny)
+    assert bad.returncode == 2 and "--jobs" in bad.stderr

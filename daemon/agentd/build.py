@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import multiprocessing
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +79,44 @@ class BuildReport:
         return not self.errors
 
 
+#: Below this many sections to render, forking workers costs more than it saves.
+PARALLEL_MIN_SECTIONS = 36
+
+#: (engine, catalog, sections to render per agent) for forked workers to inherit.
+_FORKED: tuple[Engine, TrackedCatalog, dict[str, list[dict[str, Any]]]] | None = None
+
+
+def _work(
+    agent_ids: list[str],
+) -> list[tuple[str, list[tuple[str, Rendered]], list[AgentdError], Rendered | None, Any]]:
+    """In a worker: render the missing sections of ``agent_ids`` and compose each agent."""
+    assert _FORKED is not None
+    engine, catalog, todo = _FORKED
+    out = []
+    for agent_id in agent_ids:
+        engine.renderer.timings = []
+        plan = engine.plans[agent_id]
+        context = engine._context(plan, catalog)
+        entries: list[tuple[str, Rendered]] = []
+        errors: list[AgentdError] = []
+        for meta in todo[agent_id]:
+            try:
+                entry = engine._render_one(plan, meta, context)
+            except SourceError as exc:
+                errors.append(exc)
+                continue
+            entries.append((meta["id"], entry))
+            engine.caches.l3.put((agent_id, meta["id"]), entry)
+        composed = None
+        if not errors:
+            try:
+                composed = engine._compose_render(plan, catalog)
+            except SourceError as exc:
+                errors.append(exc)
+        out.append((agent_id, entries, errors, composed, engine.renderer.timings))
+    return out
+
+
 def render_stamp(config: Config) -> bytes:
     """What a stored render also depends on besides its traced inputs: agentd's code, Jinja2's
     and the settings that shape rendering. A store written under another stamp never matches."""
@@ -94,9 +134,11 @@ def open_store(config: Config, warn: Callable[..., Any] | None = None) -> Store 
 class Engine:
     """Holds one workspace's caches and graph across builds (the daemon keeps one alive)."""
 
-    def __init__(self, config: Config, store: Store | None = None) -> None:
+    def __init__(self, config: Config, store: Store | None = None, jobs: int = 1) -> None:
         self.config = config
         self.store = store
+        #: Worker processes for large batches of renders (``agentd build --jobs``).
+        self.jobs = max(1, jobs)
         #: Take unchanged renders from the store (False for a forced rebuild: render, then save).
         self.restore = True
         self.workspace = Workspace(config)
@@ -142,10 +184,14 @@ class Engine:
         old_sections = self._invalidate(delta)
         self._resolve(delta, old_sections)
         catalog = self._catalog(delta)
-        for agent_id in sorted(self.plans):
-            self._render_sections(agent_id, catalog, old_sections, report)
+        composed: dict[str, Rendered] = {}
+        if self.jobs > 1:
+            composed = self._render_parallel(catalog, old_sections, report)
+        else:
+            for agent_id in sorted(self.plans):
+                self._render_sections(agent_id, catalog, old_sections, report)
         for agent_id in sorted(self._compose_pending & self.plans.keys()):
-            self._compose(agent_id, catalog, report, write)
+            self._compose(agent_id, catalog, report, write, composed.pop(agent_id, None))
         # Output gates after every write of this build: they never delay a file.
         for agent_id, data, plan in self._to_check:
             if data is None:  # written: read it back rather than hold every output in memory
@@ -378,8 +424,60 @@ class Engine:
         self, agent_id: str, catalog: TrackedCatalog, old: dict[tuple[str, str], bytes], report: BuildReport
     ) -> None:
         plan = self.plans[agent_id]
+        missing = self._reuse(agent_id, old, report)
+        if not missing:
+            return
         errors: list[AgentdError] = []
         context = self._context(plan, catalog)
+        for meta in missing:
+            try:
+                rendered = self._render_one(plan, meta, context)
+            except SourceError as exc:
+                errors.append(exc)
+                continue
+            self._keep_section(agent_id, meta["id"], rendered, old, report)
+        if errors:
+            self.agent_errors[agent_id] = errors
+
+    def _render_parallel(
+        self, catalog: TrackedCatalog, old: dict[tuple[str, str], bytes], report: BuildReport
+    ) -> dict[str, Rendered]:
+        """Render (and compose) in ``jobs`` forked workers. Forking after the scan means every
+        worker starts with the parsed sources, the compiled templates and the caches of this
+        process: nothing is parsed or compiled twice, only results travel back. Threads would
+        not help: Jinja rendering holds the GIL."""
+        todo = {a: m for a in sorted(self.plans) if (m := self._reuse(a, old, report))}
+        if sum(len(m) for m in todo.values()) < PARALLEL_MIN_SECTIONS or len(todo) < 2:
+            for agent_id in todo:
+                self._render_sections(agent_id, catalog, old, report)
+            return {}
+        global _FORKED
+        _FORKED = (self, catalog, todo)
+        if self.store:
+            self.store.close()  # never carry an open SQLite connection across fork()
+        ids = list(todo)
+        chunks = [ids[i :: self.jobs * 4] for i in range(min(len(ids), self.jobs * 4))]
+        composed: dict[str, Rendered] = {}
+        try:
+            context = multiprocessing.get_context("fork")
+            with ProcessPoolExecutor(max_workers=self.jobs, mp_context=context) as pool:
+                for results in pool.map(_work, chunks):
+                    for agent_id, entries, errors, done, timings in results:
+                        for section, entry in entries:
+                            self._keep_section(agent_id, section, entry, old, report)
+                        if errors:
+                            self.agent_errors[agent_id] = errors
+                        elif done is not None:
+                            composed[agent_id] = done
+                        self.renderer.timings += timings
+        finally:
+            _FORKED = None
+        return composed
+
+    def _reuse(self, agent_id: str, old: dict[tuple[str, str], bytes], report: BuildReport) -> list[dict[str, Any]]:
+        """Take what L3 or the store still holds; return the sections that must be rendered."""
+        plan = self.plans[agent_id]
+        missing = []
         for meta in plan.metas:
             key = (agent_id, meta["id"])
             if self.caches.l3.get(key) is not None:
@@ -387,43 +485,43 @@ class Engine:
                 continue
             node = g.section_node(agent_id, meta["id"])
             stored = self.store.lookup(node, self.current_fp) if self.store and self.restore else None
-            if stored is not None:  # rendered by an earlier process, inputs unchanged
-                self.caches.l3.put(key, stored)
-                self.graph.set_inputs(node, stored.reads)
-                report.sections_restored += 1
-                if old.get(key) != stored.digest:
-                    self._compose_pending.add(agent_id)
+            if stored is None:
+                missing.append(meta)
                 continue
-            try:
-                rendered = self.renderer.render(meta["template"], {**context, "section": meta})
-            except SourceError as exc:
-                exc.context = f"rendering section {meta['id']!r} of agent {agent_id!r} ({plan.agent.path})"
-                errors.append(exc)
-                continue
-            reads = {**rendered.reads, g.meta_node(agent_id, meta["id"]): plan.meta_fps[meta["id"]]}
-            digest = fingerprint(rendered.data)
-            entry = Rendered(rendered.data, reads, digest)
-            self.caches.l3.put(key, entry)
-            self.graph.set_inputs(node, reads)
-            if self.store:
-                self.store.put(node, entry)
-            report.sections_rendered.append(f"{agent_id}/{meta['id']}")
-            if old.get(key) == digest:
-                report.sections_cut_off += 1
-            else:
+            self.caches.l3.put(key, stored)  # rendered by an earlier process, inputs unchanged
+            self.graph.set_inputs(node, stored.reads)
+            report.sections_restored += 1
+            if old.get(key) != stored.digest:
                 self._compose_pending.add(agent_id)
-        if errors:
-            self.agent_errors[agent_id] = errors
+        return missing
 
-    def _compose(self, agent_id: str, catalog: TrackedCatalog, report: BuildReport, write: bool) -> None:
-        plan = self.plans[agent_id]
-        if agent_id in self.agent_errors:
-            return  # keep the last good output; retried next build
-        name = agent_id + OUTPUT_SUFFIX
-        node = g.compose_node(agent_id)
-        restorable = write and self.store and self.restore and agent_id not in self.caches.l4
-        if restorable and self._restore_compose(agent_id, name, report):
-            return
+    def _render_one(self, plan: Plan, meta: dict[str, Any], context: dict[str, Any]) -> Rendered:
+        """Render one section (no bookkeeping: also runs in parallel build workers)."""
+        try:
+            rendered = self.renderer.render(meta["template"], {**context, "section": meta})
+        except SourceError as exc:
+            exc.context = f"rendering section {meta['id']!r} of agent {plan.agent.id!r} ({plan.agent.path})"
+            raise
+        reads = {**rendered.reads, g.meta_node(plan.agent.id, meta["id"]): plan.meta_fps[meta["id"]]}
+        return Rendered(rendered.data, reads, fingerprint(rendered.data))
+
+    def _keep_section(
+        self, agent_id: str, section: str, entry: Rendered, old: dict[tuple[str, str], bytes], report: BuildReport
+    ) -> None:
+        node = g.section_node(agent_id, section)
+        self.caches.l3.put((agent_id, section), entry)
+        self.graph.set_inputs(node, entry.reads)
+        if self.store:
+            self.store.put(node, entry)
+        report.sections_rendered.append(f"{agent_id}/{section}")
+        if old.get((agent_id, section)) == entry.digest:
+            report.sections_cut_off += 1
+        else:
+            self._compose_pending.add(agent_id)
+
+    def _compose_render(self, plan: Plan, catalog: TrackedCatalog) -> Rendered:
+        """The agent's output from its cached sections (no bookkeeping: also runs in workers)."""
+        agent_id = plan.agent.id
         sections = []
         section_reads: dict[str, bytes] = {}
         for meta in plan.metas:
@@ -438,9 +536,33 @@ class Engine:
             rendered = self.renderer.render(BASE_TEMPLATE, context)
         except SourceError as exc:
             exc.context = f"composing agent {agent_id!r} ({plan.agent.path})"
-            self.agent_errors[agent_id] = [exc]
+            raise
+        return Rendered(rendered.data, {**rendered.reads, **section_reads})
+
+    def _compose(
+        self,
+        agent_id: str,
+        catalog: TrackedCatalog,
+        report: BuildReport,
+        write: bool,
+        composed: Rendered | None = None,
+    ) -> None:
+        plan = self.plans[agent_id]
+        if agent_id in self.agent_errors:
+            return  # keep the last good output; retried next build
+        name = agent_id + OUTPUT_SUFFIX
+        node = g.compose_node(agent_id)
+        restorable = write and self.store and self.restore and agent_id not in self.caches.l4
+        if restorable and self._restore_compose(agent_id, name, report):
             return
-        reads = {**rendered.reads, **section_reads}
+        if composed is None:
+            try:
+                composed = self._compose_render(plan, catalog)
+            except SourceError as exc:
+                self.agent_errors[agent_id] = [exc]
+                return
+        rendered = composed
+        reads = rendered.reads
         self.graph.set_inputs(node, reads)
         self._compose_pending.discard(agent_id)
         report.agents_composed.append(agent_id)

@@ -7,6 +7,8 @@ frame (``File "agents/x.yaml", line 12`` plus the offending line), the way
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class AgentdError(Exception):
     """Base class: the CLI catches this, prints it and exits non-zero."""
@@ -35,6 +37,10 @@ class SourceError(AgentdError):
         self.source_line = source_line
         #: What agentd was doing when it hit the error ("rendering section x of agent y").
         self.context: str | None = None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuilt with every field (a parallel build returns errors across processes).
+        return (type(self), (self.message, self.path, self.line, self.source_line, self.column), self.__dict__)
 
     @property
     def location(self) -> str:
