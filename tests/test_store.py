@@ -150,3 +150,23 @@ def test_no_cache_flag(tiny: Path) -> None:
     assert not (tiny / STORE_FILE).exists()
     assert run_cli("build", cwd=tiny, env={"AGENTD_CACHE": "0"}).returncode == 0
     assert not (tiny / STORE_FILE).exists()
+
+
+@pytest.mark.parametrize("with_store", [True, False], ids=["store", "no-store"])
+def test_tiny_memory_budget_still_builds_correctly(corpus_copy, tmp_path: Path, with_store: bool) -> None:  # type: ignore[no-untyped-def]
+    """With a 1 MB budget most sections are evicted from memory; outputs stay exactly right
+    through edits (evicted sections come back from the store, or are rendered again)."""
+    root = corpus_copy()
+    config = Config.load(root, {"memory_budget_mb": 1, "cache": with_store})
+    e = Engine(config, Store(root, render_stamp(config)) if with_store else None)
+    report = e.build()
+    assert report.ok
+    assert e.caches.l3.bytes <= 1024 * 1024 and e.caches.l3.counters.evictions > 0
+    assert read_outputs(root) == clean_build(root, tmp_path / "oracle1")
+    fragment = root / "templates/fragments/badge.j2"
+    fragment.write_text(fragment.read_text().replace("`level: {{ value }}`", "`level {{ value }}`"))
+    base = root / "templates/base/footer.j2"
+    base.write_text(base.read_text().replace("Edit the source, not this file.", "Edit the source."))
+    report = e.build([fragment, base])
+    assert report.ok and report.written
+    assert read_outputs(root) == clean_build(root, tmp_path / "oracle2")

@@ -142,7 +142,10 @@ class Engine:
         #: Take unchanged renders from the store (False for a forced rebuild: render, then save).
         self.restore = True
         self.workspace = Workspace(config)
-        self.caches = Caches()
+        budget = config.memory_budget_mb * 1024 * 1024
+        self.caches = Caches(budget or None)
+        #: Digest of every section's current output, kept even when L3 drops the bytes.
+        self.section_digests: dict[tuple[str, str], bytes] = {}
         self.graph = g.DepGraph()
         self.renderer = Renderer(self.workspace, self.caches, self.graph)
         self.output = OutputDir(config.output_path)
@@ -215,9 +218,14 @@ class Engine:
         for agent_id in agent_ids:
             plan = self.plans.get(agent_id)
             for meta in plan.metas if plan else []:
-                self.caches.l3.pop((agent_id, meta["id"]))
+                self._drop_section((agent_id, meta["id"]))
             self.caches.l4.pop(agent_id)
             self._compose_pending.add(agent_id)
+
+    def _drop_section(self, key: tuple[str, str]) -> bytes | None:
+        """Forget a section's render; return the digest it had (for early cutoff)."""
+        self.caches.l3.pop(key)
+        return self.section_digests.pop(key, None)
 
     def known_dirs(self) -> set[Path]:
         """Every folder holding a file the workspace has read (to recognise a deleted folder)."""
@@ -277,9 +285,9 @@ class Engine:
             kind, _, rest = node.partition(":")
             if kind == "section":
                 agent_id, section = rest.split("/", 1)
-                entry = self.caches.l3.pop((agent_id, section))
-                if entry is not None:
-                    old[(agent_id, section)] = entry.digest
+                digest = self._drop_section((agent_id, section))
+                if digest is not None:
+                    old[(agent_id, section)] = digest
             elif kind == "fragment":
                 self.caches.l2.pop(rest)
                 self.graph.remove([node])
@@ -319,17 +327,17 @@ class Engine:
                 self._compose_pending.add(agent_id)
             for section, fp in (old.meta_fps if old else {}).items():
                 if plan.meta_fps.get(section) != fp:
-                    entry = self.caches.l3.pop((agent_id, section))
+                    digest = self._drop_section((agent_id, section))
                     self.graph.remove([g.section_node(agent_id, section)])
-                    if entry is not None and section in plan.meta_fps:
-                        old_sections[(agent_id, section)] = entry.digest
+                    if digest is not None and section in plan.meta_fps:
+                        old_sections[(agent_id, section)] = digest
 
     def _drop_agent(self, agent_id: str, old: Plan | None, keep_output: bool) -> None:
         """Forget an agent's renders (it was deleted or no longer resolves). Its output stays
         when the source is merely broken: the last good output is kept."""
         if old is not None:
             for meta in old.metas:
-                self.caches.l3.pop((agent_id, meta["id"]))
+                self._drop_section((agent_id, meta["id"]))
             self.graph.remove([g.section_node(agent_id, m["id"]) for m in old.metas] + [g.compose_node(agent_id)])
         self._compose_pending.discard(agent_id)
         if not keep_output:
@@ -489,6 +497,7 @@ class Engine:
                 missing.append(meta)
                 continue
             self.caches.l3.put(key, stored)  # rendered by an earlier process, inputs unchanged
+            self.section_digests[key] = stored.digest
             self.graph.set_inputs(node, stored.reads)
             report.sections_restored += 1
             if old.get(key) != stored.digest:
@@ -510,6 +519,7 @@ class Engine:
     ) -> None:
         node = g.section_node(agent_id, section)
         self.caches.l3.put((agent_id, section), entry)
+        self.section_digests[(agent_id, section)] = entry.digest
         self.graph.set_inputs(node, entry.reads)
         if self.store:
             self.store.put(node, entry)
@@ -519,14 +529,26 @@ class Engine:
         else:
             self._compose_pending.add(agent_id)
 
+    def _section_entry(self, plan: Plan, meta: dict[str, Any], catalog: TrackedCatalog) -> Rendered:
+        """A section's current render for composing: from L3, or, when the memory budget
+        dropped it, from the store, or rendered again (its inputs did not change: same bytes)."""
+        key = (plan.agent.id, meta["id"])
+        entry = self.caches.l3.peek(key)
+        if entry is None and self.store:
+            entry = self.store.lookup(g.section_node(*key), self.current_fp)
+        if entry is None:
+            entry = self._render_one(plan, meta, self._context(plan, catalog))
+        self.caches.l3.put(key, entry)
+        self.section_digests[key] = entry.digest
+        return entry
+
     def _compose_render(self, plan: Plan, catalog: TrackedCatalog) -> Rendered:
         """The agent's output from its cached sections (no bookkeeping: also runs in workers)."""
         agent_id = plan.agent.id
         sections = []
         section_reads: dict[str, bytes] = {}
         for meta in plan.metas:
-            entry = self.caches.l3.peek((agent_id, meta["id"]))
-            assert entry is not None
+            entry = self._section_entry(plan, meta, catalog)
             sections.append({**meta, "content": entry.data.decode()})
             section_reads[g.section_node(agent_id, meta["id"])] = entry.digest
             section_reads[g.meta_node(agent_id, meta["id"])] = plan.meta_fps[meta["id"]]
@@ -638,8 +660,7 @@ class Engine:
             plan = self.plans.get(agent_id)
             return plan.meta_fps.get(section, MISSING) if plan else MISSING
         if kind == "section":
-            entry = self.caches.l3.peek(tuple(rest.split("/", 1)))  # type: ignore[arg-type]
-            return entry.digest if entry else None
+            return self.section_digests.get(tuple(rest.split("/", 1)))  # type: ignore[arg-type]
         return None
 
     def _check_output(self, agent_id: str, data: bytes, plan: Plan, report: BuildReport) -> None:

@@ -52,12 +52,15 @@ class Rendered:
 
 
 class Layer(Generic[K, V]):
-    """A dict with counters. ``size_of`` says what an entry weighs for the ``bytes`` stat."""
+    """A dict with counters and, optionally, a byte budget kept by evicting the least recently
+    used entries (the persistent store still holds them). ``size_of`` says what an entry
+    weighs."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, budget: int | None = None) -> None:
         self.name = name
         self.counters = Counters()
-        self._entries: dict[K, V] = {}
+        self.budget = budget
+        self._entries: dict[K, V] = {}  # insertion order = recency (a hit moves to the end)
         self._bytes = 0
 
     @staticmethod
@@ -70,6 +73,9 @@ class Layer(Generic[K, V]):
             self.counters.misses += 1
         else:
             self.counters.hits += 1
+            if self.budget is not None:  # most recently used last
+                del self._entries[key]
+                self._entries[key] = value
         return value
 
     def check(self, key: K, value: V) -> bool:
@@ -91,6 +97,9 @@ class Layer(Generic[K, V]):
             self._bytes -= self.size_of(old)
         self._entries[key] = value
         self._bytes += self.size_of(value)
+        if self.budget is not None:
+            while self._bytes > self.budget and len(self._entries) > 1:
+                self.pop(next(iter(self._entries)))
 
     def pop(self, key: K) -> V | None:
         """Drop an entry because its inputs changed (counted as an eviction)."""
@@ -117,12 +126,12 @@ class Layer(Generic[K, V]):
 class Caches:
     """All four layers; L1's entries live in the Jinja environment, only its counters here."""
 
-    def __init__(self) -> None:
+    def __init__(self, budget: int | None = None) -> None:
         self.l1_counters = Counters()
         self.l1_entries = 0
         self.l1_bytes = 0
-        self.l2: Layer[str, Rendered] = Layer("L2")
-        self.l3: Layer[tuple[str, str], Rendered] = Layer("L3")
+        self.l2: Layer[str, Rendered] = Layer("L2", budget)
+        self.l3: Layer[tuple[str, str], Rendered] = Layer("L3", budget)
         self.l4: Layer[str, bytes] = Layer("L4")
 
     def counters(self) -> dict[str, Counters]:

@@ -51,6 +51,9 @@ class Config:
     settle_ms: int = 100
     #: Keep rendered sections in ``.agentd/cache.sqlite3`` across runs (see ``store.py``).
     cache: bool = True
+    #: In-memory budget for rendered sections (L3) and fragments (L2), each, in MB; the least
+    #: recently used are dropped beyond it (the store keeps them). 0: no limit.
+    memory_budget_mb: int = 256
     #: Seconds a shutdown waits for the build in flight before giving up on it.
     graceful_timeout: float = 5.0
     #: The status socket; empty: ``$XDG_RUNTIME_DIR/agentd/<name>.sock`` (see ``control.py``).
@@ -118,6 +121,7 @@ _NUMBERS: dict[str, tuple[type, float]] = {
     "hit_rate_floor": (float, 0),
     "hit_rate_window": (int, 1),
     "max_request_bytes": (int, 256),
+    "memory_budget_mb": (int, 0),
     "check_min_lines": (int, 0),
     "check_max_lines": (int, 0),
 }
