@@ -170,3 +170,27 @@ def test_tiny_memory_budget_still_builds_correctly(corpus_copy, tmp_path: Path, 
     report = e.build([fragment, base])
     assert report.ok and report.written
     assert read_outputs(root) == clean_build(root, tmp_path / "oracle2")
+
+
+def test_parsed_sources_and_compiled_templates_are_kept(tiny: Path, tmp_path: Path) -> None:
+    """The store also keeps parsed YAML (when JSON holds it exactly) and Jinja bytecode, so a
+    restart neither parses nor compiles what did not change; YAML that JSON cannot hold (a
+    date) is parsed every time and still renders right."""
+    (tiny / "agents/alpha.yaml").write_text((tiny / "agents/alpha.yaml").read_text() + "released: 2025-03-04\n")
+    summary = tiny / "templates/sections/summary.j2"
+    summary.write_text(
+        summary.read_text() + "{% if agent.released is defined %}year {{ agent.released.year }}{% endif %}\n"
+    )
+    build(tiny)
+    stats = orjson.loads(run_cli("cache", "stats", "--json", cwd=tiny).stdout)
+    # beta + the trait (alpha has a date), 9 templates' bytecode and 9 reference lists
+    assert stats["parsed_and_compiled"] == 2 + 9 + 9
+    e = engine(tiny)
+    report = e.build()
+    assert report.sections_rendered == [] and report.caches["L1"].misses == 9
+    assert e.graph.to_json()["edges"]  # static template references came back from the store too
+    assert ("template:fragments/list-item.j2", "template:sections/summary.j2", "static") in {
+        (x["source"], x["target"], x["type"]) for x in e.graph.to_json()["edges"]
+    }
+    assert "year 2025" in (tiny / "out/alpha.md").read_text()
+    assert read_outputs(tiny) == clean_build(tiny, tmp_path / "oracle")

@@ -142,12 +142,13 @@ class Engine:
         #: Take unchanged renders from the store (False for a forced rebuild: render, then save).
         self.restore = True
         self.workspace = Workspace(config)
+        self.workspace.parsed_cache = store
         budget = config.memory_budget_mb * 1024 * 1024
         self.caches = Caches(budget or None)
         #: Digest of every section's current output, kept even when L3 drops the bytes.
         self.section_digests: dict[tuple[str, str], bytes] = {}
         self.graph = g.DepGraph()
-        self.renderer = Renderer(self.workspace, self.caches, self.graph)
+        self.renderer = Renderer(self.workspace, self.caches, self.graph, store)
         self.output = OutputDir(config.output_path)
         self.plans: dict[str, Plan] = {}
         self.agent_errors: dict[str, list[AgentdError]] = {}

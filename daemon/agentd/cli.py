@@ -376,6 +376,7 @@ def _cmd_cache(config: Config, args: argparse.Namespace) -> int:
     else:
         print(f"cache       {data['path']} (format {data['format']})")
         print(f"renders     {data['units']} dependency records, {data['blobs']} stored outputs")
+        print(f"sources     {data['parsed_and_compiled']} parsed sources, compiled templates and template references")
         print(f"size        {data['blob_bytes'] / 1e6:.1f} MB of output, {data['file_bytes'] / 1e6:.1f} MB on disk")
     return EXIT_OK
 

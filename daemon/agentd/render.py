@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import jinja2.bccache
 import jinja2.meta
+import orjson
 from jinja2 import nodes
 
 from . import __version__
@@ -50,6 +52,22 @@ class _Loader(jinja2.BaseLoader):
 
     def list_templates(self) -> list[str]:
         return sorted(self.workspace.templates)
+
+
+class _StoreBytecodeCache(jinja2.BytecodeCache):
+    """Jinja's compiled code kept in the persistent store, so a restart compiles nothing that
+    did not change. Jinja checks the source checksum and its own bytecode/Python version."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    def load_bytecode(self, bucket: jinja2.bccache.Bucket) -> None:
+        data = self.store.get_aux(b"bytecode", f"{bucket.key}:{bucket.checksum}".encode())
+        if data is not None:
+            bucket.bytecode_from_string(data)
+
+    def dump_bytecode(self, bucket: jinja2.bccache.Bucket) -> None:
+        self.store.put_aux(b"bytecode", f"{bucket.key}:{bucket.checksum}".encode(), bucket.bytecode_to_string())
 
 
 class _Environment(jinja2.Environment):
@@ -135,8 +153,9 @@ def _input_fp(value: Any) -> bytes:
 class Renderer:
     """Compiles the workspace's templates and renders sections, fragments and agents."""
 
-    def __init__(self, workspace: Workspace, caches: Caches, graph: g.DepGraph) -> None:
+    def __init__(self, workspace: Workspace, caches: Caches, graph: g.DepGraph, store: Any = None) -> None:
         self.workspace = workspace
+        self.store = store
         self.caches = caches
         self.graph = graph
         env = _Environment(
@@ -149,6 +168,8 @@ class Renderer:
             auto_reload=False,
             cache_size=-1,  # a plain dict: nothing is evicted behind the graph's back
         )
+        if store is not None:
+            env.bytecode_cache = _StoreBytecodeCache(store)
         env.caches = caches
         env.fingerprints = workspace.template_fps
         env.last_ast = {}
@@ -182,11 +203,26 @@ class Renderer:
             except TemplateError as exc:
                 self.compile_errors[name] = exc
                 continue
-            ast = self.env.last_ast.pop(name, None)
-            refs = [r for r in jinja2.meta.find_referenced_templates(ast) if r] if ast else []
-            self.graph.set_template_refs(name, refs)
+            self.graph.set_template_refs(name, self._static_refs(name))
         self.caches.l1_entries = len(cache)
         self.caches.l1_bytes = sum(len(self.workspace.templates.get(k[1], "")) for k in cache.keys())
+
+    def _static_refs(self, name: str) -> list[str]:
+        """Templates ``name`` names in include/import/extends (``jinja2.meta``). From the AST
+        of this compile, or, when the bytecode came from the store (no parse happened), from
+        the store too."""
+        ast = self.env.last_ast.pop(name, None)
+        key = self.workspace.template_fps.get(name, MISSING)
+        if ast is None and self.store is not None:
+            cached = self.store.get_aux(b"refs", key)
+            if cached is not None:
+                return list(orjson.loads(cached))
+        if ast is None:
+            ast = self.env.parse(self.workspace.templates[name], name)
+        refs = [r for r in jinja2.meta.find_referenced_templates(ast) if r]
+        if self.store is not None:
+            self.store.put_aux(b"refs", key, orjson.dumps(refs))
+        return refs
 
     # -- L2 ---------------------------------------------------------------------------------
     def include_cached(self, name: str, **inputs: Any) -> str:

@@ -149,6 +149,8 @@ class Workspace:
         self.traits: dict[str, TraitSource] = {}
         self.trait_errors: dict[str, DataError] = {}  # ref -> why
         self._raw: dict[Path, bytes] = {}  # last-seen fingerprint of each file's bytes
+        #: Parsed YAML by the fingerprint of its bytes (the persistent store, when there is one).
+        self.parsed_cache: Any = None
 
     # -- paths ----------------------------------------------------------------------------
     def rel(self, path: Path) -> str:
@@ -273,7 +275,12 @@ class Workspace:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise DataError(f"{rel}: not UTF-8 text ({exc.reason} at byte {exc.start})", rel) from None
-        data = load_yaml(text, rel)
+        raw_fp = self._raw.get(path) or fingerprint(raw)
+        data = self.parsed_cache.get_parsed(raw_fp) if self.parsed_cache else None
+        if data is None:
+            data = load_yaml(text, rel)
+            if self.parsed_cache and isinstance(data, dict):
+                self.parsed_cache.put_parsed(raw_fp, data)
         if not isinstance(data, dict):
             raise DataError(
                 f"{rel}: expected a mapping of keys at the top level, got {type(data).__name__}",
