@@ -46,6 +46,10 @@ class Plan:
     meta_fps: dict[str, bytes]
     traits: dict[str, list[TrackedValue]]
 
+    @property
+    def meta_by_id(self) -> dict[str, dict[str, Any]]:
+        return {m["id"]: m for m in self.metas}
+
 
 @dataclasses.dataclass
 class BuildReport:
@@ -147,6 +151,8 @@ class Engine:
         self.caches = Caches(budget or None)
         #: Digest of every section's current output, kept even when L3 drops the bytes.
         self.section_digests: dict[tuple[str, str], bytes] = {}
+        #: Sections of current plans without a valid render: the only ones a build visits.
+        self._dirty: set[tuple[str, str]] = set()
         self.graph = g.DepGraph()
         self.renderer = Renderer(self.workspace, self.caches, self.graph, store)
         self.output = OutputDir(config.output_path)
@@ -188,12 +194,16 @@ class Engine:
         old_sections = self._invalidate(delta)
         self._resolve(delta, old_sections)
         catalog = self._catalog(delta)
+        todo = self._collect(old_sections, report)
         composed: dict[str, Rendered] = {}
-        if self.jobs > 1:
-            composed = self._render_parallel(catalog, old_sections, report)
+        if self.jobs > 1 and sum(map(len, todo.values())) >= PARALLEL_MIN_SECTIONS and len(todo) > 1:
+            composed = self._render_parallel(todo, catalog, old_sections, report)
         else:
-            for agent_id in sorted(self.plans):
-                self._render_sections(agent_id, catalog, old_sections, report)
+            for agent_id, metas in todo.items():
+                self._render_sections(agent_id, metas, catalog, old_sections, report)
+        planned = sum(len(p.metas) for p in self.plans.values())
+        report.sections_reused = planned - report.sections_restored - sum(map(len, todo.values()))
+        self.caches.l3.counters.hits += report.sections_reused  # used as they were, unvisited
         for agent_id in sorted(self._compose_pending & self.plans.keys()):
             self._compose(agent_id, catalog, report, write, composed.pop(agent_id, None))
         # Output gates after every write of this build: they never delay a file.
@@ -224,8 +234,10 @@ class Engine:
             self._compose_pending.add(agent_id)
 
     def _drop_section(self, key: tuple[str, str]) -> bytes | None:
-        """Forget a section's render; return the digest it had (for early cutoff)."""
+        """Forget a section's render (it becomes dirty); return the digest it had (for early
+        cutoff)."""
         self.caches.l3.pop(key)
+        self._dirty.add(key)
         return self.section_digests.pop(key, None)
 
     def known_dirs(self) -> set[Path]:
@@ -324,6 +336,7 @@ class Engine:
                 self._drop_agent(agent_id, old, keep_output=True)
                 continue
             self.plans[agent_id] = plan
+            self._dirty.update((agent_id, s) for s in plan.meta_fps if (agent_id, s) not in self.section_digests)
             if old is None or old.meta_fps != plan.meta_fps or agent_id not in self.caches.l4:
                 self._compose_pending.add(agent_id)
             for section, fp in (old.meta_fps if old else {}).items():
@@ -430,36 +443,37 @@ class Engine:
         }
 
     def _render_sections(
-        self, agent_id: str, catalog: TrackedCatalog, old: dict[tuple[str, str], bytes], report: BuildReport
+        self,
+        agent_id: str,
+        metas: list[dict[str, Any]],
+        catalog: TrackedCatalog,
+        old: dict[tuple[str, str], bytes],
+        report: BuildReport,
     ) -> None:
         plan = self.plans[agent_id]
-        missing = self._reuse(agent_id, old, report)
-        if not missing:
-            return
         errors: list[AgentdError] = []
         context = self._context(plan, catalog)
-        for meta in missing:
+        for meta in metas:
             try:
                 rendered = self._render_one(plan, meta, context)
             except SourceError as exc:
-                errors.append(exc)
+                errors.append(exc)  # stays dirty: retried next build
                 continue
             self._keep_section(agent_id, meta["id"], rendered, old, report)
         if errors:
             self.agent_errors[agent_id] = errors
 
     def _render_parallel(
-        self, catalog: TrackedCatalog, old: dict[tuple[str, str], bytes], report: BuildReport
+        self,
+        todo: dict[str, list[dict[str, Any]]],
+        catalog: TrackedCatalog,
+        old: dict[tuple[str, str], bytes],
+        report: BuildReport,
     ) -> dict[str, Rendered]:
         """Render (and compose) in ``jobs`` forked workers. Forking after the scan means every
         worker starts with the parsed sources, the compiled templates and the caches of this
         process: nothing is parsed or compiled twice, only results travel back. Threads would
         not help: Jinja rendering holds the GIL."""
-        todo = {a: m for a in sorted(self.plans) if (m := self._reuse(a, old, report))}
-        if sum(len(m) for m in todo.values()) < PARALLEL_MIN_SECTIONS or len(todo) < 2:
-            for agent_id in todo:
-                self._render_sections(agent_id, catalog, old, report)
-            return {}
         global _FORKED
         _FORKED = (self, catalog, todo)
         if self.store:
@@ -483,27 +497,32 @@ class Engine:
             _FORKED = None
         return composed
 
-    def _reuse(self, agent_id: str, old: dict[tuple[str, str], bytes], report: BuildReport) -> list[dict[str, Any]]:
-        """Take what L3 or the store still holds; return the sections that must be rendered."""
-        plan = self.plans[agent_id]
-        missing = []
-        for meta in plan.metas:
-            key = (agent_id, meta["id"])
-            if self.caches.l3.get(key) is not None:
-                report.sections_reused += 1
+    def _collect(self, old: dict[tuple[str, str], bytes], report: BuildReport) -> dict[str, list[dict[str, Any]]]:
+        """The dirty sections (invalidated, new, or failed last time) that the store cannot
+        give back, by agent. Only dirty sections are visited: a build's cost follows the
+        change, not the size of the workspace."""
+        todo: dict[str, list[dict[str, Any]]] = {}
+        for key in sorted(self._dirty):
+            agent_id, section = key
+            plan = self.plans.get(agent_id)
+            meta = plan.meta_by_id.get(section) if plan else None
+            if meta is None:  # the agent or the section is gone
+                self._dirty.discard(key)
                 continue
-            node = g.section_node(agent_id, meta["id"])
+            self.caches.l3.counters.misses += 1
+            node = g.section_node(agent_id, section)
             stored = self.store.lookup(node, self.current_fp) if self.store and self.restore else None
             if stored is None:
-                missing.append(meta)
+                todo.setdefault(agent_id, []).append(meta)
                 continue
             self.caches.l3.put(key, stored)  # rendered by an earlier process, inputs unchanged
             self.section_digests[key] = stored.digest
+            self._dirty.discard(key)
             self.graph.set_inputs(node, stored.reads)
             report.sections_restored += 1
             if old.get(key) != stored.digest:
                 self._compose_pending.add(agent_id)
-        return missing
+        return todo
 
     def _render_one(self, plan: Plan, meta: dict[str, Any], context: dict[str, Any]) -> Rendered:
         """Render one section (no bookkeeping: also runs in parallel build workers)."""
@@ -521,6 +540,7 @@ class Engine:
         node = g.section_node(agent_id, section)
         self.caches.l3.put((agent_id, section), entry)
         self.section_digests[(agent_id, section)] = entry.digest
+        self._dirty.discard((agent_id, section))
         self.graph.set_inputs(node, entry.reads)
         if self.store:
             self.store.put(node, entry)
