@@ -53,7 +53,7 @@ class Config:
     cache: bool = True
     #: In-memory budget for rendered sections (L3) and fragments (L2), each, in MB; the least
     #: recently used are dropped beyond it (the store keeps them). 0: no limit.
-    memory_budget_mb: int = 256
+    memory_budget_mb: int = 64
     #: Seconds a shutdown waits for the build in flight before giving up on it.
     graceful_timeout: float = 5.0
     #: The status socket; empty: ``$XDG_RUNTIME_DIR/agentd/<name>.sock`` (see ``control.py``).
