@@ -33,9 +33,9 @@ from .build import BASE_TEMPLATE, Engine
 from .cache import Caches
 from .config import Config
 from .control import request, socket_path
-from .graph import DepGraph
+from .graph import RELATIONS, DepGraph
 from .render import Renderer
-from .workspace import _Loader
+from .workspace import Delta, _Loader
 
 #: The edits timed through a real daemon: (label, file relative to the root, old, new).
 EDITS: list[tuple[str, str, str, str]] = [
@@ -112,7 +112,7 @@ def naive_build(config: Config, sample: list[str] | None = None) -> float:
     sequential. Returns ms per agent (over ``sample`` when given)."""
     engine = Engine(config)
     engine.build(write=False)  # parsed sources and plans; not timed
-    catalog = engine._catalog(_Everything())
+    catalog = engine._catalog(Delta(nodes={RELATIONS}))
     agents = sample or sorted(engine.plans)
     t0 = time.perf_counter()
     for agent_id in agents:
@@ -125,9 +125,6 @@ def naive_build(config: Config, sample: list[str] | None = None) -> float:
         yaml.load((config.root / plan.agent.path).read_text(), Loader=_Loader)  # it parsed its YAML too
     return (time.perf_counter() - t0) * 1000 / len(agents)
 
-
-class _Everything:
-    nodes = frozenset(["catalog-relations"])
 
 
 def cli_build(root: Path, *args: str) -> tuple[float, str]:
@@ -229,7 +226,7 @@ def oracle_ms(config: Config, rendered: list[str]) -> float:
     """Rendering exactly those sections with precompiled templates, in-process."""
     engine = Engine(config)
     engine.build(write=False)
-    catalog = engine._catalog(_Everything())
+    catalog = engine._catalog(Delta(nodes={RELATIONS}))
     t0 = time.perf_counter()
     for item in rendered:
         agent_id, section = item.split("/", 1)
