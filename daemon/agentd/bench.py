@@ -40,15 +40,20 @@ from .workspace import Delta, _Loader
 #: The edits timed through a real daemon: (label, file relative to the root, old, new).
 EDITS: list[tuple[str, str, str, str]] = [
     ("one key of one agent", "agents/{agent}.yaml", "    source: ", "    source: Revised "),
-    ("one section template", "templates/sections/troubleshooting.j2", "#### Symptoms", "#### Symptoms seen"),
+    ("one section template", "templates/sections/troubleshooting.j2", "#### Symptoms", "#### Symptoms seen "),
     (
         "one trait",
         "agents/traits/safety/change-approval.yaml",
         "name: Change Approval Gate",
-        "name: Change Approval Gates",
+        "name: Change Approval Gate ",
     ),
-    ("one fragment macro", "templates/fragments/badge.j2", "`level: {{ value }}`", "`level {{ value }}`"),
-    ("the base template", "templates/base/footer.j2", "Edit the source, not this file.", "Edit the source."),
+    ("one fragment macro", "templates/fragments/badge.j2", "`level: {{ value }}`", "`level: {{ value }}` "),
+    (
+        "the base template",
+        "templates/base/footer.j2",
+        "Edit the source, not this file.",
+        "Edit the source, not this file. ",
+    ),
 ]
 
 
@@ -126,7 +131,6 @@ def naive_build(config: Config, sample: list[str] | None = None) -> float:
     return (time.perf_counter() - t0) * 1000 / len(agents)
 
 
-
 def cli_build(root: Path, *args: str) -> tuple[float, str]:
     t0 = time.perf_counter()
     result = subprocess.run(
@@ -196,13 +200,14 @@ class Daemon:
 
 def time_edit(daemon: Daemon, path: Path, old: str, new: str, trials: int) -> tuple[Timing, list[dict[str, Any]]]:
     """Save -> output: from the write until the last output file the build wrote is in place
-    (its mtime), or until the build finished when it wrote nothing."""
+    (its mtime), or until the build finished when it wrote nothing. Every trial writes a state
+    never seen before (the persistent store would otherwise serve a toggled edit from memo)."""
     original = path.read_text()
     if old not in original:
         raise RuntimeError(f"{path}: {old!r} not found")
     samples, builds = [], []
     for i in range(trials):
-        text = original.replace(old, new, 1) if i % 2 == 0 else original
+        text = original.replace(old, f"{new}{i} ", 1)
         start = len(daemon.events)
         wall0, t0 = time.time_ns(), time.perf_counter()
         path.write_text(text)
@@ -215,10 +220,9 @@ def time_edit(daemon: Daemon, path: Path, old: str, new: str, trials: int) -> tu
         samples.append((max(fresh) - wall0) / 1e6 if fresh and event["outputs_written"] else (t1 - t0) * 1000)
         builds.append(event)
         time.sleep(0.05)
-    if trials % 2:
-        start = len(daemon.events)
-        path.write_text(original)
-        daemon.wait("build.finished", start)
+    start = len(daemon.events)
+    path.write_text(original)
+    daemon.wait("build.finished", start)
     return Timing(samples), builds
 
 
