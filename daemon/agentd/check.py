@@ -391,27 +391,10 @@ class Checker:
             root = yaml.compose(text, Loader=_Loader)
             data = yaml.load(text, Loader=_Loader)
         except yaml.constructor.ConstructorError as exc:
-            mark = exc.problem_mark
-            return [
-                finding(
-                    rel,
-                    mark.line + 1 if mark else 1,
-                    mark.column + 1 if mark else 1,
-                    "yaml-tag",
-                    f"{exc.problem}: sources are data, loaded with the safe loader only",
-                )
-            ]
+            message = f"{exc.problem}: sources are data, loaded with the safe loader only"
+            return [_yaml_finding(rel, exc.problem_mark, "yaml-tag", message)]
         except yaml.MarkedYAMLError as exc:
-            mark = exc.problem_mark or exc.context_mark
-            return [
-                finding(
-                    rel,
-                    mark.line + 1 if mark else 1,
-                    mark.column + 1 if mark else 1,
-                    "yaml-syntax",
-                    str(exc.problem or exc),
-                )
-            ]
+            return [_yaml_finding(rel, exc.problem_mark or exc.context_mark, "yaml-syntax", str(exc.problem or exc))]
         out = list(_duplicates(rel, root))
         if not isinstance(data, dict):
             return [
@@ -455,6 +438,10 @@ def _static_refs(ast: nodes.Template) -> Iterator[tuple[str | None, int]]:
             yield target.value, node.lineno
         else:
             yield None, node.lineno
+
+
+def _yaml_finding(rel: str, mark: Any, rule: str, message: str) -> Finding:
+    return finding(rel, mark.line + 1 if mark else 1, mark.column + 1 if mark else 1, rule, message)
 
 
 def _duplicates(rel: str, node: yaml.Node | None) -> Iterator[Finding]:

@@ -39,6 +39,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"agentd: error: {message}\n")
 
 
+def _no_cache(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-cache",
+        action="store_false",
+        dest="cache",
+        default=None,
+        help="ignore and do not update .agentd/cache.sqlite3",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     root_help = "workspace root holding templates/ and agents/ (default: the current directory)"
     socket_help = "status socket (default: $XDG_RUNTIME_DIR/agentd/<workspace>.sock; env AGENTD_SOCKET)"
@@ -65,13 +75,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="render in N worker processes ('auto': one per core; default 1). Pays off from a few dozen agents.",
     )
-    b.add_argument(
-        "--no-cache",
-        action="store_false",
-        dest="cache",
-        default=None,
-        help="ignore and do not update .agentd/cache.sqlite3",
-    )
+    _no_cache(b)
 
     w = sub.add_parser(
         "watch",
@@ -100,13 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--log-format", choices=("auto", "console", "json"), help="log renderer (default: auto)")
     w.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="default: info")
     w.add_argument("--socket", metavar="PATH", help=socket_help)
-    w.add_argument(
-        "--no-cache",
-        action="store_false",
-        dest="cache",
-        default=None,
-        help="ignore and do not update .agentd/cache.sqlite3",
-    )
+    _no_cache(w)
 
     ca = sub.add_parser(
         "cache",

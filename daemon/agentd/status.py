@@ -205,7 +205,7 @@ class Monitor:
             f"{b['sections_rendered']} sections rendered, {b['outputs_written']} written{errors}"
         )
 
-    def summary(self) -> dict[str, Any]:
+    def _identity(self) -> dict[str, Any]:
         return {
             "state": self.state,
             "pid": os.getpid(),
@@ -214,6 +214,11 @@ class Monitor:
             "uptime_s": self.uptime_s(),
             "builds": self.builds,
             "last_build": self.last_build,
+        }
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            **self._identity(),
             "errors": len(self.errors),
             "alerts": len(self.alerts),
             "summary": self.one_line(),
@@ -234,13 +239,7 @@ class Monitor:
                 },
             }
         return {
-            "state": self.state,
-            "pid": os.getpid(),
-            "version": __version__,
-            "root": str(self.config.root),
-            "uptime_s": self.uptime_s(),
-            "builds": self.builds,
-            "last_build": self.last_build,
+            **self._identity(),
             "caches": caches,
             "templates": {name: t.summary() for name, t in sorted(self.templates.items())},
             "alerts": list(self.alerts),
