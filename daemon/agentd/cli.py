@@ -263,6 +263,8 @@ def summary(report: BuildReport) -> str:
         rate = "-" if c.hit_rate is None else f"{c.hit_rate:.0%}"
         layers.append(f"{name} {rate} ({c.hits}/{c.hits + c.misses})")
     lines.append("  cache hits: " + "  ".join(layers))
+    if report.sections_restored:
+        lines.append(f"  persistent cache: {report.sections_restored} sections restored (rendered by an earlier run)")
     lines.append(f"  time: {report.duration_ms:.0f} ms")
     return "\n".join(lines)
 
