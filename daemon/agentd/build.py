@@ -165,6 +165,7 @@ class Engine:
         self.findings: dict[str, list[Any]] = {}
         self._to_check: list[tuple[str, bytes | None, Plan]] = []
         self._relations: Relations | None = None
+        self._known_dirs: set[Path] | None = None
         self.trait_kinds_fp = fingerprint([])
         self._scanned = False
         self._ids = itertools.count(1)
@@ -190,6 +191,8 @@ class Engine:
             paths = list(paths)
             delta = self.workspace.refresh(paths)
             report.changed = sorted({self.workspace.rel(Path(p).absolute()) for p in paths})
+        if delta.membership:
+            self._known_dirs = None
         self.renderer.compile(delta.templates)
         old_sections = self._invalidate(delta)
         self._resolve(delta, old_sections)
@@ -241,8 +244,11 @@ class Engine:
         return self.section_digests.pop(key, None)
 
     def known_dirs(self) -> set[Path]:
-        """Every folder holding a file the workspace has read (to recognise a deleted folder)."""
-        return {parent for path in self.workspace.files() for parent in path.parents}
+        """Every folder holding a file the workspace has read (to recognise a deleted folder).
+        Recomputed only after a build that added or removed files."""
+        if self._known_dirs is None:
+            self._known_dirs = {parent for path in self.workspace.files() for parent in path.parents}
+        return self._known_dirs
 
     def current_errors(self) -> list[AgentdError]:
         """Every error standing now: broken sources, templates that do not compile, renders
