@@ -106,20 +106,26 @@ def _git(root: Path, *args: str) -> None:
     )
 
 
+def _write_bulk(root: Path, count: int, description: str) -> None:
+    for i in range(count):
+        (root / f"agents/bulk{i:03}.yaml").write_text(
+            f"name: Bulk {i}\ndescription: {description} {i}\nskills: [s]\nsections: [summary]\n"
+        )
+
+
+def _bulk_repo(root: Path, count: int) -> None:
+    """``count`` extra agents, committed in a fresh git repository on branch main."""
+    _write_bulk(root, count, "d")
+    _git(root, "init", "-q", "-b", "main")
+    _git(root, "add", "-A")
+    _git(root, "commit", "-qm", "one")
+
+
 async def test_git_checkout_of_many_files_is_one_rebuild(tiny: Path, tmp_path: Path) -> None:
     """Switching branches rewrites 300 files at once: one rebuild, output equal to a clean build."""
-    for i in range(300):
-        (tiny / f"agents/bulk{i:03}.yaml").write_text(
-            f"name: Bulk {i}\ndescription: d{i}\nskills: [s]\nsections: [summary]\n"
-        )
-    _git(tiny, "init", "-q", "-b", "main")
-    _git(tiny, "add", "-A")
-    _git(tiny, "commit", "-qm", "one")
+    _bulk_repo(tiny, 300)
     _git(tiny, "checkout", "-q", "-b", "other")
-    for i in range(300):
-        (tiny / f"agents/bulk{i:03}.yaml").write_text(
-            f"name: Bulk {i}\ndescription: changed {i}\nskills: [s]\nsections: [summary]\n"
-        )
+    _write_bulk(tiny, 300, "changed")
     _git(tiny, "commit", "-qam", "two")
     _git(tiny, "checkout", "-q", "main")
     async with run_daemon(tiny) as d:
@@ -138,18 +144,9 @@ async def test_git_checkout_of_many_files_is_one_rebuild(tiny: Path, tmp_path: P
 
 async def test_git_stash_and_pop_are_one_rebuild_each(tiny: Path, tmp_path: Path) -> None:
     """`git stash` reverting many files, then `git stash pop`, each give one rebuild."""
-    for i in range(60):
-        (tiny / f"agents/bulk{i:02}.yaml").write_text(
-            f"name: Bulk {i}\ndescription: d{i}\nskills: [s]\nsections: [summary]\n"
-        )
-    _git(tiny, "init", "-q", "-b", "main")
-    _git(tiny, "add", "-A")
-    _git(tiny, "commit", "-qm", "one")
+    _bulk_repo(tiny, 60)
     async with run_daemon(tiny) as d:
-        for i in range(60):
-            (tiny / f"agents/bulk{i:02}.yaml").write_text(
-                f"name: Bulk {i}\ndescription: wip {i}\nskills: [s]\nsections: [summary]\n"
-            )
+        _write_bulk(tiny, 60, "wip")
         await d.next_build(timeout=30)
         await d.quiet(0.6)
         count = len(d.builds)
@@ -160,7 +157,7 @@ async def test_git_stash_and_pop_are_one_rebuild_each(tiny: Path, tmp_path: Path
             count += 1
             assert len(d.builds) == count, command
             assert read_outputs(tiny) == clean_build(tiny, tmp_path / f"oracle-{command}")
-        assert "wip 7" in (tiny / "out/bulk07.md").read_text()
+        assert "wip 7" in (tiny / "out/bulk007.md").read_text()
 
 
 async def test_changes_during_a_rebuild_cause_one_follow_up(tiny: Path, tmp_path: Path) -> None:

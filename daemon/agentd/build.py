@@ -25,7 +25,7 @@ from . import graph as g
 from .cache import Caches, Counters, Rendered
 from .catalog import Relations, TrackedCatalog
 from .config import Config
-from .exceptions import AgentdError, DataError, OutputError, SourceError
+from .exceptions import AgentdError, ConfigError, DataError, OutputError, SourceError
 from .output import OutputDir
 from .render import Renderer, anchor, section_title
 from .store import Store
@@ -270,13 +270,18 @@ class Engine:
 
     def affected(self, paths: Iterable[Path]) -> dict[str, list[str]]:
         """Agents and sections a change to ``paths`` would re-render (conservatively: any key
-        of a changed agent source may change)."""
+        of a changed agent source may change). A path agentd does not read is a usage error."""
+        classified = [(Path(p).absolute(), self.workspace.classify(Path(p).absolute())) for p in paths]
+        foreign = [self.workspace.rel(p) for p, kind in classified if kind is None]
+        if foreign:
+            raise ConfigError(
+                f"not a template, agent or trait file of this workspace: {', '.join(foreign)} "
+                f"(expected paths under {self.config.templates_dir}/ or {self.config.agents_dir}/)"
+            )
         inputs: set[str] = set()
         agents: set[str] = set()
-        for path in paths:
-            kind = self.workspace.classify(Path(path).absolute())
-            if kind is None:
-                continue
+        for _path, kind in classified:
+            assert kind is not None
             what, name = kind
             if what == "template":
                 inputs.add(g.template_node(name))
@@ -320,12 +325,7 @@ class Engine:
         todo = set(delta.agents) | set(self.agent_errors)
         if delta.membership:
             todo |= set(ws.agents) | set(self.plans)
-        prefix = f"{SECTION_DIR}/"
-        available = sorted(
-            n[len(prefix) : -3]
-            for n in ws.templates
-            if n.startswith(prefix) and n.endswith(".j2") and not n[len(prefix) :].startswith("_")
-        )
+        available = self.available_sections()
         kinds = sorted({ref.split("/", 1)[0] for ref in ws.traits})
         self.trait_kinds_fp = fingerprint(kinds)
         for agent_id in sorted(todo):
@@ -363,6 +363,15 @@ class Engine:
         if not keep_output:
             self.caches.l4.pop(agent_id)
             self.findings.pop(agent_id, None)
+
+    def available_sections(self) -> list[str]:
+        """Section ids an agent may enable: ``templates/sections/<id>.j2``, "_" partials aside."""
+        prefix = f"{SECTION_DIR}/"
+        return sorted(
+            n[len(prefix) : -3]
+            for n in self.workspace.templates
+            if n.startswith(prefix) and n.endswith(".j2") and not n[len(prefix) :].startswith("_")
+        )
 
     def _plan(self, agent: AgentSource, available: list[str], kinds: list[str]) -> Plan:
         """Resolve an agent's section list and trait references, or raise ``DataError`` at the

@@ -29,7 +29,7 @@ import networkx as nx
 import yaml
 from jinja2 import nodes
 
-from .build import BASE_TEMPLATE, OUTPUT_SUFFIX, SECTION_DIR, Engine, Plan
+from .build import BASE_TEMPLATE, OUTPUT_SUFFIX, Engine, Plan
 from .config import Config
 from .exceptions import TemplateError
 from .render import anchor
@@ -367,11 +367,7 @@ class Checker:
     def _sources(self, engine: Engine) -> list[Finding]:
         adir = self.config.agents_path
         out: list[Finding] = []
-        sections = {
-            n[len(SECTION_DIR) + 1 : -3]
-            for n in engine.workspace.templates
-            if n.startswith(f"{SECTION_DIR}/") and not Path(n).name.startswith("_")
-        }
+        sections = set(engine.available_sections())
         traits = set(engine.workspace.traits) | set(engine.workspace.trait_errors)
         for path in sorted(p for p in adir.glob("*") if p.suffix in YAML_SUFFIXES):
             out += self._source(path, "agent", sections, traits)

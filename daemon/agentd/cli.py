@@ -473,14 +473,7 @@ def _cmd_graph(config: Config, args: argparse.Namespace) -> int:
 
 def _cmd_affected(config: Config, args: argparse.Namespace) -> int:
     engine = _memory_engine(config)
-    paths = [Path(p) if Path(p).is_absolute() else Path.cwd() / p for p in args.paths]
-    unknown = [str(p) for p in paths if engine.workspace.classify(p.absolute()) is None]
-    if unknown:
-        raise ConfigError(
-            f"not a template, agent or trait file of this workspace: {', '.join(unknown)} "
-            f"(expected paths under {config.templates_dir}/ or {config.agents_dir}/)"
-        )
-    result = engine.affected(paths)
+    result = engine.affected(Path(p) if Path(p).is_absolute() else Path.cwd() / p for p in args.paths)
     if args.json:
         sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:

@@ -10,6 +10,7 @@ that loaded it are invalidated through the graph.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import traceback
@@ -122,8 +123,6 @@ def anchor(text: str) -> str:
 
 def yaml_str(value: Any) -> str:
     """A YAML-safe scalar (a JSON string is valid YAML) for the front matter."""
-    import json
-
     return json.dumps(str(value), ensure_ascii=False)
 
 

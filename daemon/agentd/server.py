@@ -218,22 +218,30 @@ class Server:
 
     async def _reload_config(self) -> bool:
         """Re-read ``agentd.toml``; True when the workspace must be rebuilt."""
-        try:
-            config = Config.load(self.config.root, self._overrides)
-        except ConfigError as exc:
-            self.log.error("config.error", error=str(exc))
-            return False
-        if config == self.config:
+        config = self._read_config()
+        if config is None or config == self.config:
             return False
         changed = [
             f.name for f in dataclasses.fields(config) if getattr(config, f.name) != getattr(self.config, f.name)
         ]
         self.log.info("config.reloaded", changed=changed)
+        await self._adopt(config)
+        return True
+
+    def _read_config(self) -> Config | None:
+        """The configuration as it is on disk now (CLI flags still win); None, logged, if bad."""
+        try:
+            return Config.load(self.config.root, self._overrides)
+        except ConfigError as exc:
+            self.log.error("config.error", error=str(exc))
+            return None
+
+    async def _adopt(self, config: Config) -> None:
+        """Switch to ``config`` with a fresh engine (every template recompiled), between builds."""
         async with self._build_lock:
             self.config = config
             self.monitor.config = config
             self._replace_engine(config)
-        return True
 
     async def _build(self, paths: set[Path] | None) -> BuildReport:
         async with self._build_lock:
@@ -290,15 +298,7 @@ class Server:
         ``ExecReload``). A build in flight finishes first."""
         self.notifier.reloading()
         self.log.info("watch.reloading")
-        try:
-            config = Config.load(self.config.root, self._overrides)
-        except ConfigError as exc:
-            self.log.error("config.error", error=str(exc))
-            config = self.config
-        async with self._build_lock:
-            self.config = config
-            self.monitor.config = config
-            self._replace_engine(config)
+        await self._adopt(self._read_config() or self.config)
         await self._start_watchers(root_too=False)
         await self._build(None)
         self.notifier.ready(self.monitor.one_line())
@@ -362,11 +362,11 @@ class Server:
     async def _cmd_affected(self, request: dict[str, Any]) -> Any:
         paths = _string_list(request, "paths", required=True) or []
         resolved = [Path(p) if Path(p).is_absolute() else self.config.root / p for p in paths]
-        foreign = [p for p, r in zip(paths, resolved, strict=True) if self.engine.workspace.classify(r) is None]
-        if foreign:
-            raise RequestError("bad_request", f"not a template, agent or trait file: {', '.join(foreign)}")
         async with self._build_lock:  # the graph is only consistent between builds
-            return self.engine.affected(resolved)
+            try:
+                return self.engine.affected(resolved)
+            except ConfigError as exc:
+                raise RequestError("bad_request", str(exc)) from None
 
     async def _cmd_verify(self, request: dict[str, Any]) -> Any:
         return await self.verify()
