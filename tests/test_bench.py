@@ -43,7 +43,9 @@ def test_quick_bench_reports_every_measure(tmp_path: Path) -> None:
     assert size["agents"] == 10
     assert set(size["cold_build_ms"]) >= {
         "naive_fresh_environment_per_agent",
-        "agentd_build",
+        "agentd_build_jobs_1",
+        "agentd_build_jobs_auto",
+        "jobs_speedup",
         "agentd_build_warm_cache",
     }
     assert size["daemon_warm_restart"]["sections_rendered"] == 0
@@ -52,7 +54,9 @@ def test_quick_bench_reports_every_measure(tmp_path: Path) -> None:
     ]  # fmt: skip
     for edit in size["edits"].values():
         assert edit["save_to_output"]["n"] == 6 and edit["save_to_output"]["p50_ms"] > 0
-        assert {"sections_rendered", "outputs_written", "oracle_ms", "naive_full_rebuild_ms"} <= set(edit)
+        assert {"sections_rendered", "outputs_written", "oracle_ms", "vs_oracle", "naive_full_rebuild_ms"} <= set(edit)
+    for label, edit in size["edits"].items():  # template edits also timed with --jobs 1, side by side
+        assert ("save_to_output_jobs_1" in edit) == (label != "one key of one agent")
     assert size["edits"]["one key of one agent"]["sections_rendered"] == 1
     assert size["edits"]["the base template"]["sections_rendered"] == 0
     assert size["peak_rss_bytes"] > 0 and set(size["hit_rates"]) == {"L1", "L2", "L3", "L4"}

@@ -9,6 +9,7 @@ import pytest
 
 from agentd.build import Engine
 from agentd.config import Config
+from agentd.workspace import Delta
 from conftest import EDIT_KINDS
 
 
@@ -22,7 +23,7 @@ def clean_outputs(root: Path, tmp: Path) -> dict[str, bytes]:
     shutil.rmtree(copy, ignore_errors=True)
     shutil.copytree(root / "templates", copy / "templates")
     shutil.copytree(root / "agents", copy / "agents")
-    Engine(Config.load(copy)).build()
+    Engine(Config.load(copy), jobs=1).build()  # the plainest path is the oracle
     return {p.name: p.read_bytes() for p in (copy / "out").glob("*.md")}
 
 
@@ -316,7 +317,7 @@ def test_parallel_build_is_byte_identical(corpus_copy, tmp_path: Path) -> None: 
     root = corpus_copy()
     result = run_cli("build", "--jobs", "2", "--no-cache", cwd=root)
     assert result.returncode == 0, result.stderr
-    assert "72 sections rendered" in result.stdout
+    assert "72 sections rendered" in result.stdout and "(2 worker processes)" in result.stdout
     assert outputs(root) == clean_outputs(root, tmp_path)
     troubleshooting = root / "templates/sections/troubleshooting.j2"
     troubleshooting.write_text(troubleshooting.read_text().replace("{{ f.title }}", "{{ f.titel }}", 1))
@@ -333,4 +334,48 @@ def test_jobs_flag_validation(tiny: Path) -> None:
 
     assert run_cli("build", "--jobs", "auto", cwd=tiny).returncode == 0
     bad = run_cli("build", "--jobs", "0", cwd=tiny)
-    assert bad.returncode == 2 and "--jobs" in bad.stderr
+    assert bad.returncode == 2 and "jobs: expected a number >= 1 or 'auto', got '0'" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("body", "composable"),
+    [
+        pytest.param("{{ s.content }}", True, id="copied"),
+        pytest.param("{{ s.content ~ '' }}{{ '%s'|format(s.content) }}", True, id="concatenated"),
+        pytest.param("{{ s.content|length }}\n{{ s.content }}", False, id="length"),
+        pytest.param("{{ s.content|wordcount }}\n{{ s.content }}", False, id="wordcount"),
+        pytest.param("{{ s.content|upper }}", False, id="upper"),
+        pytest.param("{{ s.content|indent(2) }}", False, id="indent"),
+        pytest.param("{% if s.content %}{{ s.content }}{% endif %}", False, id="truthiness"),
+        pytest.param("{{ s.content[:12] }}", False, id="slice"),
+        pytest.param("{{ s.content.splitlines()|first }}", False, id="method"),
+    ],
+)
+def test_composition_equals_a_full_render_of_the_base_template(tiny: Path, body: str, composable: bool) -> None:
+    """Agents are composed by joining sections into the base template's output only when the
+    template copies each section verbatim; any other use of the content gets a full render,
+    and either way the output is exactly what Jinja renders."""
+    base = tiny / "templates/base/agent-base.j2"
+    base.write_text(base.read_text().replace("{{ s.content }}", body))
+    e = engine(tiny)
+    report = e.build()
+    assert report.ok, report.errors
+    assert (e.skeletons["alpha"] is not None) is composable
+    for agent_id, plan in e.plans.items():
+        sections = [e.caches.l3.peek((agent_id, m["id"])).data.decode() for m in plan.metas]
+        full = e._render_base(plan, e._catalog(Delta()), sections).data
+        assert (tiny / "out" / f"{agent_id}.md").read_bytes() == full
+
+
+def test_a_section_edit_recomposes_from_the_kept_skeleton(tiny: Path, tmp_path: Path) -> None:
+    """After a section edit the agent is recomposed by concatenation (no base template render),
+    and after a base template edit the skeleton is rendered again: both equal a clean build."""
+    e = engine(tiny)
+    e.build()
+    before = e.skeletons["alpha"]
+    e.build([edit(tiny / "templates/sections/summary.j2", "{{ agent.description }}", "> {{ agent.description }}")])
+    assert e.skeletons["alpha"] is before
+    assert outputs(tiny) == clean_outputs(tiny, tmp_path)
+    e.build([edit(tiny / "templates/base/footer.j2", "-- end of", "-- the end of")])
+    assert e.skeletons["alpha"] is not before
+    assert outputs(tiny) == clean_outputs(tiny, tmp_path)

@@ -94,8 +94,10 @@ async def test_low_hit_rate_alert_and_recovery(tiny: Path) -> None:
         assert not d.named("alert.raised")
         summary = tiny / "templates/sections/summary.j2"
         summary.write_text(summary.read_text().replace("{{ agent.description }}", "> {{ agent.description }}"))
-        alert = await d.wait_for(lambda e: e.get("event") == "alert.raised" and e["kind"] == "low_hit_rate")
-        assert alert["layer"] == "L3" and alert["hit_rate"] < 0.9
+        alert = await d.wait_for(
+            lambda e: e.get("event") == "alert.raised" and e["kind"] == "low_hit_rate" and e["layer"] == "L3"
+        )
+        assert alert["hit_rate"] < 0.9
         alpha = tiny / "agents/alpha.yaml"
         alpha.write_text(alpha.read_text().replace("not read by any template", "unread"))
         await d.wait_for(lambda e: e.get("event") == "alert.cleared" and e["key"] == "low_hit_rate:L3")

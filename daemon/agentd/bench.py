@@ -148,13 +148,13 @@ def cli_build(root: Path, *args: str) -> tuple[float, str]:
 class Daemon:
     """A real ``agentd watch`` and its JSON log."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, jobs: str = "auto") -> None:
         self.root = root
         self.events: list[dict[str, Any]] = []
         self._lock = threading.Condition()
         self.started = time.perf_counter()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agentd", "watch", "--root", str(root), "--log-format", "json"],
+            [sys.executable, "-m", "agentd", "watch", "--root", str(root), "--log-format", "json", "--jobs", jobs],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -198,16 +198,19 @@ class Daemon:
             self.proc.kill()
 
 
-def time_edit(daemon: Daemon, path: Path, old: str, new: str, trials: int) -> tuple[Timing, list[dict[str, Any]]]:
+def time_edit(
+    daemon: Daemon, path: Path, old: str, new: str, trials: int, tag: str = ""
+) -> tuple[Timing, list[dict[str, Any]]]:
     """Save -> output: from the write until the last output file the build wrote is in place
     (its mtime), or until the build finished when it wrote nothing. Every trial writes a state
-    never seen before (the persistent store would otherwise serve a toggled edit from memo)."""
+    never seen before (the persistent store would otherwise serve a toggled edit from memo);
+    ``tag`` keeps the states of different runs apart."""
     original = path.read_text()
     if old not in original:
         raise RuntimeError(f"{path}: {old!r} not found")
     samples, builds = [], []
     for i in range(trials):
-        text = original.replace(old, f"{new}{i} ", 1)
+        text = original.replace(old, f"{new}{tag}{i} ", 1)
         start = len(daemon.events)
         wall0, t0 = time.time_ns(), time.perf_counter()
         path.write_text(text)
@@ -276,11 +279,12 @@ def bench_size(source: Path, n: int, trials: int, log: Callable[[str], None]) ->
         sample = ids if n <= 20 else ids[:: max(1, n // 20)][:20]
         naive_per_agent = naive_build(config, sample)
         log(f"N={n}: cold builds")
-        cold = []
+        cold: dict[str, list[float]] = {"1": [], "auto": []}
         for _ in range(max(1, min(3, trials // 2))):
-            shutil.rmtree(root / "out", ignore_errors=True)
-            shutil.rmtree(root / ".agentd", ignore_errors=True)
-            cold.append(cli_build(root)[0])
+            for jobs in cold:  # side by side, alternating
+                shutil.rmtree(root / "out", ignore_errors=True)
+                shutil.rmtree(root / ".agentd", ignore_errors=True)
+                cold[jobs].append(cli_build(root, "--jobs", jobs)[0])
         warm_build = cli_build(root)
         log(f"N={n}: daemon warm restart")
         restarts = []
@@ -289,34 +293,48 @@ def bench_size(source: Path, n: int, trials: int, log: Callable[[str], None]) ->
             first = next(e for e in d.events if e.get("event") == "build.finished")
             restarts.append((d.ready_ms, first["sections_rendered"]))
             d.stop()
-        d = Daemon(root)
-        edits = {}
-        try:
-            for label, rel, old, new in EDITS:
-                log(f"N={n}: {label}")
-                path = root / rel.format(agent=ids[len(ids) // 2])
-                timing, builds = time_edit(d, path, old, new, trials)
-                rendered = builds[0].get("rendered", [])
-                sections = builds[0]["sections_rendered"]
-                oracle = oracle_ms(config, [r for r in rendered if not r.startswith("...")]) if rendered else 0.0
-                if len(rendered) < sections and rendered:  # the log caps long lists: scale the sample
-                    oracle *= sections / len([r for r in rendered if not r.startswith("...")])
-                edits[label] = {
-                    "save_to_output": timing.to_dict(),
-                    "sections_rendered": sections,
-                    "outputs_written": builds[0]["outputs_written"],
-                    "oracle_ms": round(oracle, 2),
-                    "naive_full_rebuild_ms": round(naive_per_agent * n, 1),
-                }
-            stats = d.stats()
-        finally:
-            d.stop()
+        edits: dict[str, dict[str, Any]] = {}
+        stats: dict[str, Any] = {}
+        for jobs in ("auto", "1"):
+            d = Daemon(root, jobs)
+            try:
+                for label, rel, old, new in EDITS:
+                    if jobs == "1" and label == "one key of one agent":
+                        continue  # one section: never a batch for workers
+                    log(f"N={n}: {label} (--jobs {jobs})")
+                    path = root / rel.format(agent=ids[len(ids) // 2])
+                    timing, builds = time_edit(d, path, old, new, trials, tag=f"j{jobs}-")
+                    if jobs == "1":
+                        edits[label]["save_to_output_jobs_1"] = timing.to_dict()
+                        edits[label]["jobs_speedup"] = round(timing.p50 / edits[label]["save_to_output"]["p50_ms"], 2)
+                        continue
+                    rendered = builds[0].get("rendered", [])
+                    sections = builds[0]["sections_rendered"]
+                    listed = [r for r in rendered if not r.startswith("...")]
+                    oracle = oracle_ms(config, listed) if listed else 0.0
+                    if len(listed) < sections and listed:  # the log caps long lists: scale the sample
+                        oracle *= sections / len(listed)
+                    edits[label] = {
+                        "save_to_output": timing.to_dict(),
+                        "workers": builds[0].get("workers", 0),
+                        "sections_rendered": sections,
+                        "outputs_written": builds[0]["outputs_written"],
+                        "oracle_ms": round(oracle, 2),
+                        "vs_oracle": round(timing.p50 / oracle, 2) if oracle else None,
+                        "naive_full_rebuild_ms": round(naive_per_agent * n, 1),
+                    }
+                if jobs == "auto":
+                    stats = d.stats()
+            finally:
+                d.stop()
         return {
             "agents": n,
             "cold_build_ms": {
                 "naive_fresh_environment_per_agent": round(naive_per_agent * n, 1),
                 "naive_sampled_agents": len(sample),
-                "agentd_build": Timing(cold).to_dict(),
+                "agentd_build_jobs_1": Timing(cold["1"]).to_dict(),
+                "agentd_build_jobs_auto": Timing(cold["auto"]).to_dict(),
+                "jobs_speedup": round(Timing(cold["1"]).p50 / Timing(cold["auto"]).p50, 2),
                 "agentd_build_warm_cache": round(warm_build[0], 1),
             },
             "daemon_warm_restart": {
@@ -340,18 +358,25 @@ def table(report: dict[str, Any]) -> str:
         lines += [
             "",
             f"N = {n} agents",
-            f"  cold build        naive {c['naive_fresh_environment_per_agent']:.0f} ms | agentd build "
-            f"p50 {c['agentd_build']['p50_ms']:.0f} ms | again with the store {c['agentd_build_warm_cache']:.0f} ms "
+            f"  cold build        naive {c['naive_fresh_environment_per_agent']:.0f} ms | agentd build --jobs 1 "
+            f"p50 {c['agentd_build_jobs_1']['p50_ms']:.0f} ms | "
+            f"--jobs auto {c['agentd_build_jobs_auto']['p50_ms']:.0f} ms "
+            f"({c['jobs_speedup']:.2f}x) | again with the store {c['agentd_build_warm_cache']:.0f} ms "
             "(wall, incl. interpreter start)",
             f"  daemon restart    ready in p50 {r['daemon_warm_restart']['ready_ms']['p50_ms']:.0f} ms, "
             f"{r['daemon_warm_restart']['sections_rendered']} sections rendered",
-            "  edit                      save->output p50 / p95     sections  written   oracle   naive rebuild",
+            "  edit                      save->output p50 / p95    sections written   oracle  vs oracle"
+            "   --jobs 1  speedup  naive rebuild",
         ]
         for label, e in r["edits"].items():
             s = e["save_to_output"]
+            one = e.get("save_to_output_jobs_1")
+            ratio = f"{e['vs_oracle']:.2f}x" if e.get("vs_oracle") else "-"
+            serial = f"{one['p50_ms']:.1f} ms {e['jobs_speedup']:.2f}x" if one else "-"
             lines.append(
-                f"  {label:<24}{s['p50_ms']:>10.1f} / {s['p95_ms']:<8.1f} ms{e['sections_rendered']:>8}"
-                f"{e['outputs_written']:>9}{e['oracle_ms']:>8.1f} ms{e['naive_full_rebuild_ms']:>10.0f} ms"
+                f"  {label:<24}{s['p50_ms']:>10.1f} / {s['p95_ms']:<8.1f} ms{e['sections_rendered']:>7}"
+                f"{e['outputs_written']:>8}{e['oracle_ms']:>8.1f} ms{ratio:>9}{serial:>20}"
+                f"{e['naive_full_rebuild_ms']:>10.0f} ms"
             )
         rates = "  ".join(f"{k} {v:.1%}" if v is not None else f"{k} -" for k, v in r["hit_rates"].items())
         lines.append(f"  peak RSS {r['peak_rss_bytes'] / 1e6:.0f} MB; daemon hit rates (lifetime): {rates}")

@@ -16,7 +16,7 @@ import multiprocessing
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +24,15 @@ from . import __version__
 from . import graph as g
 from .cache import Caches, Counters, Rendered
 from .catalog import Relations, TrackedCatalog
+from .compose import Skeleton, render_skeleton
 from .config import Config
 from .exceptions import AgentdError, ConfigError, DataError, OutputError, SourceError
 from .output import OutputDir
+from .pool import Pool, WorkerLost
 from .render import Renderer, anchor, section_title
 from .store import Store
 from .trace import MISSING, TrackedMapping, TrackedValue, fingerprint
-from .workspace import AgentSource, Workspace, locate, source_line
+from .workspace import AgentSource, Delta, Workspace, load_yaml, locate, source_line
 
 BASE_TEMPLATE = "base/agent-base.j2"
 SECTION_DIR = "sections"
@@ -76,6 +78,8 @@ class BuildReport:
     cold: bool = False
     #: Output-gate findings for the agents composed in this build (see ``Engine.output_check``).
     findings: list[Any] = dataclasses.field(default_factory=list)
+    #: Worker processes that rendered in this build (0: all in this process).
+    workers: int = 0
     duration_ms: float = 0.0
 
     @property
@@ -83,41 +87,23 @@ class BuildReport:
         return not self.errors
 
 
-#: Below this many sections to render, forking workers costs more than it saves.
-PARALLEL_MIN_SECTIONS = 36
+#: A warm worker pool takes a batch from this many sections (below it, dispatch costs more).
+PARALLEL_MIN_SECTIONS = 16
+#: Starting a pool (forking) pays off from this many sections.
+POOL_START_MIN_SECTIONS = 36
+#: Parsing sources ahead in worker processes pays off from this many files.
+PARSE_AHEAD_MIN_FILES = 16
 
-#: (engine, catalog, sections to render per agent) for forked workers to inherit.
-_FORKED: tuple[Engine, TrackedCatalog, dict[str, list[dict[str, Any]]]] | None = None
 
-
-def _work(
-    agent_ids: list[str],
-) -> list[tuple[str, list[tuple[str, Rendered]], list[AgentdError], Rendered | None, Any]]:
-    """In a worker: render the missing sections of ``agent_ids`` and compose each agent."""
-    assert _FORKED is not None
-    engine, catalog, todo = _FORKED
+def _parse_chunk(items: list[tuple[str, bytes]]) -> list[tuple[bytes, Any]]:
+    """In a worker: parse sources ahead. A source that does not parse is left to the parent,
+    which reports it with its line."""
     out = []
-    for agent_id in agent_ids:
-        engine.renderer.timings = []
-        plan = engine.plans[agent_id]
-        context = engine._context(plan, catalog)
-        entries: list[tuple[str, Rendered]] = []
-        errors: list[AgentdError] = []
-        for meta in todo[agent_id]:
-            try:
-                entry = engine._render_one(plan, meta, context)
-            except SourceError as exc:
-                errors.append(exc)
-                continue
-            entries.append((meta["id"], entry))
-            engine.caches.l3.put((agent_id, meta["id"]), entry)
-        composed = None
-        if not errors:
-            try:
-                composed = engine._compose_render(plan, catalog)
-            except SourceError as exc:
-                errors.append(exc)
-        out.append((agent_id, entries, errors, composed, engine.renderer.timings))
+    for rel, raw in items:
+        try:
+            out.append((fingerprint(raw), load_yaml(raw.decode("utf-8"), rel)))
+        except (DataError, UnicodeDecodeError):
+            continue
     return out
 
 
@@ -138,11 +124,12 @@ def open_store(config: Config, warn: Callable[..., Any] | None = None) -> Store 
 class Engine:
     """Holds one workspace's caches and graph across builds (the daemon keeps one alive)."""
 
-    def __init__(self, config: Config, store: Store | None = None, jobs: int = 1) -> None:
+    def __init__(self, config: Config, store: Store | None = None, jobs: int | None = None) -> None:
         self.config = config
         self.store = store
-        #: Worker processes for large batches of renders (``agentd build --jobs``).
-        self.jobs = max(1, jobs)
+        #: Worker processes for large batches of renders (``--jobs``; see ``pool.py``).
+        self.jobs = max(1, jobs if jobs is not None else config.workers)
+        self._pool: Pool | None = None
         #: Take unchanged renders from the store (False for a forced rebuild: render, then save).
         self.restore = True
         self.workspace = Workspace(config)
@@ -159,6 +146,8 @@ class Engine:
         self.plans: dict[str, Plan] = {}
         self.agent_errors: dict[str, list[AgentdError]] = {}
         self._compose_pending: set[str] = set()
+        #: Per agent: its output around the sections (``compose.py``), None when not composable.
+        self.skeletons: dict[str, Skeleton | None] = {}
         #: Called with (agent id, output bytes, plan) after every composition; its findings are
         #: kept per agent until the agent is composed again (the daemon's output gates).
         self.output_check: Callable[[str, bytes, Plan], list[Any]] | None = None
@@ -185,30 +174,26 @@ class Engine:
         self.renderer.timings = []
         report.cold = not self._scanned
         if paths is None or not self._scanned:
-            delta = self.workspace.scan()
+            delta = self._scan()
             self._scanned = True
         else:
             paths = list(paths)
             delta = self.workspace.refresh(paths)
             report.changed = sorted({self.workspace.rel(Path(p).absolute()) for p in paths})
-        if delta.membership:
-            self._known_dirs = None
-        self.renderer.compile(delta.templates)
-        old_sections = self._invalidate(delta)
-        self._resolve(delta, old_sections)
-        catalog = self._catalog(delta)
+            self.renderer.compile(delta.templates)
+        old_sections, catalog = self._apply(delta)
         todo = self._collect(old_sections, report)
-        composed: dict[str, Rendered] = {}
-        if self.jobs > 1 and sum(map(len, todo.values())) >= PARALLEL_MIN_SECTIONS and len(todo) > 1:
-            composed = self._render_parallel(todo, catalog, old_sections, report)
+        sections = sum(map(len, todo.values()))
+        if self._parallel(sections) and len(todo) > 1:
+            self._render_parallel(todo, catalog, old_sections, report, write)
         else:
             for agent_id, metas in todo.items():
-                self._render_sections(agent_id, metas, catalog, old_sections, report)
+                self._render_agent(agent_id, metas, catalog, old_sections, report, write)
         planned = sum(len(p.metas) for p in self.plans.values())
-        report.sections_reused = planned - report.sections_restored - sum(map(len, todo.values()))
+        report.sections_reused = planned - report.sections_restored - sections
         self.caches.l3.counters.hits += report.sections_reused  # used as they were, unvisited
         for agent_id in sorted(self._compose_pending & self.plans.keys()):
-            self._compose(agent_id, catalog, report, write, composed.pop(agent_id, None))
+            self._compose(agent_id, catalog, report, write)
         # Output gates after every write of this build: they never delay a file.
         for agent_id, data, plan in self._to_check:
             if data is None:  # written: read it back rather than hold every output in memory
@@ -227,13 +212,80 @@ class Engine:
         report.duration_ms = (time.perf_counter() - t0) * 1000
         return report
 
+    def _scan(self) -> Delta:
+        """Read and compile everything. With worker processes, they parse the YAML sources
+        while this process compiles the templates."""
+        parsing = self._parse_ahead()
+        delta = self.workspace.refresh([self.config.templates_path])
+        self.renderer.compile(delta.templates)
+        if parsing is not None:
+            with parsing[0]:
+                for future in parsing[1]:
+                    self.workspace.prefetched.update(future.result())
+        delta.update(self.workspace.refresh([self.config.agents_path]))
+        self.workspace.prefetched.clear()
+        return delta
+
+    def _parse_ahead(self) -> tuple[ProcessPoolExecutor, list[Future[list[tuple[bytes, Any]]]]] | None:
+        if self.jobs < 2:
+            return None
+        files = self.workspace.agent_files()
+        if self.store is not None and self.restore:
+            files = [(p, raw) for p, raw in files if self.store.get_parsed(fingerprint(raw)) is None]
+            self.store.close()  # never carry an open SQLite connection across fork()
+        if len(files) < PARSE_AHEAD_MIN_FILES:
+            return None
+        items = [(self.workspace.rel(p), raw) for p, raw in files]
+        chunks = [items[i :: self.jobs * 2] for i in range(self.jobs * 2)]
+        executor = ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("fork"))
+        return executor, [executor.submit(_parse_chunk, chunk) for chunk in chunks]
+
+    def _apply(self, delta: Delta) -> tuple[dict[tuple[str, str], bytes], TrackedCatalog]:
+        """Evict what the change invalidates and re-resolve the agents it touches (templates
+        are compiled already); return the evicted sections' old digests and the catalog."""
+        if delta.membership:
+            self._known_dirs = None
+        old_sections = self._invalidate(delta)
+        self._resolve(delta, old_sections)
+        return old_sections, self._catalog(delta)
+
+    def replay(self, journal: dict[Path, bytes | None]) -> TrackedCatalog:
+        """In a worker process: reach the parent's state from the files it read since."""
+        delta = self.workspace.replay(journal)
+        self.renderer.compile(delta.templates)
+        return self._apply(delta)[1]
+
+    def worker_catalog(self) -> TrackedCatalog:
+        return self._catalog(Delta())
+
+    def _parallel(self, sections: int) -> bool:
+        if self.jobs < 2:
+            return False
+        return sections >= (PARALLEL_MIN_SECTIONS if self._pool is not None else POOL_START_MIN_SECTIONS)
+
+    def start_pool(self) -> None:
+        """Fork the worker processes now (the daemon does this after its first build, so no
+        edit ever waits for a pool to start)."""
+        if self.jobs > 1 and self._pool is None:
+            self._pool = Pool(self, self.jobs)
+            self.workspace.journal = {}
+
+    def close(self) -> None:
+        """Stop the worker processes (they write their renders to the store first)."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+            self.workspace.journal = None
+
     def forget(self, agent_ids: Iterable[str]) -> None:
         """Drop every cached render of these agents, so the next build renders them anew."""
+        self.close()  # the workers' fragments too
         for agent_id in agent_ids:
             plan = self.plans.get(agent_id)
             for meta in plan.metas if plan else []:
                 self._drop_section((agent_id, meta["id"]))
             self.caches.l4.pop(agent_id)
+            self.skeletons.pop(agent_id, None)
             self._compose_pending.add(agent_id)
 
     def _drop_section(self, key: tuple[str, str]) -> bytes | None:
@@ -317,6 +369,7 @@ class Engine:
                 self.graph.remove([node])
             elif kind == "compose":
                 self._compose_pending.add(rest)
+                self.skeletons.pop(rest, None)
         return old
 
     # -- resolution -----------------------------------------------------------------------
@@ -360,6 +413,7 @@ class Engine:
                 self._drop_section((agent_id, meta["id"]))
             self.graph.remove([g.section_node(agent_id, m["id"]) for m in old.metas] + [g.compose_node(agent_id)])
         self._compose_pending.discard(agent_id)
+        self.skeletons.pop(agent_id, None)
         if not keep_output:
             self.caches.l4.pop(agent_id)
             self.findings.pop(agent_id, None)
@@ -457,14 +511,16 @@ class Engine:
             "catalog": catalog,
         }
 
-    def _render_sections(
+    def _render_agent(
         self,
         agent_id: str,
         metas: list[dict[str, Any]],
         catalog: TrackedCatalog,
         old: dict[tuple[str, str], bytes],
         report: BuildReport,
+        write: bool,
     ) -> None:
+        """Render an agent's dirty sections and compose it while they are in L3."""
         plan = self.plans[agent_id]
         errors: list[AgentdError] = []
         context = self._context(plan, catalog)
@@ -475,8 +531,15 @@ class Engine:
                 errors.append(exc)  # stays dirty: retried next build
                 continue
             self._keep_section(agent_id, meta["id"], rendered, old, report)
+        self._agent_rendered(agent_id, errors, catalog, report, write)
+
+    def _agent_rendered(
+        self, agent_id: str, errors: list[AgentdError], catalog: TrackedCatalog, report: BuildReport, write: bool
+    ) -> None:
         if errors:
             self.agent_errors[agent_id] = errors
+        elif agent_id in self._compose_pending:
+            self._compose(agent_id, catalog, report, write)
 
     def _render_parallel(
         self,
@@ -484,33 +547,32 @@ class Engine:
         catalog: TrackedCatalog,
         old: dict[tuple[str, str], bytes],
         report: BuildReport,
-    ) -> dict[str, Rendered]:
-        """Render (and compose) in ``jobs`` forked workers. Forking after the scan means every
-        worker starts with the parsed sources, the compiled templates and the caches of this
-        process: nothing is parsed or compiled twice, only results travel back. Threads would
-        not help: Jinja rendering holds the GIL."""
-        global _FORKED
-        _FORKED = (self, catalog, todo)
-        if self.store:
-            self.store.close()  # never carry an open SQLite connection across fork()
-        ids = list(todo)
-        chunks = [ids[i :: self.jobs * 4] for i in range(min(len(ids), self.jobs * 4))]
-        composed: dict[str, Rendered] = {}
+        write: bool,
+    ) -> None:
+        """Render in the worker processes (``pool.py``) and compose each agent as its sections
+        arrive. A lost worker only costs speed: what is left is rendered here."""
+        self.start_pool()
+        assert self._pool is not None and self.workspace.journal is not None
+        journal, self.workspace.journal = self.workspace.journal, {}
+        report.workers = self._pool.size
+        tasks = [(agent_id, [m["id"] for m in metas]) for agent_id, metas in todo.items()]
+        done: set[str] = set()
         try:
-            context = multiprocessing.get_context("fork")
-            with ProcessPoolExecutor(max_workers=self.jobs, mp_context=context) as pool:
-                for results in pool.map(_work, chunks):
-                    for agent_id, entries, errors, done, timings in results:
-                        for section, entry in entries:
-                            self._keep_section(agent_id, section, entry, old, report)
-                        if errors:
-                            self.agent_errors[agent_id] = errors
-                        elif done is not None:
-                            composed[agent_id] = done
-                        self.renderer.timings += timings
-        finally:
-            _FORKED = None
-        return composed
+            for (agent_id, entries, errors, timings), counters in self._pool.render(journal, tasks):
+                self.caches.add(counters)
+                self.renderer.timings += timings
+                for section, entry in entries:
+                    self._keep_section(agent_id, section, entry, old, report, stored=True)
+                done.add(agent_id)
+                self._agent_rendered(agent_id, errors, catalog, report, write)
+        except WorkerLost:
+            self.close()
+        except BaseException:
+            self.close()  # chunks still in flight would answer the next batch
+            raise
+        for agent_id, metas in todo.items():
+            if agent_id not in done:
+                self._render_agent(agent_id, metas, catalog, old, report, write)
 
     def _collect(self, old: dict[tuple[str, str], bytes], report: BuildReport) -> dict[str, list[dict[str, Any]]]:
         """The dirty sections (invalidated, new, or failed last time) that the store cannot
@@ -540,7 +602,7 @@ class Engine:
         return todo
 
     def _render_one(self, plan: Plan, meta: dict[str, Any], context: dict[str, Any]) -> Rendered:
-        """Render one section (no bookkeeping: also runs in parallel build workers)."""
+        """Render one section (no bookkeeping: also runs in worker processes)."""
         try:
             rendered = self.renderer.render(meta["template"], {**context, "section": meta})
         except SourceError as exc:
@@ -550,14 +612,21 @@ class Engine:
         return Rendered(rendered.data, reads, fingerprint(rendered.data))
 
     def _keep_section(
-        self, agent_id: str, section: str, entry: Rendered, old: dict[tuple[str, str], bytes], report: BuildReport
+        self,
+        agent_id: str,
+        section: str,
+        entry: Rendered,
+        old: dict[tuple[str, str], bytes],
+        report: BuildReport,
+        stored: bool = False,
     ) -> None:
+        """Record a fresh render; ``stored``: a worker put it in the store already."""
         node = g.section_node(agent_id, section)
         self.caches.l3.put((agent_id, section), entry)
         self.section_digests[(agent_id, section)] = entry.digest
         self._dirty.discard((agent_id, section))
         self.graph.set_inputs(node, entry.reads)
-        if self.store:
+        if self.store and not stored:
             self.store.put(node, entry)
         report.sections_rendered.append(f"{agent_id}/{section}")
         if old.get((agent_id, section)) == entry.digest:
@@ -579,23 +648,46 @@ class Engine:
         return entry
 
     def _compose_render(self, plan: Plan, catalog: TrackedCatalog) -> Rendered:
-        """The agent's output from its cached sections (no bookkeeping: also runs in workers)."""
+        """The agent's output from its cached sections (no bookkeeping):
+        the skeleton joined with the sections' bytes, or, when the base template inspects a
+        section's content, a full render."""
         agent_id = plan.agent.id
-        sections = []
+        entries = [self._section_entry(plan, meta, catalog) for meta in plan.metas]
         section_reads: dict[str, bytes] = {}
-        for meta in plan.metas:
-            entry = self._section_entry(plan, meta, catalog)
-            sections.append({**meta, "content": entry.data.decode()})
+        for meta, entry in zip(plan.metas, entries, strict=True):
             section_reads[g.section_node(agent_id, meta["id"])] = entry.digest
             section_reads[g.meta_node(agent_id, meta["id"])] = plan.meta_fps[meta["id"]]
+        skeleton = self._skeleton(plan, catalog)
+        if skeleton is not None:
+            data = skeleton.join([e.data for e in entries])
+            digest = skeleton.output_digest([e.digest for e in entries])
+            return Rendered(data, {**skeleton.reads, **section_reads}, digest)
+        rendered = self._render_base(plan, catalog, [e.data.decode() for e in entries])
+        return Rendered(rendered.data, {**rendered.reads, **section_reads}, fingerprint(rendered.data))
+
+    def _render_base(self, plan: Plan, catalog: TrackedCatalog, contents: list[str]) -> Rendered:
         context = self._context(plan, catalog)
-        context["sections"] = sections
+        context["sections"] = [{**meta, "content": c} for meta, c in zip(plan.metas, contents, strict=True)]
         try:
-            rendered = self.renderer.render(BASE_TEMPLATE, context)
+            return self.renderer.render(BASE_TEMPLATE, context)
         except SourceError as exc:
-            exc.context = f"composing agent {agent_id!r} ({plan.agent.path})"
+            exc.context = f"composing agent {plan.agent.id!r} ({plan.agent.path})"
             raise
-        return Rendered(rendered.data, {**rendered.reads, **section_reads})
+
+    def _skeleton(self, plan: Plan, catalog: TrackedCatalog) -> Skeleton | None:
+        """The agent's skeleton, rendered when missing or made for other section metadata.
+        ``self.skeletons`` also remembers "not composable" (None) until the inputs change."""
+        agent_id = plan.agent.id
+        metas_fp = fingerprint(plan.metas)
+        if agent_id in self.skeletons:
+            known = self.skeletons[agent_id]
+            if known is None or known.metas_fp == metas_fp:
+                return known
+        skeleton = render_skeleton(
+            lambda contents: self._render_base(plan, catalog, contents), len(plan.metas), metas_fp
+        )
+        self.skeletons[agent_id] = skeleton
+        return skeleton
 
     def _compose(
         self,
@@ -603,7 +695,6 @@ class Engine:
         catalog: TrackedCatalog,
         report: BuildReport,
         write: bool,
-        composed: Rendered | None = None,
     ) -> None:
         plan = self.plans[agent_id]
         if agent_id in self.agent_errors:
@@ -613,18 +704,16 @@ class Engine:
         restorable = write and self.store and self.restore and agent_id not in self.caches.l4
         if restorable and self._restore_compose(agent_id, name, report):
             return
-        if composed is None:
-            try:
-                composed = self._compose_render(plan, catalog)
-            except SourceError as exc:
-                self.agent_errors[agent_id] = [exc]
-                return
-        rendered = composed
+        try:
+            rendered = self._compose_render(plan, catalog)
+        except SourceError as exc:
+            self.agent_errors[agent_id] = [exc]
+            return
         reads = rendered.reads
         self.graph.set_inputs(node, reads)
         self._compose_pending.discard(agent_id)
         report.agents_composed.append(agent_id)
-        digest = fingerprint(rendered.data)
+        digest = rendered.digest
         if self.store:  # the composition's inputs -> its output's digest (not the bytes again)
             self.store.put(node, Rendered(digest, reads, fingerprint(digest)))
         if self.caches.l4.check(agent_id, digest) and self.output.owns(name):
@@ -652,13 +741,7 @@ class Engine:
         assert self.store is not None
         node = g.compose_node(agent_id)
         stored = self.store.lookup(node, self.current_fp)
-        if stored is None or not self.output.owns(name):
-            return False
-        try:
-            on_disk = fingerprint((self.output.path / name).read_bytes())
-        except OSError:
-            return False
-        if on_disk != stored.data:
+        if stored is None or not self.output.unchanged_since_written(name, stored.data):
             return False
         self.graph.set_inputs(node, stored.reads)
         self.caches.l4.put(agent_id, stored.data)

@@ -33,6 +33,11 @@ class Counters:
     def snapshot(self) -> Counters:
         return dataclasses.replace(self)
 
+    def add(self, other: Counters) -> None:
+        self.hits += other.hits
+        self.misses += other.misses
+        self.evictions += other.evictions
+
     def since(self, before: Counters) -> Counters:
         return Counters(self.hits - before.hits, self.misses - before.misses, self.evictions - before.evictions)
 
@@ -141,6 +146,12 @@ class Caches:
             "L3": self.l3.counters.snapshot(),
             "L4": self.l4.counters.snapshot(),
         }
+
+    def add(self, counters: dict[str, Counters]) -> None:
+        """Count what a worker process did (its own copies of L1 and L2) as this cache's."""
+        layers = {"L1": self.l1_counters, "L2": self.l2.counters, "L3": self.l3.counters, "L4": self.l4.counters}
+        for name, c in counters.items():
+            layers[name].add(c)
 
     def stats(self) -> dict[str, dict[str, Any]]:
         """Entries, bytes and lifetime counters per layer (for the CLI, logs and status)."""

@@ -8,7 +8,6 @@ daemon already runs on this workspace (``watch``).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -49,6 +48,17 @@ def _no_cache(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _jobs(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--jobs",
+        "-j",
+        metavar="N",
+        help="worker processes for big batches of renders: cold builds and template edits that "
+        "touch many agents ('auto': one per core, at most 8; 1: none). Workers are started once and "
+        "kept warm; small edits never use them. Default: auto (AGENTD_JOBS, agentd.toml `jobs`)",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     root_help = "workspace root holding templates/ and agents/ (default: the current directory)"
     socket_help = "status socket (default: $XDG_RUNTIME_DIR/agentd/<workspace>.sock; env AGENTD_SOCKET)"
@@ -68,13 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--root", default=".", help=root_help)
     b.add_argument("--output-dir", help="output folder, relative to the root (default: out)")
     b.add_argument("--quiet", "-q", action="store_true", help="print only errors")
-    b.add_argument(
-        "--jobs",
-        "-j",
-        default="1",
-        metavar="N",
-        help="render in N worker processes ('auto': one per core; default 1). Pays off from a few dozen agents.",
-    )
+    _jobs(b)
     _no_cache(b)
 
     w = sub.add_parser(
@@ -99,11 +103,12 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         metavar="MS",
         dest="step_ms",
-        help="quiet time after a change before it is reported; sets save-to-output latency (default: 10)",
+        help="quiet time after a change before it is reported; sets save-to-output latency (default: 8)",
     )
     w.add_argument("--log-format", choices=("auto", "console", "json"), help="log renderer (default: auto)")
     w.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="default: info")
     w.add_argument("--socket", metavar="PATH", help=socket_help)
+    _jobs(w)
     _no_cache(w)
 
     ca = sub.add_parser(
@@ -208,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         overrides = {
             k: getattr(args, k, None)
-            for k in ("output_dir", "debounce_ms", "step_ms", "log_format", "log_level", "socket", "cache")
+            for k in ("output_dir", "debounce_ms", "step_ms", "log_format", "log_level", "socket", "cache", "jobs")
         }
         config = Config.load(args.root, overrides)
         handler = {
@@ -265,14 +270,19 @@ def summary(report: BuildReport) -> str:
     lines.append("  cache hits: " + "  ".join(layers))
     if report.sections_restored:
         lines.append(f"  persistent cache: {report.sections_restored} sections restored (rendered by an earlier run)")
-    lines.append(f"  time: {report.duration_ms:.0f} ms")
+    workers = f" ({report.workers} worker processes)" if report.workers else ""
+    lines.append(f"  time: {report.duration_ms:.0f} ms{workers}")
     return "\n".join(lines)
 
 
 def _cmd_build(config: Config, args: argparse.Namespace) -> int:
     _check_workspace(config)
     store = open_store(config, warn=_warn)
-    report = Engine(config, store, jobs=_jobs(args.jobs)).build()
+    engine = Engine(config, store)
+    try:
+        report = engine.build()
+    finally:
+        engine.close()
     if store:
         store.close()
     print_errors(report, sys.stderr)
@@ -287,7 +297,7 @@ def _cmd_watch(config: Config, args: argparse.Namespace) -> int:
 
     _check_workspace(config)
     log.configure(config.log_format, config.log_level)
-    keep = ("output_dir", "debounce_ms", "step_ms", "socket", "cache")
+    keep = ("output_dir", "debounce_ms", "step_ms", "socket", "cache", "jobs")
     overrides = {k: v for k, v in vars(args).items() if k in keep and v is not None}
     return Server(config, overrides).run()
 
@@ -324,14 +334,6 @@ def _cmd_status(config: Config, args: argparse.Namespace) -> int:
             time.sleep(max(0.1, args.interval))
         except KeyboardInterrupt:
             return code
-
-
-def _jobs(value: str) -> int:
-    if value == "auto":
-        return os.cpu_count() or 1
-    if value.isdigit() and int(value) >= 1:
-        return int(value)
-    raise ConfigError(f"--jobs: expected a number >= 1 or 'auto', got {value!r}")
 
 
 def _warn(event: str, **fields: Any) -> None:

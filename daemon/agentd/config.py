@@ -43,7 +43,7 @@ class Config:
     log_level: str = "info"
     #: watchfiles ``step``: how long the watcher waits for more changes after one (ms). It sets
     #: save-to-output latency (an event arrives step..2*step after the write).
-    step_ms: int = 10
+    step_ms: int = 8
     #: watchfiles ``debounce``: the longest a continuous stream of changes is grouped (ms).
     debounce_ms: int = 400
     #: After a batch that deletes files or touches many, wait this long for quiet before
@@ -54,6 +54,9 @@ class Config:
     #: In-memory budget for rendered sections (L3) and fragments (L2), each, in MB; the least
     #: recently used are dropped beyond it (the store keeps them). 0: no limit.
     memory_budget_mb: int = 64
+    #: Worker processes for big batches of renders (cold builds, template edits that touch many
+    #: agents); 0 (``auto``): one per core, at most 8. 1: render in this process only.
+    jobs: int = 0
     #: Seconds a shutdown waits for the build in flight before giving up on it.
     graceful_timeout: float = 5.0
     #: The status socket; empty: ``$XDG_RUNTIME_DIR/agentd/<name>.sock`` (see ``control.py``).
@@ -77,6 +80,10 @@ class Config:
     check_disable: tuple[str, ...] = ()
     check_agent_schema: str = ""
     check_trait_schema: str = ""
+
+    @property
+    def workers(self) -> int:
+        return self.jobs or min(os.cpu_count() or 1, 8)
 
     @property
     def templates_path(self) -> Path:
@@ -174,6 +181,13 @@ def _coerce(name: str, value: Any) -> Any:
         if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
             return value.lower() in ("1", "true", "yes", "on")
         raise ConfigError(f"cache: expected true or false, got {value!r}")
+    if name == "jobs":
+        if value == "auto":
+            return 0
+        if (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and value.isdigit()):
+            if int(value) >= 1:
+                return int(value)
+        raise ConfigError(f"jobs: expected a number >= 1 or 'auto', got {value!r}")
     if name in _NUMBERS:
         kind, low = _NUMBERS[name]
         try:

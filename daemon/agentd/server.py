@@ -79,6 +79,7 @@ class Server:
         return engine
 
     def _replace_engine(self, config: Config) -> None:
+        self.engine.close()
         if self.engine.store:
             self.engine.store.close()
         self.engine = self._new_engine(config)
@@ -114,6 +115,8 @@ class Server:
             self.log.warning("socket.stale_replaced", socket=str(self.socket_path))
         await self._start_watchers(root_too=True)
         await self._build(None)
+        async with self._build_lock:  # workers forked now, from current state: no edit waits for them
+            self.engine.start_pool()
         self.notifier.ready(self.monitor.one_line())
         self._ready = True
         if self.notifier.watchdog_interval:
@@ -144,6 +147,8 @@ class Server:
                 if not task.cancelled() and task.exception() is not None:
                     self.log.error("watch.task_failed", error=repr(task.exception()))
         await self.control.close()
+        async with self._build_lock:
+            self.engine.close()
         if self.engine.store:
             self.engine.store.close()
         self.log.info("watch.stopped", builds=self.monitor.builds)
@@ -250,6 +255,8 @@ class Server:
             with structlog.contextvars.bound_contextvars(build_id=build_id):
                 self.log.info("build.started", changed=sorted(self.engine.workspace.rel(p) for p in paths or ()))
                 report = await asyncio.to_thread(self.engine.build, paths, build_id=build_id)
+                if self._ready:  # a pool lost to a dead worker or a rebuild: start it again now
+                    self.engine.start_pool()
                 self.last_report = report
                 self._known_dirs = self.engine.known_dirs()
                 self.monitor.record_build(report, [f for fs in self.engine.findings.values() for f in fs])
@@ -301,6 +308,8 @@ class Server:
         await self._adopt(self._read_config() or self.config)
         await self._start_watchers(root_too=False)
         await self._build(None)
+        async with self._build_lock:  # workers forked now, from current state: no edit waits for them
+            self.engine.start_pool()
         self.notifier.ready(self.monitor.one_line())
         self.log.info("watch.reloaded")
 

@@ -116,6 +116,7 @@ class Monitor:
             "sections_reused": report.sections_reused,
             "sections_restored": report.sections_restored,
             "sections_cut_off": report.sections_cut_off,
+            "workers": report.workers,
             "outputs_written": len(report.written),
             "outputs_unchanged": len(report.unchanged),
             "outputs_removed": len(report.removed),

@@ -122,6 +122,12 @@ class Store:
             self._set_aside(exc)
             return default
 
+    def abandon(self) -> None:
+        """In a forked child: forget the parent's connection without touching it (closing it
+        here could disturb the parent's locks); the child opens its own."""
+        self._db = None
+        self._pending, self._pending_aux = [], {}
+
     def close(self) -> None:
         if self._db is not None:
             self._db.close()

@@ -68,6 +68,12 @@ class Delta:
     def __bool__(self) -> bool:
         return bool(self.nodes or self.templates or self.agents or self.membership)
 
+    def update(self, other: Delta) -> None:
+        self.nodes |= other.nodes
+        self.templates |= other.templates
+        self.agents |= other.agents
+        self.membership |= other.membership
+
 
 def load_yaml(text: str, path: str) -> Any:
     """Parse YAML with the safe loader only (data is data, never objects or code)."""
@@ -151,6 +157,11 @@ class Workspace:
         self._raw: dict[Path, bytes] = {}  # last-seen fingerprint of each file's bytes
         #: Parsed YAML by the fingerprint of its bytes (the persistent store, when there is one).
         self.parsed_cache: Any = None
+        #: Parses done ahead by worker processes (a cold ``--jobs`` build), by the same key.
+        self.prefetched: dict[bytes, Any] = {}
+        #: When set, every file (re-)read is recorded here: path -> bytes (None: gone). Worker
+        #: processes replay it to reach exactly this state (``pool.py``).
+        self.journal: dict[Path, bytes | None] | None = None
 
     # -- paths ----------------------------------------------------------------------------
     def rel(self, path: Path) -> str:
@@ -213,14 +224,39 @@ class Workspace:
                 self._refresh_file(path, kind, delta)
         return delta
 
-    def _read(self, path: Path) -> bytes | None:
+    def replay(self, journal: dict[Path, bytes | None]) -> Delta:
+        """Apply file contents read by another process's ``refresh`` (its ``journal``)."""
+        delta = Delta()
+        for path in sorted(journal):
+            kind = self.classify(path)
+            if kind is not None:
+                self._apply_file(path, kind, delta, journal[path])
+        return delta
+
+    @staticmethod
+    def _read(path: Path) -> bytes | None:
         try:
             return path.read_bytes()
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
 
+    def agent_files(self) -> list[tuple[Path, bytes]]:
+        """Every agent and trait source on disk with its bytes (for parsing ahead)."""
+        found = []
+        for path in sorted(self._disk_files(self.config.agents_path)):
+            if self.classify(path) is not None:
+                raw = self._read(path)
+                if raw is not None:
+                    found.append((path, raw))
+        return found
+
     def _refresh_file(self, path: Path, kind: tuple[str, str], delta: Delta) -> None:
         raw = self._read(path)
+        if self.journal is not None:
+            self.journal[path] = raw
+        self._apply_file(path, kind, delta, raw)
+
+    def _apply_file(self, path: Path, kind: tuple[str, str], delta: Delta, raw: bytes | None) -> None:
         if raw is None:
             if self._raw.pop(path, None) is not None:
                 self._forget(kind, path, delta)
@@ -276,7 +312,9 @@ class Workspace:
         except UnicodeDecodeError as exc:
             raise DataError(f"{rel}: not UTF-8 text ({exc.reason} at byte {exc.start})", rel) from None
         raw_fp = self._raw.get(path) or fingerprint(raw)
-        data = self.parsed_cache.get_parsed(raw_fp) if self.parsed_cache else None
+        data = self.prefetched.pop(raw_fp, None)
+        if data is None and self.parsed_cache:
+            data = self.parsed_cache.get_parsed(raw_fp)
         if data is None:
             data = load_yaml(text, rel)
             if self.parsed_cache and isinstance(data, dict):

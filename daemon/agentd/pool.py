@@ -1,0 +1,206 @@
+"""Worker processes that render sections in parallel and stay warm across builds.
+
+Threads cannot help: Jinja rendering holds the GIL. Processes can, if starting them stays off
+the hot path and they never render from stale state:
+
+- Workers are *forked* from the engine once its state is current (sources parsed, templates
+  compiled, agents resolved), so each starts with everything in memory: nothing is parsed or
+  compiled twice, and a batch costs no pool start.
+- They are kept in step by the workspace *journal*: the bytes of every file the parent re-read
+  since the last batch. A worker replays them through the same ``refresh`` code (recompiling,
+  evicting and re-resolving exactly as the parent did), so it renders from the parent's
+  snapshot, never from a disk that may have moved on since.
+- Each batch is dealt out in small chunks to whichever worker is free; results stream back so
+  the parent composes and writes an agent as soon as its sections arrive. Workers put what they
+  render into the persistent store themselves (SQLite serialises the writers), so the parent
+  never re-sends those bytes to the store.
+
+A worker that dies costs nothing but speed: the parent renders the rest of the batch itself
+and starts a new pool for the next one.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.connection
+import signal
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import graph as g
+from .cache import Counters, Rendered
+from .exceptions import AgentdError, SourceError
+
+if TYPE_CHECKING:
+    from .build import Engine
+
+#: One agent's share of a batch: (agent id, section ids to render).
+Task = tuple[str, list[str]]
+#: What comes back per agent: (agent id, rendered sections, errors, timings).
+Result = tuple[str, list[tuple[str, Rendered]], list[AgentdError], list[tuple[str, float]]]
+
+
+class WorkerLost(Exception):
+    """A worker process exited in the middle of a batch."""
+
+
+class Pool:
+    """``jobs`` forked workers. Create it from the thread that runs builds."""
+
+    def __init__(self, engine: Engine, jobs: int) -> None:
+        context = multiprocessing.get_context("fork")
+        self._conns: list[multiprocessing.connection.Connection] = []
+        self._procs: list[multiprocessing.process.BaseProcess] = []
+        store = engine.store
+        if store is not None:
+            store.close()  # never carry an open SQLite connection across fork()
+        for _ in range(jobs):
+            parent, child = context.Pipe()
+            proc = context.Process(
+                target=_serve, args=(engine, child, [*self._conns, parent]), name="agentd-worker", daemon=True
+            )
+            proc.start()
+            child.close()
+            self._conns.append(parent)
+            self._procs.append(proc)
+        # An engine dropped without ``close()`` still stops its workers.
+        self._finalizer = weakref.finalize(self, _shutdown, self._conns, self._procs, 10.0)
+
+    @property
+    def size(self) -> int:
+        return len(self._procs)
+
+    def render(
+        self, journal: dict[Path, bytes | None], tasks: list[Task]
+    ) -> Iterator[tuple[Result, dict[str, Counters]]]:
+        """Render ``tasks`` after bringing every worker up to ``journal``; yield each agent's
+        result as it arrives. Raises ``WorkerLost`` (after which the pool is unusable); a caller
+        that stops early must ``close()`` the pool (chunks would still be in flight)."""
+        try:
+            for conn in self._conns:
+                conn.send(("sync", journal))
+            chunks = _chunks(tasks, len(self._conns))
+            busy: dict[multiprocessing.connection.Connection, bool] = {}
+            for conn in self._conns:
+                busy[conn] = self._give(conn, chunks)
+            while any(busy.values()):
+                for ready in multiprocessing.connection.wait([c for c, b in busy.items() if b]):
+                    conn = ready  # type: ignore[assignment]
+                    results, counters = conn.recv()
+                    busy[conn] = self._give(conn, chunks)
+                    for result in results:
+                        yield result, counters
+                        counters = {}
+        except (EOFError, OSError, BrokenPipeError) as exc:
+            raise WorkerLost(str(exc) or type(exc).__name__) from exc
+
+    @staticmethod
+    def _give(conn: multiprocessing.connection.Connection, chunks: list[list[Task]]) -> bool:
+        if chunks:
+            conn.send(("render", chunks.pop()))
+            return True
+        conn.send(("idle", None))  # nothing left for it: time to write its renders to the store
+        return False
+
+    def close(self) -> None:
+        """Let every worker flush its store writes and exit; kill the ones that do not."""
+        self._finalizer()
+
+
+def _shutdown(
+    conns: list[multiprocessing.connection.Connection], procs: list[multiprocessing.process.BaseProcess], timeout: float
+) -> None:
+    for conn in conns:
+        try:
+            conn.send(None)
+        except OSError:
+            pass
+    for proc in procs:
+        proc.join(timeout)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    for conn in conns:
+        conn.close()
+
+
+def _chunks(tasks: list[Task], workers: int) -> list[list[Task]]:
+    """Split a batch into ~8 chunks per worker by section count (agents stay whole), biggest
+    first so the slowest chunk does not start last. Returned reversed: ``pop()`` takes next."""
+    total = sum(len(sections) for _, sections in tasks)
+    target = max(1, total // (workers * 8))
+    chunks: list[list[Task]] = []
+    current: list[Task] = []
+    size = 0
+    for task in tasks:
+        current.append(task)
+        size += len(task[1])
+        if size >= target:
+            chunks.append(current)
+            current, size = [], 0
+    if current:
+        chunks.append(current)
+    chunks.sort(key=lambda c: sum(len(s) for _, s in c))
+    return chunks
+
+
+# -- in the worker ------------------------------------------------------------------------------
+def _serve(
+    engine: Engine,
+    conn: multiprocessing.connection.Connection,
+    parent_ends: list[multiprocessing.connection.Connection],
+) -> None:
+    """A worker's loop: sync, render chunks, flush when idle, exit on ``None`` or EOF."""
+    for end in parent_ends:
+        end.close()  # so that when the parent dies, every worker sees EOF and exits
+    # The parent decides when to stop: a Ctrl-C reaches the whole process group, and a signal
+    # here must not be relayed to the parent's event loop through its inherited wakeup fd.
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if engine.store is not None:
+        engine.store.abandon()
+    engine.workspace.journal = None
+    catalog = engine.worker_catalog()
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            break
+        if message is None:
+            break
+        kind, payload = message
+        if kind == "sync":
+            if payload:
+                catalog = engine.replay(payload)
+        elif kind == "render":
+            before = engine.caches.counters()
+            results = [_render(engine, catalog, agent_id, sections) for agent_id, sections in payload]
+            counters = {k: v.since(before[k]) for k, v in engine.caches.counters().items()}
+            conn.send((results, counters))
+        elif kind == "idle" and engine.store is not None:
+            engine.store.flush()
+    if engine.store is not None:
+        engine.store.flush()
+
+
+def _render(engine: Engine, catalog: Any, agent_id: str, sections: list[str]) -> Result:
+    engine.renderer.timings = []
+    plan = engine.plans[agent_id]
+    metas = plan.meta_by_id
+    context = engine._context(plan, catalog)
+    entries: list[tuple[str, Rendered]] = []
+    errors: list[AgentdError] = []
+    for section in sections:
+        try:
+            entry = engine._render_one(plan, metas[section], context)
+        except SourceError as exc:
+            errors.append(exc)
+            continue
+        entries.append((section, entry))
+        if engine.store is not None:
+            engine.store.put(g.section_node(agent_id, section), entry)
+    return agent_id, entries, errors, engine.renderer.timings

@@ -1,0 +1,101 @@
+"""Warm worker processes: parallel batches equal a clean build, and workers follow every change."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from agentd.bench import make_workspace
+from conftest import REPO, clean_build, read_outputs, run_cli, run_daemon
+
+
+@pytest.fixture
+def many(tmp_path: Path) -> Path:
+    """24 agents derived from the corpus: one section template edit is a batch of 24 renders."""
+    root = tmp_path / "ws"
+    make_workspace(REPO, root, 24)
+    return root
+
+
+def workers_of(pid: int) -> list[int]:
+    """The daemon's worker processes (its children)."""
+    tasks = Path(f"/proc/{pid}/task").iterdir()  # any of its threads may have forked them
+    return sorted(int(c) for t in tasks for c in (t / "children").read_text().split())
+
+
+def edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, (path, old)
+    path.write_text(text.replace(old, new, 1))
+
+
+async def test_workers_follow_every_change_between_parallel_batches(many: Path, tmp_path: Path) -> None:
+    """Changes built in the daemon's own process (a one-agent edit, a new agent, a deleted one)
+    reach the workers before their next batch: every parallel build equals a clean build."""
+    trouble = many / "templates/sections/troubleshooting.j2"
+    async with run_daemon(many, "--jobs", "2") as d:
+        pids = workers_of(d.proc.pid)
+        assert len(pids) == 2
+        # Read only by one agent's troubleshooting section: rendered here, not by the workers.
+        edit(many / "agents/api-design-0001.yaml", "severity: critical", "severity: high")
+        assert (await d.next_build())["workers"] == 0
+        (many / "agents/api-design-0000.yaml").unlink()
+        assert (await d.next_build())["outputs_removed"] == 1
+        source = (many / "agents/ml-evaluation-0001.yaml").read_text()
+        (many / "agents/ml-evaluation-0009.yaml").write_text(source.replace("ml-evaluation-0001", "ml-evaluation-0009"))
+        await d.next_build()
+        edit(trouble, "#### Symptoms", "#### Symptoms seen")
+        build = await d.next_build()
+        assert build["workers"] == 2 and build["sections_rendered"] == 24 and build["errors"] == 0
+        assert read_outputs(many) == clean_build(many, tmp_path / "oracle")
+        # A trait edit: workers drop their cached fragments of it.
+        edit(many / "agents/traits/safety/change-approval.yaml", "name: Change Approval Gate", "name: Approval Gate")
+        build = await d.next_build()
+        assert build["workers"] == 2 and build["errors"] == 0
+        assert read_outputs(many) == clean_build(many, tmp_path / "oracle")
+        assert workers_of(d.proc.pid) == pids  # the same warm processes all along
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+async def test_a_killed_worker_costs_speed_not_output(many: Path, tmp_path: Path) -> None:
+    """When a worker dies, the batch is finished in the daemon, outputs equal a clean build,
+    and a new pool is started for the next batch."""
+    trouble = many / "templates/sections/troubleshooting.j2"
+    async with run_daemon(many, "--jobs", "2") as d:
+        first = workers_of(d.proc.pid)
+        os.kill(first[0], signal.SIGKILL)
+        await asyncio.sleep(0.2)
+        edit(trouble, "#### Symptoms", "#### Symptoms seen")
+        build = await d.next_build()
+        assert build["errors"] == 0 and build["sections_rendered"] == 24
+        assert read_outputs(many) == clean_build(many, tmp_path / "oracle")
+        second = workers_of(d.proc.pid)
+        assert len(second) == 2 and first[0] not in second
+        edit(trouble, "#### Symptoms seen", "#### Symptoms noted")
+        build = await d.next_build()
+        assert build["workers"] == 2
+        assert read_outputs(many) == clean_build(many, tmp_path / "oracle")
+
+
+async def test_jobs_one_starts_no_workers(many: Path) -> None:
+    """`--jobs 1` renders everything in the daemon's own process."""
+    async with run_daemon(many, "--jobs", "1") as d:
+        assert workers_of(d.proc.pid) == []
+        edit(many / "templates/sections/troubleshooting.j2", "#### Symptoms", "#### Symptoms seen")
+        assert (await d.next_build())["workers"] == 0
+
+
+def test_cold_build_parses_and_renders_in_workers_byte_identically(many: Path, tmp_path: Path) -> None:
+    """`agentd build --jobs 2` (sources parsed and sections rendered in workers, stored by them)
+    writes what a sequential build writes, and a second run restores everything it stored."""
+    result = run_cli("build", "--jobs", "2", cwd=many)
+    assert result.returncode == 0, result.stderr
+    assert "216 sections rendered" in result.stdout and "(2 worker processes)" in result.stdout
+    assert read_outputs(many) == clean_build(many, tmp_path / "oracle")
+    again = run_cli("build", "--jobs", "2", "--root", str(many))
+    assert "0 sections rendered" in again.stdout, again.stdout
