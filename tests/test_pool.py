@@ -27,6 +27,14 @@ def workers_of(pid: int) -> list[int]:
     return sorted(int(c) for t in tasks for c in (t / "children").read_text().split())
 
 
+async def started_workers(pid: int, count: int = 2, timeout: float = 10) -> list[int]:
+    """The daemon's workers once ``count`` are running (they start right after ``watch.ready``)."""
+    async with asyncio.timeout(timeout):
+        while len(found := workers_of(pid)) < count:
+            await asyncio.sleep(0.05)
+    return found
+
+
 def edit(path: Path, old: str, new: str) -> None:
     text = path.read_text()
     assert old in text, (path, old)
@@ -38,8 +46,7 @@ async def test_workers_follow_every_change_between_parallel_batches(many: Path, 
     reach the workers before their next batch: every parallel build equals a clean build."""
     trouble = many / "templates/sections/troubleshooting.j2"
     async with run_daemon(many, "--jobs", "2") as d:
-        pids = workers_of(d.proc.pid)
-        assert len(pids) == 2
+        pids = await started_workers(d.proc.pid)
         # Read only by one agent's troubleshooting section: rendered here, not by the workers.
         edit(many / "agents/api-design-0001.yaml", "severity: critical", "severity: high")
         assert (await d.next_build())["workers"] == 0
@@ -67,7 +74,7 @@ async def test_a_killed_worker_costs_speed_not_output(many: Path, tmp_path: Path
     and a new pool is started for the next batch."""
     trouble = many / "templates/sections/troubleshooting.j2"
     async with run_daemon(many, "--jobs", "2") as d:
-        first = workers_of(d.proc.pid)
+        first = await started_workers(d.proc.pid)
         os.kill(first[0], signal.SIGKILL)
         await asyncio.sleep(0.2)
         edit(trouble, "#### Symptoms", "#### Symptoms seen")

@@ -221,7 +221,10 @@ class Engine:
         if parsing is not None:
             with parsing[0]:
                 for future in parsing[1]:
-                    self.workspace.prefetched.update(future.result())
+                    try:
+                        self.workspace.prefetched.update(future.result())
+                    except Exception:  # a worker died (BrokenProcessPool): parse those here
+                        continue
         delta.update(self.workspace.refresh([self.config.agents_path]))
         self.workspace.prefetched.clear()
         return delta

@@ -115,14 +115,14 @@ class Server:
             self.log.warning("socket.stale_replaced", socket=str(self.socket_path))
         await self._start_watchers(root_too=True)
         await self._build(None)
-        async with self._build_lock:  # workers forked now, from current state: no edit waits for them
-            self.engine.start_pool()
         self.notifier.ready(self.monitor.one_line())
         self._ready = True
         if self.notifier.watchdog_interval:
             self._spawn(self._watchdog(self.notifier.watchdog_interval / 2))
         agents = self.last_report.agents if self.last_report else 0
         self.log.info("watch.ready", root=str(self.config.root), agents=agents, socket=str(self.socket_path))
+        async with self._build_lock:  # workers forked now, from current state: no edit waits for them
+            self.engine.start_pool()
 
     async def main_loop(self) -> None:
         while not self.should_exit.is_set():
@@ -308,8 +308,6 @@ class Server:
         await self._adopt(self._read_config() or self.config)
         await self._start_watchers(root_too=False)
         await self._build(None)
-        async with self._build_lock:  # workers forked now, from current state: no edit waits for them
-            self.engine.start_pool()
         self.notifier.ready(self.monitor.one_line())
         self.log.info("watch.reloaded")
 
