@@ -10,6 +10,10 @@ from pathlib import Path
 import pytest
 
 from agentd.bench import make_workspace
+from agentd.build import render_stamp
+from agentd.config import Config
+from agentd.store import Store
+from agentd.trace import fingerprint
 from conftest import REPO, clean_build, read_outputs, run_cli, run_daemon
 
 
@@ -98,11 +102,14 @@ async def test_jobs_one_starts_no_workers(many: Path) -> None:
 
 
 def test_cold_build_parses_and_renders_in_workers_byte_identically(many: Path, tmp_path: Path) -> None:
-    """`agentd build --jobs 2` (sources parsed and sections rendered in workers, stored by them)
-    writes what a sequential build writes, and a second run restores everything it stored."""
+    """`agentd build --jobs 2` (sources parsed and sections rendered in workers, stored) writes
+    what a sequential build writes, and a second run parses and renders nothing."""
     result = run_cli("build", "--jobs", "2", cwd=many)
     assert result.returncode == 0, result.stderr
     assert "216 sections rendered" in result.stdout and "(2 worker processes)" in result.stdout
     assert read_outputs(many) == clean_build(many, tmp_path / "oracle")
+    # What the workers parsed is in the store: the next start parses no YAML.
+    store = Store(many, render_stamp(Config.load(many)))
+    assert all(store.has_parsed(fingerprint(p.read_bytes())) for p in (many / "agents").rglob("*.yaml"))
     again = run_cli("build", "--jobs", "2", "--root", str(many))
     assert "0 sections rendered" in again.stdout, again.stdout

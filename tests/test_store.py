@@ -98,16 +98,23 @@ def test_damaged_store_is_set_aside(tiny: Path, tmp_path: Path, damage: str) -> 
 
 
 def test_corrupt_row_is_a_miss(tiny: Path, tmp_path: Path) -> None:
-    """A stored render whose bytes no longer match their checksum is re-rendered, not used."""
+    """A stored render whose bytes no longer match their checksum is re-rendered, not used, and
+    stored again; an output whose bytes come out the same is not rewritten."""
     engine(tiny).build()
     with sqlite3.connect(tiny / STORE_FILE) as conn:
         conn.execute("UPDATE blobs SET data = CAST('tampered' AS BLOB)")
     (tiny / "out/alpha.md").unlink()
+    beta = (tiny / "out/beta.md").stat().st_mtime_ns
     e = engine(tiny)
     report = e.build()
-    assert len(report.sections_rendered) == 7
-    assert e.store is not None and e.store.corrupt_rows >= 7
+    assert report.sections_rendered == [] and report.written == ["alpha.md"]
+    assert e.store is not None and e.store.corrupt_rows == 9  # 7 sections, 2 compositions
     assert read_outputs(tiny) == clean_build(tiny, tmp_path / "oracle")
+    assert (tiny / "out/beta.md").stat().st_mtime_ns == beta
+    (tiny / "out/alpha.md").unlink()
+    e = engine(tiny)
+    e.build()
+    assert e.store is not None and e.store.corrupt_rows == 0  # re-rendered bytes were stored
 
 
 async def test_daemon_and_build_share_the_store_safely(tiny: Path, tmp_path: Path) -> None:

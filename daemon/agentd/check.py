@@ -20,11 +20,10 @@ import re
 from collections.abc import Iterable, Iterator
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 import jinja2.meta
-import jsonschema
 import networkx as nx
 import yaml
 from jinja2 import nodes
@@ -34,6 +33,9 @@ from .config import Config
 from .exceptions import TemplateError
 from .render import anchor
 from .workspace import TRAITS_DIR, YAML_SUFFIXES, _Loader, node_at, position
+
+if TYPE_CHECKING:  # imported where sources are validated: the daemon's output gates never need it
+    import jsonschema
 
 #: rule id -> (severity, what it checks). The README lists the same table.
 RULES: dict[str, tuple[str, str]] = {
@@ -378,6 +380,8 @@ class Checker:
     def _schema(self, kind: str) -> jsonschema.protocols.Validator:
         custom = self.config.check_agent_schema if kind == "agent" else self.config.check_trait_schema
         schema = json.loads((self.root / custom).read_text()) if custom else _builtin_schema(kind)
+        import jsonschema
+
         return jsonschema.Draft202012Validator(schema)
 
     def _source(self, path: Path, kind: str, sections: set[str], traits: set[str]) -> list[Finding]:

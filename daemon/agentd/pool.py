@@ -126,11 +126,16 @@ def _shutdown(
         conn.close()
 
 
+#: Most sections per chunk: each result message holds this many ~60 KB renders, pickled and
+#: unpickled at once in the daemon (bigger chunks only add to its peak memory).
+MAX_CHUNK_SECTIONS = 32
+
+
 def _chunks(tasks: list[Task], workers: int) -> list[list[Task]]:
     """Split a batch into ~8 chunks per worker by section count (agents stay whole), biggest
     first so the slowest chunk does not start last. Returned reversed: ``pop()`` takes next."""
     total = sum(len(sections) for _, sections in tasks)
-    target = max(1, total // (workers * 8))
+    target = min(MAX_CHUNK_SECTIONS, max(1, total // (workers * 8)))
     chunks: list[list[Task]] = []
     current: list[Task] = []
     size = 0

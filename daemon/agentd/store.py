@@ -143,8 +143,9 @@ class Store:
 
         return self._guard(run, None)  # type: ignore[no-any-return]
 
-    def lookup(self, unit: str, current: Callable[[str], bytes | None]) -> Rendered | None:
-        """The stored output of ``unit`` if every input it read still has the same value."""
+    def lookup(self, unit: str, current: Callable[[str], bytes | None], data: bool = True) -> Rendered | None:
+        """The stored output of ``unit`` if every input it read still has the same value.
+        ``data=False``: only its digest and reads (the bytes are checked when they are read)."""
         nodes = self.recorded_inputs(unit)
         if nodes is None:
             self.misses += 1
@@ -159,16 +160,19 @@ class Store:
         key = input_key(self.stamp, unit, reads)
 
         def run(db: sqlite3.Connection) -> Rendered | None:
+            if not data:
+                row = db.execute("SELECT digest FROM blobs WHERE key=?", (key,)).fetchone()
+                return None if row is None else Rendered(b"", reads, bytes(row[0]))
             row = db.execute("SELECT data, digest FROM blobs WHERE key=?", (key,)).fetchone()
             if row is None:
                 return None
-            data, digest = bytes(row[0]), bytes(row[1])
-            if _digest(data) != digest:  # a damaged row is a miss, and goes away
+            blob, digest = bytes(row[0]), bytes(row[1])
+            if _digest(blob) != digest:  # a damaged row is a miss, and goes away
                 self.corrupt_rows += 1
                 self._warn("cache.corrupt_row", unit=unit)
                 db.execute("DELETE FROM blobs WHERE key=?", (key,))
                 return None
-            return Rendered(data, reads, digest)
+            return Rendered(blob, reads, digest)
 
         found = self._guard(run, None)
         if found is None:
@@ -212,6 +216,15 @@ class Store:
         """A source's parsed YAML, by the fingerprint of its bytes."""
         data = self.get_aux(b"yaml", raw_fp)
         return orjson.loads(data) if data is not None else None
+
+    def has_parsed(self, raw_fp: bytes) -> bool:
+        """Whether a parse of these bytes is stored (without loading it)."""
+        full = self._aux_key(b"yaml", raw_fp)
+
+        def run(db: sqlite3.Connection) -> bool:
+            return db.execute("SELECT 1 FROM aux WHERE key=?", (full,)).fetchone() is not None
+
+        return bool(self._guard(run, False))
 
     def put_parsed(self, raw_fp: bytes, value: Any) -> None:
         """Keep a parse only if JSON holds it exactly (dates, sets, non-string keys: not kept)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -240,15 +240,13 @@ class Workspace:
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
 
-    def agent_files(self) -> list[tuple[Path, bytes]]:
+    def agent_files(self) -> Iterator[tuple[Path, bytes]]:
         """Every agent and trait source on disk with its bytes (for parsing ahead)."""
-        found = []
         for path in sorted(self._disk_files(self.config.agents_path)):
             if self.classify(path) is not None:
                 raw = self._read(path)
                 if raw is not None:
-                    found.append((path, raw))
-        return found
+                    yield path, raw
 
     def _refresh_file(self, path: Path, kind: tuple[str, str], delta: Delta) -> None:
         raw = self._read(path)
@@ -313,12 +311,14 @@ class Workspace:
             raise DataError(f"{rel}: not UTF-8 text ({exc.reason} at byte {exc.start})", rel) from None
         raw_fp = self._raw.get(path) or fingerprint(raw)
         data = self.prefetched.pop(raw_fp, None)
+        parsed_here = data is not None
         if data is None and self.parsed_cache:
             data = self.parsed_cache.get_parsed(raw_fp)
         if data is None:
             data = load_yaml(text, rel)
-            if self.parsed_cache and isinstance(data, dict):
-                self.parsed_cache.put_parsed(raw_fp, data)
+            parsed_here = True
+        if parsed_here and self.parsed_cache and isinstance(data, dict):
+            self.parsed_cache.put_parsed(raw_fp, data)
         if not isinstance(data, dict):
             raise DataError(
                 f"{rel}: expected a mapping of keys at the top level, got {type(data).__name__}",
