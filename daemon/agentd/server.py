@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import os
 import signal
 import time
@@ -64,6 +65,7 @@ class Server:
         self._tree_stop = asyncio.Event()
         self._watchers: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
+        self._builds_since_gc = 0
 
     @staticmethod
     def _new_engine(config: Config) -> Engine:
@@ -255,6 +257,7 @@ class Server:
             with structlog.contextvars.bound_contextvars(build_id=build_id):
                 self.log.info("build.started", changed=sorted(self.engine.workspace.rel(p) for p in paths or ()))
                 report = await asyncio.to_thread(self.engine.build, paths, build_id=build_id)
+                self._freeze_heap()
                 if self._ready:  # a pool lost to a dead worker or a rebuild: start it again now
                     self.engine.start_pool()
                 self.last_report = report
@@ -265,6 +268,25 @@ class Server:
             if self._ready:  # before READY=1 the READY message itself carries the status
                 self.notifier.status(self.monitor.one_line())
             return report
+
+    #: Builds between full collections of the frozen heap (see ``_freeze_heap``).
+    FULL_GC_EVERY = 100
+
+    def _freeze_heap(self) -> None:
+        """Keep the cyclic garbage collector off what survives a build. The engine's caches,
+        graph and parsed sources are ~300,000 tracked objects at 1,000 agents, and a full
+        collection walks them all (~100 ms measured), stalling whichever save it lands on.
+        ``gc.freeze`` moves them out of its reach (https://docs.python.org/3/library/gc.html#gc.freeze);
+        only what later builds allocate is scanned. Frozen objects freed by reference counting
+        go as usual; cycles among them wait for the full collection every ``FULL_GC_EVERY``
+        builds. Forked workers inherit a frozen heap, so their collections do not copy its pages.
+        """
+        self._builds_since_gc += 1
+        if self._builds_since_gc >= self.FULL_GC_EVERY:
+            gc.unfreeze()
+            self._builds_since_gc = 0
+        gc.collect()
+        gc.freeze()
 
     def _log_report(self, report: BuildReport) -> None:
         """One line per rebuild, from the monitor's record of it (plus the lists, capped)."""
