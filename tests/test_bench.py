@@ -60,3 +60,7 @@ def test_quick_bench_reports_every_measure(tmp_path: Path) -> None:
     assert size["edits"]["one key of one agent"]["sections_rendered"] == 1
     assert size["edits"]["the base template"]["sections_rendered"] == 0
     assert size["peak_rss_bytes"] > 0 and set(size["hit_rates"]) == {"L1", "L2", "L3", "L4"}
+    assert set(size["sessions"]) == {"authoring agents", "mixed"}
+    for session in size["sessions"].values():
+        assert session["saves"] > 20 and set(session["hit_rates"]) == {"L1", "L2", "L3", "L4"}
+    assert "hit rates, editing session 'mixed'" in result.stdout

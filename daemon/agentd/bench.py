@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import platform
+import random
 import re
 import shutil
 import signal
@@ -229,6 +230,43 @@ def time_edit(
     return Timing(samples), builds
 
 
+#: Editing sessions of 20 saves (indexes into EDITS; agents picked at random, seeded), each
+#: followed by saving every touched file back as it was (more saves, counted too).
+SESSIONS = {
+    # writing agent definitions: every save is one agent
+    "authoring agents": [0] * 20,
+    # mostly agents, now and then a shared file: a trait, a section template (twice), a macro
+    # library, the base template
+    "mixed": [0] * 14 + [1, 2, 2, 3, 4, 0],
+}
+
+
+def session_hit_rates(daemon: Daemon, ids: list[str], mix: list[int]) -> dict[str, Any]:
+    """Per-layer hit rates over an editing session, from the daemon's own counters: what the
+    spec's > 95 % target is about, unlike the bench's edit trials, which are all worst cases."""
+    rng = random.Random(len(ids))
+    before = daemon.stats()["caches"]
+    originals: dict[Path, str] = {}
+    for i, kind in enumerate(mix):
+        label, rel, old, new = EDITS[kind]
+        path = daemon.root / rel.format(agent=rng.choice(ids))
+        text = originals.setdefault(path, path.read_text())
+        start = len(daemon.events)
+        path.write_text(text.replace(old, f"{new}session{i} ", 1))
+        daemon.wait("build.finished", start)
+    for path, text in originals.items():
+        start = len(daemon.events)
+        path.write_text(text)
+        daemon.wait("build.finished", start)
+    after = daemon.stats()["caches"]
+    rates = {}
+    for layer in after:
+        hits = after[layer]["hits"] - before[layer]["hits"]
+        misses = after[layer]["misses"] - before[layer]["misses"]
+        rates[layer] = round(hits / (hits + misses), 4) if hits + misses else None
+    return {"saves": len(mix) + len(originals), "hit_rates": rates}
+
+
 def oracle_ms(config: Config, rendered: list[str]) -> float:
     """Rendering exactly those sections with precompiled templates, in-process."""
     engine = Engine(config)
@@ -295,6 +333,7 @@ def bench_size(source: Path, n: int, trials: int, log: Callable[[str], None]) ->
             d.stop()
         edits: dict[str, dict[str, Any]] = {}
         stats: dict[str, Any] = {}
+        sessions: dict[str, Any] = {}
         for jobs in ("auto", "1"):
             d = Daemon(root, jobs)
             try:
@@ -324,6 +363,9 @@ def bench_size(source: Path, n: int, trials: int, log: Callable[[str], None]) ->
                         "naive_full_rebuild_ms": round(naive_per_agent * n, 1),
                     }
                 if jobs == "auto":
+                    for name, mix in SESSIONS.items():
+                        log(f"N={n}: editing session: {name}")
+                        sessions[name] = session_hit_rates(d, ids, mix)
                     stats = d.stats()
             finally:
                 d.stop()
@@ -344,6 +386,7 @@ def bench_size(source: Path, n: int, trials: int, log: Callable[[str], None]) ->
             "edits": edits,
             "peak_rss_bytes": stats["peak_rss_bytes"],
             "hit_rates": {k: v["hit_rate"] for k, v in stats["caches"].items()},
+            "sessions": sessions,
         }
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -378,6 +421,9 @@ def table(report: dict[str, Any]) -> str:
                 f"{e['outputs_written']:>8}{e['oracle_ms']:>8.1f} ms{ratio:>9}{serial:>20}"
                 f"{e['naive_full_rebuild_ms']:>10.0f} ms"
             )
+        for name, session in r["sessions"].items():
+            rates = "  ".join(f"{k} {v:.1%}" if v is not None else f"{k} -" for k, v in session["hit_rates"].items())
+            lines.append(f"  hit rates, editing session '{name}' ({session['saves']} saves): {rates}")
         rates = "  ".join(f"{k} {v:.1%}" if v is not None else f"{k} -" for k, v in r["hit_rates"].items())
         lines.append(f"  peak RSS {r['peak_rss_bytes'] / 1e6:.0f} MB; daemon hit rates (lifetime): {rates}")
     return "\n".join(lines)

@@ -11,6 +11,7 @@ writes nothing. A one-shot ``agentd build`` is the same code starting from empty
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import multiprocessing
 import time
@@ -51,6 +52,10 @@ class Plan:
     @property
     def meta_by_id(self) -> dict[str, dict[str, Any]]:
         return {m["id"]: m for m in self.metas}
+
+    @functools.cached_property
+    def metas_fp(self) -> bytes:
+        return fingerprint(self.metas)
 
 
 @dataclasses.dataclass
@@ -186,8 +191,9 @@ class Engine:
         old_sections, catalog = self._apply(delta)
         todo = self._collect(old_sections, report)
         sections = sum(map(len, todo.values()))
-        if self._parallel(sections) and len(todo) > 1:
-            self._render_parallel(todo, catalog, old_sections, report, write)
+        skeletons = self._skeletons_wanted(todo)
+        if self._parallel(sections + len(skeletons)) and len(todo.keys() | skeletons) > 1:
+            self._render_parallel(todo, skeletons, catalog, old_sections, report, write)
         else:
             for agent_id, metas in todo.items():
                 self._render_agent(agent_id, metas, catalog, old_sections, report, write)
@@ -278,7 +284,11 @@ class Engine:
             self.workspace.journal = {}
 
     def close(self) -> None:
-        """Stop the worker processes (they write their renders to the store first)."""
+        """Stop the worker processes (they write their renders to the store first) and the
+        writer thread."""
+        if self._writer is not None:
+            self._writer.shutdown()
+            self._writer = None
         if self._pool is not None:
             self._pool.close()
             self._pool = None
@@ -548,28 +558,42 @@ class Engine:
         elif agent_id in self._compose_pending:
             self._compose(agent_id, catalog, report, write)
 
+    def _skeletons_wanted(self, todo: dict[str, list[dict[str, Any]]]) -> set[str]:
+        """Agents that will be composed in this build and have no valid skeleton: those with
+        sections to render, and those composed before (in L4) whose skeleton an edit of the
+        base template dropped. (An agent composed by an earlier process is first looked up in
+        the store: most need no composition at all.)"""
+        candidates = todo.keys() | {a for a in self._compose_pending if a in self.caches.l4}
+        return {a for a in candidates if a in self.plans and not self._skeleton_valid(self.plans[a])}
+
     def _render_parallel(
         self,
         todo: dict[str, list[dict[str, Any]]],
+        skeletons: set[str],
         catalog: TrackedCatalog,
         old: dict[tuple[str, str], bytes],
         report: BuildReport,
         write: bool,
     ) -> None:
-        """Render in the worker processes (``pool.py``) and compose each agent as its sections
-        arrive. A lost worker only costs speed: what is left is rendered here."""
+        """Render sections and skeletons in the worker processes (``pool.py``) and compose
+        each agent as they arrive. A lost worker only costs speed: what is left is done here."""
         self.start_pool()
         assert self._pool is not None and self.workspace.journal is not None
         journal, self.workspace.journal = self.workspace.journal, {}
         report.workers = self._pool.size
         if self.store:  # workers then load the templates this build compiled instead of compiling
             self.store.flush()
-        tasks = [(agent_id, [m["id"] for m in metas]) for agent_id, metas in todo.items()]
+        tasks = [
+            (agent_id, [m["id"] for m in todo.get(agent_id, [])], agent_id in skeletons)
+            for agent_id in sorted(todo.keys() | skeletons)
+        ]
         done: set[str] = set()
         try:
-            for (agent_id, entries, errors, timings), counters in self._pool.render(journal, tasks):
+            for (agent_id, entries, errors, timings, skeleton), counters in self._pool.render(journal, tasks):
                 self.caches.add(counters)
                 self.renderer.timings += timings
+                if skeleton is not None:
+                    self.skeletons[agent_id] = skeleton[0]
                 for section, entry in entries:
                     self._keep_section(agent_id, section, entry, old, report, stored=True)
                 done.add(agent_id)
@@ -689,17 +713,21 @@ class Engine:
     def _skeleton(self, plan: Plan, catalog: TrackedCatalog) -> Skeleton | None:
         """The agent's skeleton, rendered when missing or made for other section metadata.
         ``self.skeletons`` also remembers "not composable" (None) until the inputs change."""
-        agent_id = plan.agent.id
-        metas_fp = fingerprint(plan.metas)
-        if agent_id in self.skeletons:
-            known = self.skeletons[agent_id]
-            if known is None or known.metas_fp == metas_fp:
-                return known
-        skeleton = render_skeleton(
-            lambda contents: self._render_base(plan, catalog, contents), len(plan.metas), metas_fp
+        if not self._skeleton_valid(plan):
+            self.skeletons[plan.agent.id] = self.render_skeleton(plan, catalog)
+        return self.skeletons[plan.agent.id]
+
+    def _skeleton_valid(self, plan: Plan) -> bool:
+        if plan.agent.id not in self.skeletons:
+            return False
+        known = self.skeletons[plan.agent.id]
+        return known is None or known.metas_fp == plan.metas_fp
+
+    def render_skeleton(self, plan: Plan, catalog: TrackedCatalog) -> Skeleton | None:
+        """Render an agent's skeleton (no caching: also runs in worker processes)."""
+        return render_skeleton(
+            lambda contents: self._render_base(plan, catalog, contents), len(plan.metas), plan.metas_fp
         )
-        self.skeletons[agent_id] = skeleton
-        return skeleton
 
     def _compose(
         self,
@@ -739,7 +767,7 @@ class Engine:
         self._write(agent_id, name, plan, digest, rendered.data)
 
     #: Outputs handed to the writer thread and not yet on disk, at most (each holds ~540 KB).
-    MAX_PENDING_WRITES = 16
+    MAX_PENDING_WRITES = 4
 
     def _write(self, agent_id: str, name: str, plan: Plan, digest: bytes, data: bytes) -> None:
         """Queue an output for the writer thread. Writing is mostly system calls that release

@@ -31,15 +31,19 @@ from typing import TYPE_CHECKING, Any
 
 from . import graph as g
 from .cache import Counters, Rendered
+from .compose import Skeleton
 from .exceptions import AgentdError, SourceError
 
 if TYPE_CHECKING:
     from .build import Engine
 
-#: One agent's share of a batch: (agent id, section ids to render).
-Task = tuple[str, list[str]]
-#: What comes back per agent: (agent id, rendered sections, errors, timings).
-Result = tuple[str, list[tuple[str, Rendered]], list[AgentdError], list[tuple[str, float]]]
+#: One agent's share of a batch: (agent id, section ids to render, render its skeleton too).
+Task = tuple[str, list[str], bool]
+#: What comes back per agent: (agent id, rendered sections, errors, timings, the skeleton in a
+#: 1-tuple when asked for and rendered: ``(None,)`` means "not composable").
+Result = tuple[
+    str, list[tuple[str, Rendered]], list[AgentdError], list[tuple[str, float]], tuple[Skeleton | None] | None
+]
 
 
 class WorkerLost(Exception):
@@ -134,21 +138,26 @@ MAX_CHUNK_SECTIONS = 32
 def _chunks(tasks: list[Task], workers: int) -> list[list[Task]]:
     """Split a batch into ~8 chunks per worker by section count (agents stay whole), biggest
     first so the slowest chunk does not start last. Returned reversed: ``pop()`` takes next."""
-    total = sum(len(sections) for _, sections in tasks)
+    total = sum(_weight(task) for task in tasks)
     target = min(MAX_CHUNK_SECTIONS, max(1, total // (workers * 8)))
     chunks: list[list[Task]] = []
     current: list[Task] = []
     size = 0
     for task in tasks:
         current.append(task)
-        size += len(task[1])
+        size += _weight(task)
         if size >= target:
             chunks.append(current)
             current, size = [], 0
     if current:
         chunks.append(current)
-    chunks.sort(key=lambda c: sum(len(s) for _, s in c))
+    chunks.sort(key=lambda c: sum(map(_weight, c)))
     return chunks
+
+
+def _weight(task: Task) -> int:
+    """A skeleton (two renders of the base template) costs about what a section does."""
+    return len(task[1]) + task[2]
 
 
 # -- in the worker ------------------------------------------------------------------------------
@@ -183,7 +192,7 @@ def _serve(
                 catalog = engine.replay(payload)
         elif kind == "render":
             before = engine.caches.counters()
-            results = [_render(engine, catalog, agent_id, sections) for agent_id, sections in payload]
+            results = [_render(engine, catalog, *task) for task in payload]
             counters = {k: v.since(before[k]) for k, v in engine.caches.counters().items()}
             conn.send((results, counters))
         elif kind == "idle" and engine.store is not None:
@@ -192,7 +201,7 @@ def _serve(
         engine.store.flush()
 
 
-def _render(engine: Engine, catalog: Any, agent_id: str, sections: list[str]) -> Result:
+def _render(engine: Engine, catalog: Any, agent_id: str, sections: list[str], skeleton: bool) -> Result:
     engine.renderer.timings = []
     plan = engine.plans[agent_id]
     metas = plan.meta_by_id
@@ -208,4 +217,10 @@ def _render(engine: Engine, catalog: Any, agent_id: str, sections: list[str]) ->
         entries.append((section, entry))
         if engine.store is not None:
             engine.store.put(g.section_node(agent_id, section), entry)
-    return agent_id, entries, errors, engine.renderer.timings
+    made: tuple[Skeleton | None] | None = None
+    if skeleton:
+        try:
+            made = (engine.render_skeleton(plan, catalog),)
+        except SourceError:
+            pass  # the daemon renders it again and reports the error where it composes
+    return agent_id, entries, errors, engine.renderer.timings, made
