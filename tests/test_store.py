@@ -201,3 +201,26 @@ def test_parsed_sources_and_compiled_templates_are_kept(tiny: Path, tmp_path: Pa
     }
     assert "year 2025" in (tiny / "out/alpha.md").read_text()
     assert read_outputs(tiny) == clean_build(tiny, tmp_path / "oracle")
+
+
+def test_evicted_sections_are_sliced_from_the_output_agentd_wrote(corpus_copy, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """With sections evicted from memory and no store, recomposing an agent takes its unchanged
+    sections from the output agentd last wrote (no render); once someone else changes that file,
+    they are rendered again instead. Either way the output equals a clean build."""
+    root = corpus_copy()
+    e = Engine(Config.load(root, {"memory_budget_mb": 1, "cache": False}), None, jobs=1)
+    e.build()
+    fragment = root / "templates/fragments/badge.j2"
+    fragment.write_text(fragment.read_text().replace("`level: {{ value }}`", "`level {{ value }}`"))
+    report = e.build([fragment])
+    assert report.ok and e.caches.l3.counters.evictions > 0
+    sections = [name for name, _ in report.timings if name.startswith("sections/")]
+    assert len(sections) == len(report.sections_rendered) == 32  # nothing rendered twice
+    assert read_outputs(root) == clean_build(root, tmp_path / "oracle1")
+    output = root / "out/api-design.md"
+    output.write_bytes(output.read_bytes() + b"a line of the user's\n")
+    fragment.write_text(fragment.read_text().replace("`level {{ value }}`", "`lvl {{ value }}`"))
+    report = e.build([fragment])
+    sections = [name for name, _ in report.timings if name.startswith("sections/")]
+    assert len(sections) > len(report.sections_rendered) == 32  # api-design's others again
+    assert read_outputs(root) == clean_build(root, tmp_path / "oracle2")

@@ -25,7 +25,7 @@ from . import __version__
 from . import graph as g
 from .cache import Caches, Counters, Rendered
 from .catalog import Relations, TrackedCatalog
-from .compose import Skeleton, render_skeleton
+from .compose import Layout, Skeleton, render_skeleton
 from .config import Config
 from .exceptions import AgentdError, ConfigError, DataError, OutputError, SourceError
 from .output import OutputDir
@@ -155,6 +155,8 @@ class Engine:
         self._compose_pending: set[str] = set()
         #: Per agent: its output around the sections (``compose.py``), None when not composable.
         self.skeletons: dict[str, Skeleton | None] = {}
+        #: Per agent: where its sections sit in its last composed output.
+        self.layouts: dict[str, Layout] = {}
         #: Called with (agent id, output bytes, plan) after every composition; its findings are
         #: kept per agent until the agent is composed again (the daemon's output gates).
         self.output_check: Callable[[str, bytes, Plan], list[Any]] | None = None
@@ -668,6 +670,38 @@ class Engine:
         else:
             self._compose_pending.add(agent_id)
 
+    def _section_entries(self, plan: Plan, catalog: TrackedCatalog) -> list[Rendered]:
+        """Every section of an agent for composing. Those the memory budget dropped from L3
+        are read from the store by their digest (a lookup by inputs would cost a dependency
+        record, a fingerprint per input and a second query, each)."""
+        keys = [(plan.agent.id, meta["id"]) for meta in plan.metas]
+        found = {key: self.caches.l3.peek(key) for key in keys}
+        wanted = {self.section_digests[k]: k for k in keys if found[k] is None and k in self.section_digests}
+        for digest, data in self._from_output(plan.agent.id, list(wanted)).items():
+            found[wanted[digest]] = entry = Rendered(data, {}, digest)
+            self.caches.l3.put(wanted.pop(digest), entry)
+        if wanted and self.store:
+            for digest, data in self.store.blobs_by_digest(list(wanted)).items():
+                found[wanted[digest]] = entry = Rendered(data, {}, digest)
+                self.caches.l3.put(wanted[digest], entry)
+        return [
+            found[key] or self._section_entry(plan, meta, catalog) for key, meta in zip(keys, plan.metas, strict=True)
+        ]
+
+    def _from_output(self, agent_id: str, digests: list[bytes]) -> dict[bytes, bytes]:
+        """Sections sliced out of the agent's output on disk (see ``Layout``)."""
+        layout = self.layouts.get(agent_id)
+        if not digests or layout is None or not any(d in layout.spans for d in digests):
+            return {}
+        name = agent_id + OUTPUT_SUFFIX
+        if not self.output.unchanged_since_written(name, layout.digest):
+            return {}
+        try:
+            data = (self.output.path / name).read_bytes()
+        except OSError:
+            return {}
+        return {d: data[slice(*layout.spans[d])] for d in digests if d in layout.spans}
+
     def _section_entry(self, plan: Plan, meta: dict[str, Any], catalog: TrackedCatalog) -> Rendered:
         """A section's current render for composing: from L3, or, when the memory budget
         dropped it, from the store, or rendered again (its inputs did not change: same bytes)."""
@@ -688,16 +722,19 @@ class Engine:
         the skeleton joined with the sections' bytes, or, when the base template inspects a
         section's content, a full render."""
         agent_id = plan.agent.id
-        entries = [self._section_entry(plan, meta, catalog) for meta in plan.metas]
+        entries = self._section_entries(plan, catalog)
         section_reads: dict[str, bytes] = {}
         for meta, entry in zip(plan.metas, entries, strict=True):
             section_reads[g.section_node(agent_id, meta["id"])] = entry.digest
             section_reads[g.meta_node(agent_id, meta["id"])] = plan.meta_fps[meta["id"]]
         skeleton = self._skeleton(plan, catalog)
         if skeleton is not None:
-            data = skeleton.join([e.data for e in entries])
-            digest = skeleton.output_digest([e.digest for e in entries])
+            contents, digests = [e.data for e in entries], [e.digest for e in entries]
+            data = skeleton.join(contents)
+            digest = skeleton.output_digest(digests)
+            self.layouts[agent_id] = Layout(digest, skeleton.spans(contents, digests))
             return Rendered(data, {**skeleton.reads, **section_reads}, digest)
+        self.layouts.pop(agent_id, None)
         rendered = self._render_base(plan, catalog, [e.data.decode() for e in entries])
         return Rendered(rendered.data, {**rendered.reads, **section_reads}, fingerprint(rendered.data))
 

@@ -91,12 +91,33 @@ class Skeleton:
     def output_digest(self, section_digests: Sequence[bytes]) -> bytes:
         return fingerprint(b"skeleton\0" + self.digest + b"".join(section_digests))
 
+    def spans(self, contents: Sequence[bytes], digests: Sequence[bytes]) -> dict[bytes, tuple[int, int]]:
+        """Where each section's bytes sit in ``join(contents)``, by section digest."""
+        spans: dict[bytes, tuple[int, int]] = {}
+        offset = len(self.parts[0])
+        for slot, part in zip(self.slots, self.parts[1:], strict=True):
+            end = offset + len(contents[slot])
+            spans.setdefault(digests[slot], (offset, end))
+            offset = end + len(part)
+        return spans
+
     def join(self, contents: Sequence[bytes]) -> bytes:
         pieces = [self.parts[0]]
         for slot, part in zip(self.slots, self.parts[1:], strict=True):
             pieces.append(contents[slot])
             pieces.append(part)
         return b"".join(pieces)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where the sections sit in an output agentd wrote (its digest): while the file is
+    unchanged since (size and mtime, as the manifest records them), a section the memory budget
+    dropped is a slice of it. Reading one 540 KB file costs less than fetching and checksumming
+    eight 60 KB sections from the store."""
+
+    digest: bytes
+    spans: dict[bytes, tuple[int, int]]
 
 
 def render_skeleton(render: Callable[[list[str]], Rendered], count: int, metas_fp: bytes) -> Skeleton | None:
