@@ -135,6 +135,8 @@ class Engine:
         #: Worker processes for large batches of renders (``--jobs``; see ``pool.py``).
         self.jobs = max(1, jobs if jobs is not None else config.workers)
         self._pool: Pool | None = None
+        #: Why workers could not be started (the daemon logs it once), if they could not.
+        self.pool_error: str | None = None
         self._writer: ThreadPoolExecutor | None = None
         self._writes: list[tuple[str, str, Plan, bytes, Future[tuple[bool, list[int]]]]] = []
         #: Take unchanged renders from the store (False for a forced rebuild: render, then save).
@@ -282,7 +284,12 @@ class Engine:
         """Fork the worker processes now (the daemon does this after its first build, so no
         edit ever waits for a pool to start)."""
         if self.jobs > 1 and self._pool is None:
-            self._pool = Pool(self, self.jobs)
+            try:
+                self._pool = Pool(self, self.jobs)
+            except OSError as exc:  # no processes to be had (limits): render here from now on
+                self.pool_error = f"cannot start {self.jobs} worker processes: {exc}; rendering in-process"
+                self.jobs = 1
+                return
             self.workspace.journal = {}
 
     def close(self) -> None:
@@ -580,7 +587,11 @@ class Engine:
         """Render sections and skeletons in the worker processes (``pool.py``) and compose
         each agent as they arrive. A lost worker only costs speed: what is left is done here."""
         self.start_pool()
-        assert self._pool is not None and self.workspace.journal is not None
+        if self._pool is None:  # workers could not be started
+            for agent_id, metas in todo.items():
+                self._render_agent(agent_id, metas, catalog, old, report, write)
+            return
+        assert self.workspace.journal is not None
         journal, self.workspace.journal = self.workspace.journal, {}
         report.workers = self._pool.size
         if self.store:  # workers then load the templates this build compiled instead of compiling

@@ -175,10 +175,12 @@ def _parser() -> argparse.ArgumentParser:
         help="benchmark agentd against the naive approach on synthetic workspaces",
         description="Generate workspaces of N agents from --root's templates and agents (ids renamed, "
         "values varied), then measure side by side: cold builds (naive: a fresh Jinja Environment per "
-        "agent; agentd build; again with the persistent cache), the daemon's warm restart, and "
-        "save->output latency through a real `agentd watch` for one agent key, one section template, "
-        "one trait, one fragment macro and the base template, beside the oracle (rendering exactly the "
-        "affected sections in-process) and the naive full rebuild. Prints a table; --output writes JSON.",
+        "agent; agentd build --jobs 1 and --jobs auto; again with the persistent cache), the daemon's warm "
+        "restart, save->output latency through a real `agentd watch` (--jobs auto, and --jobs 1 for the "
+        "template edits) for one agent key, one section template, one trait, one fragment macro and the "
+        "base template, beside the oracle (rendering exactly the affected sections in-process) and the "
+        "naive full rebuild, and per-layer hit rates over two editing sessions. Prints a table; --output "
+        "writes JSON.",
     )
     be.add_argument("--root", default=".", help="workspace the synthetic ones are derived from (default: .)")
     be.add_argument("--agents", default="10,100,1000", help="comma-separated workspace sizes (default: 10,100,1000)")
@@ -283,6 +285,8 @@ def _cmd_build(config: Config, args: argparse.Namespace) -> int:
         report = engine.build()
     finally:
         engine.close()
+    if engine.pool_error:
+        _warn("workers.unavailable", error=engine.pool_error)
     if store:
         store.close()
     print_errors(report, sys.stderr)

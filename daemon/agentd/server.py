@@ -124,7 +124,7 @@ class Server:
         agents = self.last_report.agents if self.last_report else 0
         self.log.info("watch.ready", root=str(self.config.root), agents=agents, socket=str(self.socket_path))
         async with self._build_lock:  # workers forked now, from current state: no edit waits for them
-            self.engine.start_pool()
+            self._start_workers()
 
     async def main_loop(self) -> None:
         while not self.should_exit.is_set():
@@ -259,7 +259,7 @@ class Server:
                 report = await asyncio.to_thread(self.engine.build, paths, build_id=build_id)
                 self._freeze_heap()
                 if self._ready:  # a pool lost to a dead worker or a rebuild: start it again now
-                    self.engine.start_pool()
+                    self._start_workers()
                 self.last_report = report
                 self._known_dirs = self.engine.known_dirs()
                 self.monitor.record_build(report, [f for fs in self.engine.findings.values() for f in fs])
@@ -268,6 +268,12 @@ class Server:
             if self._ready:  # before READY=1 the READY message itself carries the status
                 self.notifier.status(self.monitor.one_line())
             return report
+
+    def _start_workers(self) -> None:
+        self.engine.start_pool()
+        if self.engine.pool_error:
+            self.log.warning("workers.unavailable", error=self.engine.pool_error)
+            self.engine.pool_error = None
 
     #: Builds between full collections of the frozen heap (see ``_freeze_heap``).
     FULL_GC_EVERY = 100
