@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 
 from agentd.bench import make_workspace
-from agentd.build import render_stamp
 from agentd.config import Config
-from agentd.store import Store
+from agentd.store import Store, render_stamp
 from agentd.trace import fingerprint
 from conftest import REPO, clean_build, read_outputs, run_cli, run_daemon
 

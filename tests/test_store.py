@@ -9,9 +9,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from agentd.build import Engine, render_stamp
+from agentd.build import Engine
 from agentd.config import Config
-from agentd.store import STORE_FILE, Store
+from agentd.store import STORE_FILE, Store, render_stamp
 from conftest import EDIT_KINDS, clean_build, read_outputs, run_cli, run_daemon
 
 

@@ -13,15 +13,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import multiprocessing
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from . import __version__
 from . import graph as g
 from .cache import Caches, Counters, Rendered
 from .catalog import Relations, TrackedCatalog
@@ -33,7 +31,7 @@ from .pool import Pool, WorkerLost
 from .render import Renderer, anchor, section_title
 from .store import Store
 from .trace import MISSING, TrackedMapping, TrackedValue, fingerprint
-from .workspace import AgentSource, Delta, Workspace, load_yaml, locate, source_line
+from .workspace import AgentSource, Delta, ParseAhead, Workspace, locate, source_line
 
 BASE_TEMPLATE = "base/agent-base.j2"
 SECTION_DIR = "sections"
@@ -96,34 +94,6 @@ class BuildReport:
 PARALLEL_MIN_SECTIONS = 16
 #: Starting a pool (forking) pays off from this many sections.
 POOL_START_MIN_SECTIONS = 36
-#: Parsing sources ahead in worker processes pays off from this many files.
-PARSE_AHEAD_MIN_FILES = 16
-
-
-def _parse_chunk(items: list[tuple[str, bytes]]) -> list[tuple[bytes, Any]]:
-    """In a worker: parse sources ahead. A source that does not parse is left to the parent,
-    which reports it with its line."""
-    out = []
-    for rel, raw in items:
-        try:
-            out.append((fingerprint(raw), load_yaml(raw.decode("utf-8"), rel)))
-        except (DataError, UnicodeDecodeError):
-            continue
-    return out
-
-
-def render_stamp(config: Config) -> bytes:
-    """What a stored render also depends on besides its traced inputs: agentd's code, Jinja2's
-    and the settings that shape rendering. A store written under another stamp never matches."""
-    import jinja2
-
-    return fingerprint(
-        [__version__, jinja2.__version__, config.templates_dir, config.agents_dir, list(config.sections)]
-    )
-
-
-def open_store(config: Config, warn: Callable[..., Any] | None = None) -> Store | None:
-    return Store(config.root, render_stamp(config), warn) if config.cache else None
 
 
 class Engine:
@@ -135,6 +105,9 @@ class Engine:
         #: Worker processes for large batches of renders (``--jobs``; see ``pool.py``).
         self.jobs = max(1, jobs if jobs is not None else config.workers)
         self._pool: Pool | None = None
+        #: Sources being parsed in workers already (``agentd build`` starts it before importing
+        #: the rest of agentd); used by the first scan.
+        self.parse_ahead: ParseAhead | None = None
         #: Why workers could not be started (the daemon logs it once), if they could not.
         self.pool_error: str | None = None
         self._writer: ThreadPoolExecutor | None = None
@@ -228,34 +201,16 @@ class Engine:
     def _scan(self) -> Delta:
         """Read and compile everything. With worker processes, they parse the YAML sources
         while this process compiles the templates."""
-        parsing = self._parse_ahead()
+        parsing, self.parse_ahead = self.parse_ahead, None
+        if parsing is None and self.jobs > 1:
+            parsing = ParseAhead.start(self.config, self.jobs, self.store if self.restore else None)
         delta = self.workspace.refresh([self.config.templates_path])
         self.renderer.compile(delta.templates)
         if parsing is not None:
-            with parsing[0]:
-                for future in parsing[1]:
-                    try:
-                        self.workspace.prefetched.update(future.result())
-                    except Exception:  # a worker died (BrokenProcessPool): parse those here
-                        continue
+            self.workspace.prefetched = parsing.result()
         delta.update(self.workspace.refresh([self.config.agents_path]))
         self.workspace.prefetched.clear()
         return delta
-
-    def _parse_ahead(self) -> tuple[ProcessPoolExecutor, list[Future[list[tuple[bytes, Any]]]]] | None:
-        if self.jobs < 2:
-            return None
-        items = []
-        for path, raw in self.workspace.agent_files():
-            if self.store is None or not self.store.has_parsed(fingerprint(raw)):
-                items.append((self.workspace.rel(path), raw))
-        if self.store is not None:
-            self.store.close()  # never carry an open SQLite connection across fork()
-        if len(items) < PARSE_AHEAD_MIN_FILES:
-            return None
-        chunks = [items[i :: self.jobs * 2] for i in range(self.jobs * 2)]
-        executor = ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("fork"))
-        return executor, [executor.submit(_parse_chunk, chunk) for chunk in chunks]
 
     def _apply(self, delta: Delta) -> tuple[dict[tuple[str, str], bytes], TrackedCatalog]:
         """Evict what the change invalidates and re-resolve the agents it touches (templates

@@ -11,9 +11,10 @@ current output does not have.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import networkx as nx
+if TYPE_CHECKING:
+    import networkx as nx
 
 CATALOG = "catalog"  # membership of the catalog (which agents exist, in which order)
 RELATIONS = "catalog-relations"  # ids, tags and handoffs of every agent: who is related to whom
@@ -68,6 +69,10 @@ class DepGraph:
     were traced."""
 
     def __init__(self) -> None:
+        # Imported here: networkx takes ~70 ms to import, and `agentd build --jobs` starts its
+        # parsing workers before anything needs a graph.
+        import networkx as nx
+
         self.g: nx.DiGraph = nx.DiGraph()
 
     # -- static template references -------------------------------------------------------

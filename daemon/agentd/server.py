@@ -22,7 +22,7 @@ from typing import Any
 
 import structlog
 
-from .build import OUTPUT_SUFFIX, BuildReport, Engine, Plan, open_store
+from .build import OUTPUT_SUFFIX, BuildReport, Engine, Plan
 from .check import Finding, check_output
 from .config import Config
 from .control import ControlServer, WorkspaceLock, socket_path
@@ -30,6 +30,7 @@ from .exceptions import ConfigError, RequestError
 from .log import get_logger
 from .notify import Notifier
 from .status import Monitor, error_fields
+from .store import open_store
 from .verify import verify
 from .watch import Batch, Pending, watch_root, watch_tree
 

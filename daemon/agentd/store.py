@@ -32,7 +32,10 @@ from typing import Any
 
 import orjson
 
+from . import __version__
 from .cache import Rendered
+from .config import Config
+from .trace import fingerprint
 
 STORE_FILE = ".agentd/cache.sqlite3"
 FORMAT = "1"
@@ -56,6 +59,20 @@ def input_key(stamp: bytes, unit: str, reads: dict[str, bytes]) -> bytes:
     for node in sorted(reads):
         h.update(b"\0" + node.encode() + b"\1" + reads[node])
     return h.digest()
+
+
+def render_stamp(config: Config) -> bytes:
+    """What a stored render also depends on besides its traced inputs: agentd's code, Jinja2's
+    and the settings that shape rendering. A store written under another stamp never matches."""
+    import jinja2
+
+    return fingerprint(
+        [__version__, jinja2.__version__, config.templates_dir, config.agents_dir, list(config.sections)]
+    )
+
+
+def open_store(config: Config, warn: Callable[..., Any] | None = None) -> Store | None:
+    return Store(config.root, render_stamp(config), warn) if config.cache else None
 
 
 class Store:

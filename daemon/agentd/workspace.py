@@ -95,6 +95,61 @@ def load_yaml(text: str, path: str) -> Any:
         raise DataError(f"{path}: malformed YAML: {exc}", path) from None
 
 
+class ParseAhead:
+    """Agent and trait sources parsed in forked worker processes while the caller goes on
+    (importing, compiling templates): a cold ``--jobs`` build parses ~3.5 ms of YAML per agent
+    on one core otherwise. ``result()`` gives parsed values by the fingerprint of the source's
+    bytes; a source that does not parse is left out (the workspace parses it again and reports
+    the error with its line)."""
+
+    #: Forking pays off from this many sources to parse.
+    MIN_FILES = 16
+
+    def __init__(self, items: list[tuple[str, bytes]], jobs: int) -> None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        chunks = [items[i :: jobs * 2] for i in range(jobs * 2)]
+        self._executor = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork"))
+        self._futures = [self._executor.submit(_parse_chunk, chunk) for chunk in chunks]
+
+    @classmethod
+    def start(cls, config: Config, jobs: int, store: Any = None) -> ParseAhead | None:
+        """Start parsing the sources ``store`` does not hold parsed already; None when there
+        are too few to be worth it."""
+        if jobs < 2:
+            return None
+        workspace = Workspace(config)
+        items = [
+            (workspace.rel(path), raw)
+            for path, raw in workspace.agent_files()
+            if store is None or not store.has_parsed(fingerprint(raw))
+        ]
+        if store is not None:
+            store.close()  # never carry an open SQLite connection across fork()
+        return cls(items, jobs) if len(items) >= cls.MIN_FILES else None
+
+    def result(self) -> dict[bytes, Any]:
+        parsed: dict[bytes, Any] = {}
+        with self._executor:
+            for future in self._futures:
+                try:
+                    parsed.update(future.result())
+                except Exception:  # a worker died (BrokenProcessPool): those are parsed in-process
+                    continue
+        return parsed
+
+
+def _parse_chunk(items: list[tuple[str, bytes]]) -> list[tuple[bytes, Any]]:
+    out = []
+    for rel, raw in items:
+        try:
+            out.append((fingerprint(raw), load_yaml(raw.decode("utf-8"), rel)))
+        except (DataError, UnicodeDecodeError):
+            continue
+    return out
+
+
 def source_line(text: str, line: int | None) -> str | None:
     if not line:
         return None
