@@ -2,10 +2,12 @@
 
 A build is: refresh the workspace (``Delta``) -> recompile changed templates (L1) -> evict the
 renders that read a changed input (graph) -> re-resolve agents whose source or references
-changed -> render every section missing from L3 -> recompose agents whose sections or own
-inputs changed -> write outputs whose bytes changed. Each step cuts off early: an unchanged
-file yields no delta, a re-render with identical bytes recomposes nothing, an identical agent
-writes nothing. A one-shot ``agentd build`` is the same code starting from empty caches.
+changed -> render the dirty sections (in worker processes for a big batch, ``pool.py``) ->
+recompose agents whose sections or own inputs changed (a join around a skeleton,
+``compose.py``) -> write outputs whose bytes changed (a writer thread). Each step cuts off
+early: an unchanged file yields no delta, a re-render with identical bytes recomposes nothing,
+an identical agent writes nothing. A one-shot ``agentd build`` is the same code starting from
+empty caches.
 """
 
 from __future__ import annotations
