@@ -171,10 +171,11 @@ class Engine:
         todo = self._collect(old_sections, report)
         sections = sum(map(len, todo.values()))
         skeletons = self._skeletons_wanted(todo)
+        done: set[str] = set()
         if self._parallel(sections + len(skeletons)) and len(todo.keys() | skeletons) > 1:
-            self._render_parallel(todo, skeletons, catalog, old_sections, report, write)
-        else:
-            for agent_id, metas in todo.items():
+            done = self._render_in_workers(todo, skeletons, catalog, old_sections, report, write)
+        for agent_id, metas in todo.items():  # all of them, or what the workers left
+            if agent_id not in done:
                 self._render_agent(agent_id, metas, catalog, old_sections, report, write)
         planned = sum(len(p.metas) for p in self.plans.values())
         report.sections_reused = planned - report.sections_restored - sections
@@ -532,7 +533,7 @@ class Engine:
         candidates = todo.keys() | {a for a in self._compose_pending if a in self.caches.l4}
         return {a for a in candidates if a in self.plans and not self._skeleton_valid(self.plans[a])}
 
-    def _render_parallel(
+    def _render_in_workers(
         self,
         todo: dict[str, list[dict[str, Any]]],
         skeletons: set[str],
@@ -540,14 +541,13 @@ class Engine:
         old: dict[tuple[str, str], bytes],
         report: BuildReport,
         write: bool,
-    ) -> None:
+    ) -> set[str]:
         """Render sections and skeletons in the worker processes (``pool.py``) and compose
-        each agent as they arrive. A lost worker only costs speed: what is left is done here."""
+        each agent as they arrive; return the agents done. A lost worker (or none to be had)
+        only costs speed: the caller renders what is left."""
         self.start_pool()
-        if self._pool is None:  # workers could not be started
-            for agent_id, metas in todo.items():
-                self._render_agent(agent_id, metas, catalog, old, report, write)
-            return
+        if self._pool is None:
+            return set()
         assert self.workspace.journal is not None
         journal, self.workspace.journal = self.workspace.journal, {}
         report.workers = self._pool.size
@@ -573,9 +573,7 @@ class Engine:
         except BaseException:
             self.close()  # chunks still in flight would answer the next batch
             raise
-        for agent_id, metas in todo.items():
-            if agent_id not in done:
-                self._render_agent(agent_id, metas, catalog, old, report, write)
+        return done
 
     def _collect(self, old: dict[tuple[str, str], bytes], report: BuildReport) -> dict[str, list[dict[str, Any]]]:
         """The dirty sections (invalidated, new, or failed last time) that the store cannot
@@ -640,18 +638,21 @@ class Engine:
 
     def _section_entries(self, plan: Plan, catalog: TrackedCatalog) -> list[Rendered]:
         """Every section of an agent for composing. Those the memory budget dropped from L3
-        are read from the store by their digest (a lookup by inputs would cost a dependency
-        record, a fingerprint per input and a second query, each)."""
+        are sliced out of the output on disk, or read from the store by their digest (a lookup
+        by inputs would cost a dependency record, a fingerprint per input and a second query)."""
         keys = [(plan.agent.id, meta["id"]) for meta in plan.metas]
         found = {key: self.caches.l3.peek(key) for key in keys}
         wanted = {self.section_digests[k]: k for k in keys if found[k] is None and k in self.section_digests}
-        for digest, data in self._from_output(plan.agent.id, list(wanted)).items():
-            found[wanted[digest]] = entry = Rendered(data, {}, digest)
-            self.caches.l3.put(wanted.pop(digest), entry)
-        if wanted and self.store:
-            for digest, data in self.store.blobs_by_digest(list(wanted)).items():
-                found[wanted[digest]] = entry = Rendered(data, {}, digest)
-                self.caches.l3.put(wanted[digest], entry)
+        sources: list[Callable[[list[bytes]], dict[bytes, bytes]]] = [
+            functools.partial(self._from_output, plan.agent.id)
+        ]
+        if self.store:
+            sources.append(self.store.blobs_by_digest)
+        for fetch in sources:
+            for digest, data in fetch(list(wanted)).items() if wanted else ():
+                key = wanted.pop(digest)
+                found[key] = entry = Rendered(data, {}, digest)
+                self.caches.l3.put(key, entry)
         return [
             found[key] or self._section_entry(plan, meta, catalog) for key, meta in zip(keys, plan.metas, strict=True)
         ]
@@ -671,11 +672,11 @@ class Engine:
         return {d: data[slice(*layout.spans[d])] for d in digests if d in layout.spans}
 
     def _section_entry(self, plan: Plan, meta: dict[str, Any], catalog: TrackedCatalog) -> Rendered:
-        """A section's current render for composing: from L3, or, when the memory budget
-        dropped it, from the store, or rendered again (its inputs did not change: same bytes)."""
+        """A section neither L3 nor a digest could give: from the store by its inputs, or
+        rendered again (its inputs did not change: same bytes)."""
         key = (plan.agent.id, meta["id"])
-        entry = self.caches.l3.peek(key)
-        if entry is None and self.store:
+        entry = None
+        if self.store:
             entry = self.store.lookup(g.section_node(*key), self.current_fp)
         if entry is None:
             entry = self._render_one(plan, meta, self._context(plan, catalog))

@@ -94,15 +94,16 @@ class OutputDir:
         return [st.st_size, st.st_mtime_ns] == entry[1:]
 
     def write(self, name: str, data: bytes, digest: bytes | None = None) -> bool:
-        """Write ``name`` if its bytes differ from what is on disk; True if it was written.
-        ``digest`` identifies the content (the composition digest, or ``fingerprint(data)``)."""
+        """``write_file`` + ``record`` in one call; True if the file was written. ``digest``
+        identifies the content (the composition digest, or ``fingerprint(data)``)."""
         written, stat = self.write_file(name, data, self.owns(name))
         self.record(name, digest or fingerprint(data), stat)
         return written
 
     def write_file(self, name: str, data: bytes, owned: bool) -> tuple[bool, list[int]]:
-        """The disk half of ``write`` (safe in another thread: it touches no shared state).
-        ``owned``: the manifest lists ``name``. Returns (written, [size, mtime_ns])."""
+        """Write ``name`` if its bytes differ from what is on disk (safe in another thread: it
+        touches no shared state; ``record`` enters the result in the manifest). ``owned``: the
+        manifest lists ``name``. Returns (written, [size, mtime_ns])."""
         self.path.mkdir(parents=True, exist_ok=True)
         target = self.path / name
         try:

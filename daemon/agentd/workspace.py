@@ -1,9 +1,9 @@
 """The workspace on disk, held in memory: template sources, agent sources, traits, catalog.
 
-``scan()`` reads everything; ``refresh(paths)`` re-reads only the given paths (files or
-folders, existing or not: the disk decides what changed, never the event kind). Both return a
-``Delta``: the graph input nodes whose fingerprint changed, so the builder can invalidate
-exactly their readers.
+``refresh(paths)`` re-reads the given paths (files or folders, existing or not: the disk
+decides what changed, never the event kind; the whole workspace is its two folders) and
+returns a ``Delta``: the graph input nodes whose fingerprint changed, so the builder can
+invalidate exactly their readers.
 """
 
 from __future__ import annotations
@@ -256,10 +256,6 @@ class Workspace:
         return found
 
     # -- loading --------------------------------------------------------------------------
-    def scan(self) -> Delta:
-        """Re-read the whole workspace."""
-        return self.refresh([self.config.templates_path, self.config.agents_path])
-
     def refresh(self, paths: Iterable[Path]) -> Delta:
         """Re-read ``paths`` (files or folders; deleted ones included) and report changes."""
         delta = Delta()
