@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from agentd import output
 from agentd.build import Engine
 from agentd.config import Config
 from agentd.exceptions import OutputError
@@ -70,3 +71,33 @@ def test_user_file_at_an_output_path_fails_that_agent_only(tiny: Path) -> None:
     assert [type(e) for e in report.errors] == [OutputError]
     assert (tiny / "out/alpha.md").read_text() == "hand-written\n"
     assert "beta.md" in report.written
+
+
+def test_same_size_edit_behind_agentds_back_is_rewritten(tmp_path: Path) -> None:
+    """A generated file someone changed (same size) is compared by its bytes and put back."""
+    out = OutputDir(tmp_path)
+    out.write("a.md", b"one\n")
+    (tmp_path / "a.md").write_bytes(b"uno\n")
+    assert out.write("a.md", b"one\n") is True
+    assert (tmp_path / "a.md").read_bytes() == b"one\n"
+
+
+@pytest.mark.skipif(output._RENAMEAT2 is None, reason="no renameat2 here")
+def test_swap_exchanges_two_files(tmp_path: Path) -> None:
+    """The exchange used to replace outputs swaps both names' contents in one step."""
+    (tmp_path / "new").write_bytes(b"new\n")
+    (tmp_path / "old").write_bytes(b"old\n")
+    assert output._swap(str(tmp_path / "new"), tmp_path / "old") is True
+    assert (tmp_path / "old").read_bytes() == b"new\n"
+    assert (tmp_path / "new").read_bytes() == b"old\n"
+
+
+def test_replacing_without_exchange_is_still_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the exchange is unavailable (another OS, a filesystem without it), outputs are
+    replaced by a plain rename: new bytes, no temp file left."""
+    monkeypatch.setattr(output, "_RENAMEAT2", None)
+    out = OutputDir(tmp_path)
+    out.write("a.md", b"one\n")
+    assert out.write("a.md", b"two\n") is True
+    assert (tmp_path / "a.md").read_bytes() == b"two\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.md"]

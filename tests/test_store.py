@@ -10,8 +10,10 @@ import orjson
 import pytest
 
 from agentd.build import Engine
+from agentd.cache import Rendered
 from agentd.config import Config
 from agentd.store import STORE_FILE, Store, render_stamp
+from agentd.trace import fingerprint
 from conftest import EDIT_KINDS, clean_build, read_outputs, run_cli, run_daemon
 
 
@@ -31,6 +33,7 @@ def test_second_process_renders_nothing(tiny: Path, tmp_path: Path) -> None:
     assert "7 sections rendered" in build(tiny)
     out = build(tiny)
     assert "0 sections rendered, 7 reused" in out and "0 written, 2 unchanged" in out
+    assert "L3 100% (7/7)" in out  # the store is L3's disk tier: what it gives back is a hit
     assert read_outputs(tiny) == clean_build(tiny, tmp_path / "oracle")
 
 
@@ -56,6 +59,7 @@ def test_edits_while_stopped_re_render_exactly_their_readers(
     report = engine(tiny).build()
     assert sorted(report.sections_rendered) == expected
     assert report.sections_restored == 7 - len(expected)
+    assert (report.caches["L3"].hits, report.caches["L3"].misses) == (7 - len(expected), len(expected))
     assert read_outputs(tiny) == clean_build(tiny, tmp_path / "oracle")
 
 
@@ -224,3 +228,21 @@ def test_evicted_sections_are_sliced_from_the_output_agentd_wrote(corpus_copy, t
     sections = [name for name, _ in report.timings if name.startswith("sections/")]
     assert len(sections) > len(report.sections_rendered) == 32  # api-design's others again
     assert read_outputs(root) == clean_build(root, tmp_path / "oracle2")
+
+
+def test_queued_renders_do_not_wait_for_another_writer(tmp_path: Path) -> None:
+    """Past the flush threshold, renders stay queued while another process holds the write
+    lock (a worker keeps rendering instead of sleeping on it); ``flush`` then writes them all."""
+    store = Store(tmp_path, b"stamp")
+    store.FLUSH_EVERY = 4
+    assert store.stats()["units"] == 0  # creates the database
+    other = sqlite3.connect(tmp_path / STORE_FILE, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    for i in range(6):
+        store.put(f"section:a/s{i}", Rendered(b"x%d" % i, {"template:t": b"1"}, fingerprint(b"x%d" % i)))
+    assert other.execute("SELECT count(*) FROM deps").fetchone()[0] == 0
+    other.execute("ROLLBACK")
+    store.flush()
+    assert other.execute("SELECT count(*) FROM deps").fetchone()[0] == 6
+    other.close()
+    store.close()

@@ -587,14 +587,16 @@ class Engine:
             if meta is None:  # the agent or the section is gone
                 self._dirty.discard(key)
                 continue
-            self.caches.l3.counters.misses += 1
             node = g.section_node(agent_id, section)
-            # Rendered by an earlier process, inputs unchanged: its digest and reads suffice (a
-            # composition that needs the bytes reads them then; a restart reads none).
+            # Rendered by an earlier process or state, inputs unchanged: its digest and reads
+            # suffice (a composition that needs the bytes reads them then; a restart reads none).
+            # The store is L3's disk tier: a section it gives back is a hit, a render a miss.
             stored = self.store.lookup(node, self.current_fp, data=False) if self.store and self.restore else None
             if stored is None:
+                self.caches.l3.counters.misses += 1
                 todo.setdefault(agent_id, []).append(meta)
                 continue
+            self.caches.l3.counters.hits += 1
             self.section_digests[key] = stored.digest
             self._dirty.discard(key)
             self.graph.set_inputs(node, stored.reads)
@@ -783,7 +785,7 @@ class Engine:
             self._writer = ThreadPoolExecutor(1, thread_name_prefix="agentd-write")
         if len(self._writes) >= self.MAX_PENDING_WRITES:
             self._writes[-self.MAX_PENDING_WRITES][4].exception()  # wait for it, not for its result
-        future = self._writer.submit(self.output.write_file, name, data, self.output.owns(name))
+        future = self._writer.submit(self.output.write_file, name, data, digest, self.output.files.get(name))
         self._writes.append((agent_id, name, plan, digest, future))
 
     def _finish_writes(self, report: BuildReport) -> None:

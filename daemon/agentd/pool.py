@@ -10,8 +10,9 @@ the hot path and they never render from stale state:
   since the last batch. A worker replays them through the same ``refresh`` code (recompiling,
   evicting and re-resolving exactly as the parent did), so it renders from the parent's
   snapshot, never from a disk that may have moved on since.
-- Each batch is dealt out in small chunks to whichever worker is free; results stream back so
-  the parent composes and writes an agent as soon as its sections arrive. Workers put what they
+- Each batch is dealt out in small chunks, two ahead to each worker, and results stream back
+  (sent by a thread in the worker) so the parent composes and writes an agent as soon as its
+  sections arrive while the workers go on rendering. Workers put what they
   render into the persistent store themselves (SQLite serialises the writers), so the parent
   never re-sends those bytes to the store.
 
@@ -23,7 +24,9 @@ from __future__ import annotations
 
 import multiprocessing
 import multiprocessing.connection
+import queue
 import signal
+import threading
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,14 +89,22 @@ class Pool:
             for conn in self._conns:
                 conn.send(("sync", journal))
             chunks = _chunks(tasks, len(self._conns))
-            busy: dict[multiprocessing.connection.Connection, bool] = {}
-            for conn in self._conns:
-                busy[conn] = self._give(conn, chunks)
-            while any(busy.values()):
-                for ready in multiprocessing.connection.wait([c for c, b in busy.items() if b]):
+            # Each worker holds IN_FLIGHT chunks, so it renders the next one while the daemon
+            # composes what it sent (never idle waiting for the daemon to come back to it).
+            queued = dict.fromkeys(self._conns, 0)
+            for _ in range(IN_FLIGHT):
+                for conn in self._conns:
+                    queued[conn] += self._give(conn, chunks)
+            for conn, n in queued.items():
+                if not n:
+                    conn.send(("idle", None))
+            while any(queued.values()):
+                for ready in multiprocessing.connection.wait([c for c, n in queued.items() if n]):
                     conn = ready  # type: ignore[assignment]
                     results, counters = conn.recv()
-                    busy[conn] = self._give(conn, chunks)
+                    queued[conn] += self._give(conn, chunks) - 1
+                    if not queued[conn]:
+                        conn.send(("idle", None))  # nothing left for it: time to write its renders to the store
                     for result in results:
                         yield result, counters
                         counters = {}
@@ -101,12 +112,11 @@ class Pool:
             raise WorkerLost(str(exc) or type(exc).__name__) from exc
 
     @staticmethod
-    def _give(conn: multiprocessing.connection.Connection, chunks: list[list[Task]]) -> bool:
-        if chunks:
-            conn.send(("render", chunks.pop()))
-            return True
-        conn.send(("idle", None))  # nothing left for it: time to write its renders to the store
-        return False
+    def _give(conn: multiprocessing.connection.Connection, chunks: list[list[Task]]) -> int:
+        if not chunks:
+            return 0
+        conn.send(("render", chunks.pop()))
+        return 1
 
     def close(self) -> None:
         """Let every worker flush its store writes and exit; kill the ones that do not."""
@@ -121,18 +131,21 @@ def _shutdown(
             conn.send(None)
         except OSError:
             pass
+        # Closed before waiting: a worker stopped mid-batch may be sending results nobody will
+        # read; the closed socket ends that send at once (the None stays readable).
+        conn.close()
     for proc in procs:
         proc.join(timeout)
         if proc.is_alive():
             proc.kill()
             proc.join()
-    for conn in conns:
-        conn.close()
 
 
 #: Most sections per chunk: each result message holds this many ~60 KB renders, pickled and
 #: unpickled at once in the daemon (bigger chunks only add to its peak memory).
 MAX_CHUNK_SECTIONS = 32
+#: Chunks dealt ahead to each worker (see ``Pool.render``).
+IN_FLIGHT = 2
 
 
 def _chunks(tasks: list[Task], workers: int) -> list[list[Task]]:
@@ -179,6 +192,9 @@ def _serve(
         engine.store.abandon()
     engine.workspace.journal = None
     catalog = engine.worker_catalog()
+    outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    sender = threading.Thread(target=_send, args=(conn, outbox), name="agentd-send", daemon=True)
+    sender.start()
     while True:
         try:
             message = conn.recv()
@@ -194,11 +210,25 @@ def _serve(
             before = engine.caches.counters()
             results = [_render(engine, catalog, *task) for task in payload]
             counters = {k: v.since(before[k]) for k, v in engine.caches.counters().items()}
-            conn.send((results, counters))
+            outbox.put((results, counters))
         elif kind == "idle" and engine.store is not None:
             engine.store.flush()
+    outbox.put(None)
+    sender.join()
     if engine.store is not None:
         engine.store.flush()
+
+
+def _send(conn: multiprocessing.connection.Connection, outbox: queue.SimpleQueue[Any]) -> None:
+    """Send results from a thread: a message of renders is bigger than the socket's buffer, so
+    ``send`` waits until the daemon reads it, and the daemon reads only between compositions.
+    Meanwhile the worker renders its next chunk (sending mostly waits in ``write``, without
+    the GIL)."""
+    while (message := outbox.get()) is not None:
+        try:
+            conn.send(message)
+        except OSError:
+            return  # the daemon is gone: the main loop sees EOF and exits
 
 
 def _render(engine: Engine, catalog: Any, agent_id: str, sections: list[str], skeleton: bool) -> Result:
