@@ -112,3 +112,36 @@ def test_cold_build_parses_and_renders_in_workers_byte_identically(many: Path, t
     assert all(store.has_parsed(fingerprint(p.read_bytes())) for p in (many / "agents").rglob("*.yaml"))
     again = run_cli("build", "--jobs", "2", "--root", str(many))
     assert "0 sections rendered" in again.stdout, again.stdout
+
+
+def test_fork_refused_falls_back_to_working_in_process(
+    corpus_copy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """When the system refuses to fork (process limits: simulated, as root ignores
+    RLIMIT_NPROC) the second YAML parser and the second worker, the ones started are stopped,
+    parsing and rendering happen in-process, the build equals a clean build, and the engine
+    says why (`workers.unavailable` at the CLI)."""
+    import multiprocessing
+    from multiprocessing.context import ForkProcess
+
+    from agentd.build import Engine
+
+    started: list[str] = []
+    start = ForkProcess.start
+
+    def refuse_the_second_of_each_kind(self: ForkProcess) -> None:
+        kind = "worker" if self.name == "agentd-worker" else "parser"
+        started.append(kind)
+        if started.count(kind) == 2:
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        start(self)
+
+    monkeypatch.setattr(ForkProcess, "start", refuse_the_second_of_each_kind)
+    root = corpus_copy()
+    engine = Engine(Config.load(root), jobs=2)
+    report = engine.build()
+    assert report.ok and report.workers == 0
+    assert sorted(started) == ["parser", "parser", "worker", "worker"]
+    assert engine.pool_error and "rendering in-process" in engine.pool_error
+    assert not multiprocessing.active_children()
+    assert read_outputs(root) == clean_build(root, tmp_path / "oracle")

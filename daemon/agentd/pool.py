@@ -63,17 +63,29 @@ class Pool:
         store = engine.store
         if store is not None:
             store.close()  # never carry an open SQLite connection across fork()
-        for _ in range(jobs):
-            parent, child = context.Pipe()
+        try:
+            for _ in range(jobs):
+                self._start(context, engine)
+        except OSError:  # fork() refused (process limits): stop the ones that started
+            _shutdown(self._conns, self._procs, 10.0)
+            raise
+        # An engine dropped without ``close()`` still stops its workers.
+        self._finalizer = weakref.finalize(self, _shutdown, self._conns, self._procs, 10.0)
+
+    def _start(self, context: Any, engine: Engine) -> None:
+        parent, child = context.Pipe()
+        try:
             proc = context.Process(
                 target=_serve, args=(engine, child, [*self._conns, parent]), name="agentd-worker", daemon=True
             )
             proc.start()
+        except BaseException:
+            parent.close()
+            raise
+        finally:
             child.close()
-            self._conns.append(parent)
-            self._procs.append(proc)
-        # An engine dropped without ``close()`` still stops its workers.
-        self._finalizer = weakref.finalize(self, _shutdown, self._conns, self._procs, 10.0)
+        self._conns.append(parent)
+        self._procs.append(proc)
 
     @property
     def size(self) -> int:

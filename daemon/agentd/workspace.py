@@ -110,8 +110,17 @@ class ParseAhead:
         from concurrent.futures import ProcessPoolExecutor
 
         chunks = [items[i :: jobs * 2] for i in range(jobs * 2)]
+        before = set(multiprocessing.active_children())
         self._executor = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork"))
-        self._futures = [self._executor.submit(_parse_chunk, chunk) for chunk in chunks]
+        try:
+            self._futures = [self._executor.submit(_parse_chunk, chunk) for chunk in chunks]
+        except OSError:
+            # fork() refused part-way (process limits): the executor has no manager thread yet
+            # to stop the workers it did start, and they would block the interpreter's exit.
+            for proc in set(multiprocessing.active_children()) - before:
+                proc.terminate()
+                proc.join()
+            raise
 
     @classmethod
     def start(cls, config: Config, jobs: int, store: Any = None) -> ParseAhead | None:
@@ -127,7 +136,12 @@ class ParseAhead:
         ]
         if store is not None:
             store.close()  # never carry an open SQLite connection across fork()
-        return cls(items, jobs) if len(items) >= cls.MIN_FILES else None
+        if len(items) < cls.MIN_FILES:
+            return None
+        try:
+            return cls(items, jobs)
+        except OSError:  # no processes to be had: the workspace parses them in-process
+            return None
 
     def result(self) -> dict[bytes, Any]:
         parsed: dict[bytes, Any] = {}
