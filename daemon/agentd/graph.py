@@ -103,7 +103,12 @@ class DepGraph:
     # -- traced render inputs -------------------------------------------------------------
     def set_inputs(self, render: str, inputs: Iterable[str]) -> None:
         """Replace everything ``render`` depends on with what its last run read."""
+        inputs = set(inputs)
         if render in self.g:
+            # Re-renders mostly read what they read before: a set comparison (~2 µs) saves
+            # the edge removal and re-insertion (~150 µs for a section's ~50 inputs).
+            if self.g.pred[render].keys() == inputs:
+                return
             self.g.remove_edges_from(list(self.g.in_edges(render)))
         self.g.add_node(render)
         self.g.add_edges_from((node, render) for node in inputs)

@@ -58,20 +58,25 @@ _TIMEOUT_S = 10
 
 
 def _begin(db: sqlite3.Connection, wait: bool) -> bool:
-    """Start a write transaction; without ``wait``, False at once if another writer has one."""
-    if wait:
-        db.execute("BEGIN IMMEDIATE")
-        return True
+    """Start a write transaction; without ``wait``, False at once if another writer has one.
+    Waiting polls every millisecond: SQLite's own busy handler sleeps 1, 2, 5, 10, 15, 20,
+    25 ... ms between tries, so a writer queued behind a 20 ms transaction (a worker's batch)
+    slept ~13 ms past its end."""
+    deadline = time.monotonic() + _TIMEOUT_S
     db.execute("PRAGMA busy_timeout=0")
     try:
-        db.execute("BEGIN IMMEDIATE")
-    except sqlite3.OperationalError as exc:
-        if "locked" not in str(exc):
-            raise
-        return False
+        while True:
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                return True
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or (wait and time.monotonic() > deadline):
+                    raise
+                if not wait:
+                    return False
+            time.sleep(0.001)
     finally:
         db.execute(f"PRAGMA busy_timeout={_TIMEOUT_S * 1000}")
-    return True
 
 
 def input_key(stamp: bytes, unit: str, reads: dict[str, bytes]) -> bytes:
