@@ -140,6 +140,7 @@ class Engine:
         self.findings: dict[str, list[Any]] = {}
         self._to_check: list[tuple[str, bytes | None, Plan]] = []
         self._relations: Relations | None = None
+        self._agent_set_checked: tuple[bytes, tuple[str, ...]] | None = None
         self._known_dirs: set[Path] | None = None
         self.trait_kinds_fp = fingerprint([])
         self._scanned = False
@@ -473,13 +474,11 @@ class Engine:
 
     # -- rendering ------------------------------------------------------------------------
     def _catalog(self, delta: Any) -> TrackedCatalog:
-        agents = self.workspace.agents
-        entries = {a: agents[a].catalog_entry for a in agents}
+        ws = self.workspace
+        entries = dict(ws.catalog_entries)  # copies: the workspace updates its own in place
         if self._relations is None or g.RELATIONS in delta.nodes:
             self._relations = Relations(entries)
-        return TrackedCatalog(
-            entries, {a: agents[a].catalog_fp for a in agents}, self.workspace.catalog_fp, self._relations
-        )
+        return TrackedCatalog(entries, dict(ws.catalog_fps), ws.catalog_fp, self._relations)
 
     def _context(self, plan: Plan, catalog: TrackedCatalog) -> dict[str, Any]:
         a = plan.agent
@@ -860,7 +859,14 @@ class Engine:
             report.findings += self.findings[agent_id]
 
     def _remove_stale(self, report: BuildReport) -> None:
-        existing = set(self.workspace.agents) | set(self.workspace.agent_errors)
+        """Remove outputs of agents that are gone: walks the manifest (O(agents)), so only
+        when the set of agents changed since the last walk."""
+        ws = self.workspace
+        agent_set = (ws.catalog_fp, tuple(sorted(ws.agent_errors)))
+        if agent_set == self._agent_set_checked:
+            return
+        self._agent_set_checked = agent_set
+        existing = set(ws.agents) | set(ws.agent_errors)
         for name in sorted(self.output.files):
             if name.endswith(OUTPUT_SUFFIX) and name[: -len(OUTPUT_SUFFIX)] not in existing:
                 if self.output.remove(name):

@@ -247,9 +247,9 @@ class Store:
     def put(self, unit: str, rendered: Rendered) -> None:
         """Queue a render; ``flush`` writes the queue in one transaction. Past FLUSH_EVERY
         queued, each put tries to write them *if no other process is writing*: worker
-        processes share the store, and a writer that waits for the lock sleeps (SQLite's busy
-        handler backs off 1, 2, 5, 10, 15 ms...) instead of rendering. Measured in a cold
-        ``--jobs 2`` build at N = 100: 15-25 ms asleep per flush. Past 4x FLUSH_EVERY it waits."""
+        processes share the store, and one waiting for another's transaction is not rendering
+        (measured in a cold ``--jobs 2`` build at N = 100: 15-25 ms of waiting per flush). Past
+        4x FLUSH_EVERY it waits, to bound memory."""
         self._pending.append((unit, input_key(self.stamp, unit, rendered.reads), rendered))
         if len(self._pending) >= self.FLUSH_EVERY:
             self.flush(wait=len(self._pending) >= 4 * self.FLUSH_EVERY)
@@ -330,7 +330,8 @@ class Store:
                 raise
             return True
 
-        # Written, or dropped with a damaged store (set aside): either way no longer queued.
+        # Written, or dropped (a damaged store set aside, or locked by another writer for
+        # longer than _TIMEOUT_S): either way no longer queued. The cache never fails a build.
         if self._guard(run, True):
             self._pending, self._pending_aux = [], {}
 

@@ -220,6 +220,11 @@ class Workspace:
         self.template_fps: dict[str, bytes] = {}
         self.template_errors: dict[str, TemplateError] = {}
         self.agents: dict[str, AgentSource] = {}
+        #: Each agent's catalog entry and its fingerprint, kept beside ``agents`` (same keys,
+        #: same order) so a build does not walk every agent to assemble the catalog.
+        self.catalog_entries: dict[str, dict[str, Any]] = {}
+        self.catalog_fps: dict[str, bytes] = {}
+        self._catalog_fp: bytes | None = None
         self.agent_errors: dict[str, DataError] = {}  # id -> why its source did not load
         self.traits: dict[str, TraitSource] = {}
         self.trait_errors: dict[str, DataError] = {}  # ref -> why
@@ -434,9 +439,14 @@ class Workspace:
         old = self.agents.get(agent_id)
         if new is None:
             self.agents.pop(agent_id, None)
+            self.catalog_entries.pop(agent_id, None)
+            self.catalog_fps.pop(agent_id, None)
         else:
             self.agents[agent_id] = new
+            self.catalog_entries[agent_id] = new.catalog_entry
+            self.catalog_fps[agent_id] = new.catalog_fp
         if (old is None) != (new is None):
+            self._catalog_fp = None
             delta.nodes.add(g.CATALOG)
         delta.agents.add(agent_id)
         old_fps = old.fps if old else {}
@@ -481,7 +491,11 @@ class Workspace:
 
     @property
     def catalog_fp(self) -> bytes:
-        return fingerprint(self.catalog_ids())
+        """Fingerprint of the set of agent ids (recomputed only when it changes: store lookups
+        ask for it once per recorded input)."""
+        if self._catalog_fp is None:
+            self._catalog_fp = fingerprint(self.catalog_ids())
+        return self._catalog_fp
 
 
 def _trait_refs(data: dict[str, Any]) -> set[str]:
