@@ -94,6 +94,7 @@ TINY: dict[str, str] = {
         {% for kind, items in traits.items() %}
         {% for trait in items %}
         {% include "traits/" ~ kind ~ "-traits.j2" %}
+        {% if trait.get("level", "unrated") == "reckless" %}(reckless){% endif %}
         {% endfor %}
         {% endfor %}
         """,
@@ -124,6 +125,8 @@ TINY: dict[str, str] = {
     "agents/traits/safety/careful.yaml": """\
         name: Careful
         rule: Look before you leap.
+        level: high
+        note: read by no template
         """,
 }
 
@@ -159,6 +162,11 @@ EDIT_KINDS = [
         ["alpha/shared", "alpha/traits", "beta/shared"],
         id="trait",
     ),
+    # one key of a trait: only the renders that read that key (traits are tracked per key)
+    pytest.param(
+        "agents/traits/safety/careful.yaml", "level: high", "level: highest", ["alpha/traits"], id="trait-key"
+    ),
+    pytest.param("agents/traits/safety/careful.yaml", "read by no", "still read by no", [], id="trait-unread-key"),
     # a trait template reached only by a dynamic include
     pytest.param(
         "templates/traits/safety-traits.j2",

@@ -47,7 +47,7 @@ class Plan:
     agent: AgentSource
     metas: list[dict[str, Any]]
     meta_fps: dict[str, bytes]
-    traits: dict[str, list[TrackedValue]]
+    traits: dict[str, list[TrackedMapping]]
 
     @property
     def meta_by_id(self) -> dict[str, dict[str, Any]]:
@@ -323,7 +323,8 @@ class Engine:
             if what == "template":
                 inputs.add(g.template_node(name))
             elif what == "trait":
-                inputs.add(g.trait_node(name))
+                prefix = g.trait_prefix(name)
+                inputs.update(n for n in self.graph.g if n.startswith(prefix))
             else:
                 agents.add(name)
                 inputs.add(g.catalog_node(name))
@@ -441,7 +442,7 @@ class Engine:
         traits = data.get("traits", {})
         if not isinstance(traits, dict):
             self._fail(agent, ["traits"], "traits: expected a mapping of kind -> list of trait ids")
-        resolved: dict[str, list[TrackedValue]] = {kind: [] for kind in kinds}
+        resolved: dict[str, list[TrackedMapping]] = {kind: [] for kind in kinds}
         for kind, ids in traits.items():
             if not isinstance(ids, list):
                 self._fail(agent, ["traits", kind], f"traits.{kind}: expected a list of trait ids")
@@ -460,7 +461,9 @@ class Engine:
                     )
                     self._fail(agent, ["traits", kind, i], why)
                 else:
-                    resolved[kind].append(TrackedValue(trait.data, g.trait_node(ref), trait.fp))
+                    resolved[kind].append(
+                        TrackedMapping(trait.data, g.trait_prefix(ref), trait.fps, trait.fp, label=f"trait {ref!r}")
+                    )
         return Plan(agent, metas, {m["id"]: fingerprint(m) for m in metas}, resolved)
 
     def _fail(self, agent: AgentSource, keys: list[str | int], message: str) -> None:
@@ -841,8 +844,11 @@ class Engine:
         if node == g.TRAIT_KINDS:
             return self.trait_kinds_fp
         if kind == "trait":
-            trait = ws.traits.get(rest)
-            return trait.fp if trait else MISSING
+            ref, _, key = rest.partition(":")
+            trait = ws.traits.get(ref)
+            if trait is None:
+                return MISSING
+            return trait.fp if key == "*" else trait.fps.get(key, MISSING)
         if kind == "meta":
             agent_id, section = rest.split("/", 1)
             plan = self.plans.get(agent_id)

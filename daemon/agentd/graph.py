@@ -37,8 +37,13 @@ def catalog_node(agent_id: str) -> str:
     return f"catalog:{agent_id}"
 
 
-def trait_node(ref: str) -> str:
-    return f"trait:{ref}"
+def trait_prefix(ref: str) -> str:
+    return f"trait:{ref}:"
+
+
+def trait_key_node(ref: str, key: str) -> str:
+    """One top-level key of a trait ("*": all of them, for a render that iterated it)."""
+    return f"trait:{ref}:{key}"
 
 
 def meta_node(agent_id: str, section: str) -> str:

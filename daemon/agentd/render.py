@@ -104,6 +104,8 @@ class _Environment(jinja2.Environment):
             try:
                 return obj[attribute]
             except KeyError:
+                if attribute in _MAPPING_METHODS:  # agent.get("x", default), trait.items()
+                    return getattr(obj, attribute)
                 return self.undefined(hint=f"{obj.label} has no key {attribute!r}", obj=obj, name=attribute)
         return super().getattr(obj, attribute)
 
@@ -142,6 +144,11 @@ def fence(body: str) -> str:
 
 def section_title(section_id: str) -> str:
     return " ".join(w.capitalize() for w in section_id.split("-"))
+
+
+#: What a mapping's methods a template may call on ``agent`` or a trait (a key of the same
+#: name wins, as the keys are the data).
+_MAPPING_METHODS = frozenset({"get", "items", "keys", "values"})
 
 
 def _input_fp(value: Any) -> bytes:

@@ -53,6 +53,7 @@ class TraitSource:
     id: str
     path: str
     data: dict[str, Any]
+    fps: dict[str, bytes]  # per top-level key: a render depends on the keys it read
     fp: bytes
 
 
@@ -449,12 +450,8 @@ class Workspace:
             self._catalog_fp = None
             delta.nodes.add(g.CATALOG)
         delta.agents.add(agent_id)
-        old_fps = old.fps if old else {}
-        new_fps = new.fps if new else {}
-        changed = [k for k in old_fps.keys() | new_fps.keys() if old_fps.get(k, MISSING) != new_fps.get(k, MISSING)]
+        changed = _changed_keys(old.fps if old else {}, new.fps if new else {})
         delta.nodes.update(g.key_node(agent_id, k) for k in changed)
-        if changed:
-            delta.nodes.add(g.key_node(agent_id, "*"))
         if (old.catalog_fp if old else MISSING) != (new.catalog_fp if new else MISSING):
             delta.nodes.add(g.catalog_node(agent_id))
         if (old is None) != (new is None) or {"tags", "handoffs"} & set(changed):
@@ -471,7 +468,8 @@ class Workspace:
         kind, trait_id = ref.split("/", 1)
         data.setdefault("id", trait_id)
         data.setdefault("kind", kind)
-        self._set_trait(ref, TraitSource(ref, kind, trait_id, self.rel(path), data, fingerprint(data)), delta)
+        fps = {k: fingerprint(v) for k, v in data.items()}
+        self._set_trait(ref, TraitSource(ref, kind, trait_id, self.rel(path), data, fps, fingerprint(data)), delta)
 
     def _set_trait(self, ref: str, new: TraitSource | None, delta: Delta) -> None:
         old = self.traits.pop(ref, None)
@@ -480,8 +478,8 @@ class Workspace:
         if (old is None) != (new is None):
             delta.membership = True
             delta.nodes.add(g.TRAIT_KINDS)
-        if (old.fp if old else MISSING) != (new.fp if new else MISSING):
-            delta.nodes.add(g.trait_node(ref))
+        changed = _changed_keys(old.fps if old else {}, new.fps if new else {})
+        delta.nodes.update(g.trait_key_node(ref, k) for k in changed)
         # Agents listing this trait must be re-resolved: it may have appeared or broken.
         delta.agents.update(a.id for a in self.agents.values() if ref in _trait_refs(a.data))
 
@@ -496,6 +494,13 @@ class Workspace:
         if self._catalog_fp is None:
             self._catalog_fp = fingerprint(self.catalog_ids())
         return self._catalog_fp
+
+
+def _changed_keys(old: dict[str, bytes], new: dict[str, bytes]) -> list[str]:
+    """Top-level keys whose value changed, appeared or went, plus "*" (read by a render that
+    iterated the mapping) when there is any."""
+    changed = [k for k in old.keys() | new.keys() if old.get(k, MISSING) != new.get(k, MISSING)]
+    return [*changed, "*"] if changed else []
 
 
 def _trait_refs(data: dict[str, Any]) -> set[str]:
