@@ -146,8 +146,8 @@ def section_title(section_id: str) -> str:
     return " ".join(w.capitalize() for w in section_id.split("-"))
 
 
-#: What a mapping's methods a template may call on ``agent`` or a trait (a key of the same
-#: name wins, as the keys are the data).
+#: The mapping methods a template may call on ``agent`` or a trait (a key of the same name
+#: wins: the keys are the data).
 _MAPPING_METHODS = frozenset({"get", "items", "keys", "values"})
 
 
