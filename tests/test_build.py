@@ -272,6 +272,28 @@ def test_yaml_values_stay_literal(tiny: Path) -> None:
     assert "{{ 7*7 }} {% include 'x' %}" in (tiny / "out/alpha.md").read_text()
 
 
+def test_dotted_access_to_yaml_data_behaves_as_in_jinja(tiny: Path) -> None:
+    """In nested YAML mappings a key gives its value and a dict method name the method (as
+    Jinja resolves ``x.y``); ``agent`` and traits offer get/keys too; a missing nested key is
+    an error naming the template and line."""
+    edit(tiny / "agents/alpha.yaml", "notes: not read by any template", "notes: {title: T, keys: K}")
+    edit(
+        tiny / "templates/sections/summary.j2",
+        "{{ agent.description }}",
+        "{{ agent.description }}\n"
+        "{% if agent.notes is mapping %}[{{ agent.notes.title }} {{ agent.notes.keys()|sort|join(',') }}]{% endif %}\n"
+        "<{{ agent.get('motto', 'no motto') }} {{ traits.safety|map(attribute='name')|join(',') }}>",
+    )
+    report = engine(tiny).build()
+    assert report.ok, report.errors
+    text = (tiny / "out/alpha.md").read_text()
+    assert "[T keys,title]" in text and "<no motto Careful>" in (tiny / "out/beta.md").read_text()
+    edit(tiny / "templates/sections/summary.j2", "agent.notes.title", "agent.notes.nope")
+    report = engine(tiny).build()
+    assert [e.location for e in report.errors] == ["templates/sections/summary.j2:4"]
+    assert "nope" in str(report.errors[0])
+
+
 def test_related_peers_rank_handoffs_then_shared_tags() -> None:
     """related(): handoff partners first, then most shared tags, then the rest by id."""
     from agentd.catalog import Relations

@@ -100,6 +100,14 @@ class _Environment(jinja2.Environment):
         return ast
 
     def getattr(self, obj: Any, attribute: str) -> Any:
+        if type(obj) is dict and attribute not in _DICT_ATTRS:
+            # What Jinja does, without its first step: ``getattr`` on a plain dict finds only
+            # dict's own attributes, so for any other name it raised and caught an
+            # AttributeError before the item lookup, on every ``x.key`` of the YAML data.
+            try:
+                return obj[attribute]
+            except KeyError:
+                return self.undefined(obj=obj, name=attribute)
         if isinstance(obj, TrackedMapping):
             try:
                 return obj[attribute]
@@ -149,6 +157,7 @@ def section_title(section_id: str) -> str:
 #: The mapping methods a template may call on ``agent`` or a trait (a key of the same name
 #: wins: the keys are the data).
 _MAPPING_METHODS = frozenset({"get", "items", "keys", "values"})
+_DICT_ATTRS = frozenset(dir(dict))
 
 
 def _input_fp(value: Any) -> bytes:
