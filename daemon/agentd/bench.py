@@ -31,7 +31,7 @@ import yaml
 
 from . import __version__
 from .build import BASE_TEMPLATE, Engine
-from .cache import Caches
+from .cache import Caches, Counters
 from .config import Config
 from .control import request, socket_path
 from .graph import RELATIONS, DepGraph
@@ -260,10 +260,13 @@ def session_hit_rates(daemon: Daemon, ids: list[str], mix: list[int]) -> dict[st
         daemon.wait("build.finished", start)
     after = daemon.stats()["caches"]
     rates = {}
-    for layer in after:
-        hits = after[layer]["hits"] - before[layer]["hits"]
-        misses = after[layer]["misses"] - before[layer]["misses"]
-        rates[layer] = round(hits / (hits + misses), 4) if hits + misses else None
+    for layer, now in after.items():
+        rate = (
+            Counters(now["hits"], now["misses"])
+            .since(Counters(before[layer]["hits"], before[layer]["misses"]))
+            .hit_rate
+        )
+        rates[layer] = None if rate is None else round(rate, 4)
     return {"saves": len(mix) + len(originals), "hit_rates": rates}
 
 

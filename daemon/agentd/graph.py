@@ -43,7 +43,7 @@ def trait_prefix(ref: str) -> str:
 
 def trait_key_node(ref: str, key: str) -> str:
     """One top-level key of a trait ("*": all of them, for a render that iterated it)."""
-    return f"trait:{ref}:{key}"
+    return trait_prefix(ref) + key
 
 
 def meta_node(agent_id: str, section: str) -> str:

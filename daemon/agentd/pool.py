@@ -12,9 +12,9 @@ the hot path and they never render from stale state:
   snapshot, never from a disk that may have moved on since.
 - Each batch is dealt out in small chunks, two ahead to each worker, and results stream back
   (sent by a thread in the worker) so the parent composes and writes an agent as soon as its
-  sections arrive while the workers go on rendering. Workers put what they
-  render into the persistent store themselves (SQLite serialises the writers), so the parent
-  never re-sends those bytes to the store.
+  sections arrive while the workers go on rendering. Workers put what they render into the
+  persistent store themselves (SQLite serialises the writers), so the parent never re-sends
+  those bytes to the store.
 
 A worker that dies costs nothing but speed: the parent renders the rest of the batch itself
 and starts a new pool for the next one.
