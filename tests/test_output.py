@@ -101,3 +101,39 @@ def test_replacing_without_exchange_is_still_atomic(tmp_path: Path, monkeypatch:
     assert out.write("a.md", b"two\n") is True
     assert (tmp_path / "a.md").read_bytes() == b"two\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.md"]
+
+
+def test_temp_files_a_killed_agentd_left_are_swept(tiny: Path) -> None:
+    """A build removes the temp files of its outputs that a killed agentd left behind once
+    they are a minute old; a fresh one (another agentd's write in progress) and hidden files
+    that are not agentd's stay."""
+    import os
+    import time
+
+    Engine(Config.load(tiny)).build()
+    out = tiny / "out"
+    old, fresh, foreign = out / ".alpha.md.k1ll3d00.tmp", out / ".beta.md.wr1t1ng0.tmp", out / ".notes.md.m1ne0000.tmp"
+    for path in (old, fresh, foreign):
+        path.write_bytes(b"partial")
+    an_hour_ago = time.time() - 3600
+    for path in (old, foreign):
+        os.utime(path, (an_hour_ago, an_hour_ago))
+    assert Engine(Config.load(tiny)).build().ok
+    assert not old.exists() and fresh.exists() and foreign.exists()
+
+
+def test_replaced_outputs_kept_for_later_are_bounded(tmp_path: Path) -> None:
+    """A writer that unlinks replaced outputs later (a worker, until its batch is done) keeps
+    at most MAX_REPLACED of them on disk, and ``remove_replaced`` leaves only the outputs."""
+    out = OutputDir(tmp_path)
+    out.replaced = []
+    names = [f"a{i}.md" for i in range(output.MAX_REPLACED + 6)]
+    for name in names:
+        out.write(name, b"one\n")
+    for name in names:
+        out.write(name, b"two\n")
+    hidden = [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert 0 < len(hidden) < output.MAX_REPLACED and all(p.read_bytes() == b"one\n" for p in hidden)
+    out.remove_replaced()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
+    assert all((tmp_path / name).read_bytes() == b"two\n" for name in names)

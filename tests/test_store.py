@@ -169,7 +169,8 @@ def test_tiny_memory_budget_still_builds_correctly(corpus_copy, tmp_path: Path, 
     through edits (evicted sections come back from the store, or are rendered again)."""
     root = corpus_copy()
     config = Config.load(root, {"memory_budget_mb": 1, "cache": with_store})
-    e = Engine(config, Store(root, render_stamp(config)) if with_store else None)
+    # In this process: rendered in workers, sections never reach this process's L3.
+    e = Engine(config, Store(root, render_stamp(config)) if with_store else None, jobs=1)
     report = e.build()
     assert report.ok
     assert e.caches.l3.bytes <= 1024 * 1024 and e.caches.l3.counters.evictions > 0

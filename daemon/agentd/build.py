@@ -28,8 +28,8 @@ from .catalog import Relations, TrackedCatalog
 from .compose import Layout, Skeleton, render_skeleton
 from .config import Config
 from .exceptions import AgentdError, ConfigError, DataError, OutputError, SourceError
-from .output import OutputDir
-from .pool import Pool, WorkerLost
+from .output import OutputDir, WriteOutcome
+from .pool import Composed, ComposeSpec, Pool, Task, WorkerLost
 from .render import Renderer, anchor, section_title
 from .store import Store
 from .trace import MISSING, TrackedMapping, TrackedValue, fingerprint
@@ -113,7 +113,7 @@ class Engine:
         #: Why workers could not be started (the daemon logs it once), if they could not.
         self.pool_error: str | None = None
         self._writer: ThreadPoolExecutor | None = None
-        self._writes: list[tuple[str, str, Plan, bytes, Future[tuple[bool, list[int]]]]] = []
+        self._writes: list[tuple[str, Plan, bytes, Future[tuple[bool, list[int]]]]] = []
         #: Take unchanged renders from the store (False for a forced rebuild: render, then save).
         self.restore = True
         self.workspace = Workspace(config)
@@ -162,6 +162,8 @@ class Engine:
         report.cold = not self._scanned
         if paths is None or not self._scanned:
             delta = self._scan()
+            if write and not self._scanned:
+                self.output.sweep()
             self._scanned = True
         else:
             paths = list(paths)
@@ -520,12 +522,62 @@ class Engine:
         self._agent_rendered(agent_id, errors, catalog, report, write)
 
     def _agent_rendered(
-        self, agent_id: str, errors: list[AgentdError], catalog: TrackedCatalog, report: BuildReport, write: bool
+        self,
+        agent_id: str,
+        errors: list[AgentdError],
+        catalog: TrackedCatalog,
+        report: BuildReport,
+        write: bool,
+        composed: Composed | None = None,
     ) -> None:
         if errors:
             self.agent_errors[agent_id] = errors
+        elif composed is not None and (agent_id in self._compose_pending or composed.outcome is not None):
+            self._composed_in_worker(agent_id, composed, report)
         elif agent_id in self._compose_pending:
             self._compose(agent_id, catalog, report, write)
+
+    def _compose_spec(self, agent_id: str, rendering: set[str], renders_skeleton: bool) -> ComposeSpec | None:
+        """What a worker needs to compose and write this agent itself, or None when only this
+        process can: its skeleton is a full render (not composable), or a section it does not
+        render is not in the current output (restored from the store, or no output yet)."""
+        plan = self.plans[agent_id]
+        skeleton = None if renders_skeleton else self.skeletons.get(agent_id)
+        if skeleton is None and not renders_skeleton:
+            return None
+        layout = self.layouts.get(agent_id)
+        digests: list[bytes | None] = []
+        for meta in plan.metas:
+            if meta["id"] in rendering:
+                digests.append(None)
+                continue
+            digest = self.section_digests.get((agent_id, meta["id"]))
+            if digest is None or layout is None or digest not in layout.spans:
+                return None
+            digests.append(digest)
+        name = agent_id + OUTPUT_SUFFIX
+        return ComposeSpec(
+            name=name,
+            sections=tuple(m["id"] for m in plan.metas),
+            digests=tuple(digests),
+            skeleton=skeleton,
+            layout=layout if any(d is not None for d in digests) else None,
+            entry=self.output.files.get(name),
+            current=self.caches.l4.peek(agent_id) if self.output.owns(name) else None,
+        )
+
+    def _composed_in_worker(self, agent_id: str, composed: Composed, report: BuildReport) -> None:
+        """Record what a worker composed and wrote, as ``_compose`` records its own."""
+        plan = self.plans[agent_id]
+        skeleton = self.skeletons[agent_id]
+        assert skeleton is not None  # a worker composes only with a skeleton
+        digests = [self.section_digests[(agent_id, m["id"])] for m in plan.metas]
+        reads = {**skeleton.reads, **_section_reads(plan, digests)}
+        if composed.layout is not None:
+            self.layouts[agent_id] = composed.layout
+        if not self._composed(agent_id, reads, composed.digest, report):
+            assert composed.outcome is not None  # the worker saw the same L4 entry
+            self._record_write(agent_id, plan, composed.digest, composed.outcome, report)
 
     def _skeletons_wanted(self, todo: dict[str, list[dict[str, Any]]]) -> set[str]:
         """Agents that will be composed in this build and have no valid skeleton: those with
@@ -555,21 +607,23 @@ class Engine:
         report.workers = self._pool.size
         if self.store:  # workers then load the templates this build compiled instead of compiling
             self.store.flush()
-        tasks = [
-            (agent_id, [m["id"] for m in todo.get(agent_id, [])], agent_id in skeletons)
-            for agent_id in sorted(todo.keys() | skeletons)
-        ]
+        tasks: list[Task] = []
+        for agent_id in sorted(todo.keys() | skeletons):
+            sections = [m["id"] for m in todo.get(agent_id, [])]
+            spec = self._compose_spec(agent_id, set(sections), agent_id in skeletons) if write else None
+            tasks.append((agent_id, sections, agent_id in skeletons, spec))
         done: set[str] = set()
         try:
-            for (agent_id, entries, errors, timings, skeleton), counters in self._pool.render(journal, tasks):
+            for result, counters in self._pool.render(journal, tasks):
+                agent_id, entries, errors, timings, skeleton, composed = result
                 self.caches.add(counters)
                 self.renderer.timings += timings
                 if skeleton is not None:
                     self.skeletons[agent_id] = skeleton[0]
                 for section, entry in entries:
-                    self._keep_section(agent_id, section, entry, old, report, stored=True)
+                    self._keep_section(agent_id, section, entry, old, report, stored=True, cached=composed is None)
                 done.add(agent_id)
-                self._agent_rendered(agent_id, errors, catalog, report, write)
+                self._agent_rendered(agent_id, errors, catalog, report, write, composed)
         except WorkerLost:
             self.close()
         except BaseException:
@@ -625,10 +679,14 @@ class Engine:
         old: dict[tuple[str, str], bytes],
         report: BuildReport,
         stored: bool = False,
+        cached: bool = True,
     ) -> None:
-        """Record a fresh render; ``stored``: a worker put it in the store already."""
+        """Record a fresh render; ``stored``: a worker put it in the store already; not
+        ``cached``: a worker composed its agent and kept the bytes (L3 then takes them from
+        the output file, ``_section_entries``)."""
         node = g.section_node(agent_id, section)
-        self.caches.l3.put((agent_id, section), entry)
+        if cached:
+            self.caches.l3.put((agent_id, section), entry)
         self.section_digests[(agent_id, section)] = entry.digest
         self._dirty.discard((agent_id, section))
         self.graph.set_inputs(node, entry.reads)
@@ -696,17 +754,12 @@ class Engine:
         section's content, a full render."""
         agent_id = plan.agent.id
         entries = self._section_entries(plan, catalog)
-        section_reads: dict[str, bytes] = {}
-        for meta, entry in zip(plan.metas, entries, strict=True):
-            section_reads[g.section_node(agent_id, meta["id"])] = entry.digest
-            section_reads[g.meta_node(agent_id, meta["id"])] = plan.meta_fps[meta["id"]]
+        section_reads = _section_reads(plan, [e.digest for e in entries])
         skeleton = self._skeleton(plan, catalog)
         if skeleton is not None:
-            contents, digests = [e.data for e in entries], [e.digest for e in entries]
-            data = skeleton.join(contents)
-            digest = skeleton.output_digest(digests)
-            self.layouts[agent_id] = Layout(digest, skeleton.spans(contents, digests))
-            return Rendered(data, {**skeleton.reads, **section_reads}, digest)
+            data, layout = skeleton.fill([e.data for e in entries], [e.digest for e in entries])
+            self.layouts[agent_id] = layout
+            return Rendered(data, {**skeleton.reads, **section_reads}, layout.digest)
         self.layouts.pop(agent_id, None)
         rendered = self._render_base(plan, catalog, [e.data.decode() for e in entries])
         return Rendered(rendered.data, {**rendered.reads, **section_reads}, fingerprint(rendered.data))
@@ -750,7 +803,6 @@ class Engine:
         if agent_id in self.agent_errors:
             return  # keep the last good output; retried next build
         name = agent_id + OUTPUT_SUFFIX
-        node = g.compose_node(agent_id)
         restorable = write and self.store and self.restore and agent_id not in self.caches.l4
         if restorable and self._restore_compose(agent_id, name, report):
             return
@@ -759,22 +811,29 @@ class Engine:
         except SourceError as exc:
             self.agent_errors[agent_id] = [exc]
             return
-        reads = rendered.reads
-        self.graph.set_inputs(node, reads)
-        self._compose_pending.discard(agent_id)
-        report.agents_composed.append(agent_id)
-        digest = rendered.digest
-        if self.store:  # the composition's inputs -> its output's digest (not the bytes again)
-            self.store.put(node, Rendered(digest, reads, fingerprint(digest)))
-        if self.caches.l4.check(agent_id, digest) and self.output.owns(name):
-            report.unchanged.append(name)
+        if self._composed(agent_id, rendered.reads, rendered.digest, report):
             return
-        self.caches.l4.put(agent_id, digest)
         if not write:
             if self.output_check is not None:
                 self._to_check.append((agent_id, rendered.data, plan))
             return
-        self._write(agent_id, name, plan, digest, rendered.data)
+        self._write(agent_id, name, plan, rendered.digest, rendered.data)
+
+    def _composed(self, agent_id: str, reads: dict[str, bytes], digest: bytes, report: BuildReport) -> bool:
+        """Record a composition (here or in a worker); True when the output is the one agentd
+        already wrote (early cutoff: nothing to write)."""
+        node = g.compose_node(agent_id)
+        self.graph.set_inputs(node, reads)
+        self._compose_pending.discard(agent_id)
+        report.agents_composed.append(agent_id)
+        if self.store:  # the composition's inputs -> its output's digest (not the bytes again)
+            self.store.put(node, Rendered(digest, reads, fingerprint(digest)))
+        name = agent_id + OUTPUT_SUFFIX
+        if self.caches.l4.check(agent_id, digest) and self.output.owns(name):
+            report.unchanged.append(name)
+            return True
+        self.caches.l4.put(agent_id, digest)
+        return False
 
     #: Outputs handed to the writer thread and not yet on disk, at most (each holds ~540 KB).
     MAX_PENDING_WRITES = 4
@@ -786,26 +845,37 @@ class Engine:
         if self._writer is None:
             self._writer = ThreadPoolExecutor(1, thread_name_prefix="agentd-write")
         if len(self._writes) >= self.MAX_PENDING_WRITES:
-            self._writes[-self.MAX_PENDING_WRITES][4].exception()  # wait for it, not for its result
+            self._writes[-self.MAX_PENDING_WRITES][3].exception()  # wait for it, not for its result
         future = self._writer.submit(self.output.write_file, name, data, digest, self.output.files.get(name))
-        self._writes.append((agent_id, name, plan, digest, future))
+        self._writes.append((agent_id, plan, digest, future))
 
     def _finish_writes(self, report: BuildReport) -> None:
         """Wait for the queued writes; record them (manifest, report) or fail their agents."""
         writes, self._writes = self._writes, []
-        for agent_id, name, plan, digest, future in writes:
+        for agent_id, plan, digest, future in writes:
             try:
-                written, stat = future.result()
+                outcome: WriteOutcome = future.result()
             except (OutputError, OSError) as exc:
-                self.caches.l4.pop(agent_id)
-                self._compose_pending.add(agent_id)
-                error = exc if isinstance(exc, OutputError) else OutputError(f"{name}: {exc}")
-                self.agent_errors[agent_id] = [error]
-                continue
-            self.output.record(name, digest, stat)
-            (report.written if written else report.unchanged).append(name)
-            if self.output_check is not None:
-                self._to_check.append((agent_id, None, plan))
+                outcome = exc
+            self._record_write(agent_id, plan, digest, outcome, report)
+
+    def _record_write(
+        self, agent_id: str, plan: Plan, digest: bytes, outcome: WriteOutcome, report: BuildReport
+    ) -> None:
+        """Enter a write (here or in a worker) in the manifest and the report, or fail its
+        agent: the output stays as it was and the agent is composed again next build."""
+        name = agent_id + OUTPUT_SUFFIX
+        if isinstance(outcome, BaseException):
+            self.caches.l4.pop(agent_id)
+            self._compose_pending.add(agent_id)
+            error = outcome if isinstance(outcome, OutputError) else OutputError(f"{name}: {outcome}")
+            self.agent_errors[agent_id] = [error]
+            return
+        written, stat = outcome
+        self.output.record(name, digest, stat)
+        (report.written if written else report.unchanged).append(name)
+        if self.output_check is not None:
+            self._to_check.append((agent_id, None, plan))
 
     def _restore_compose(self, agent_id: str, name: str, report: BuildReport) -> bool:
         """After a restart: if the composition's inputs are unchanged and out/ still holds the
@@ -878,3 +948,12 @@ class Engine:
                 if self.output.remove(name):
                     report.removed.append(name)
                 self.caches.l4.pop(name[: -len(OUTPUT_SUFFIX)])
+
+
+def _section_reads(plan: Plan, digests: list[bytes]) -> dict[str, bytes]:
+    """A composition's reads of its sections: each one's digest and metadata."""
+    reads: dict[str, bytes] = {}
+    for meta, digest in zip(plan.metas, digests, strict=True):
+        reads[g.section_node(plan.agent.id, meta["id"])] = digest
+        reads[g.meta_node(plan.agent.id, meta["id"])] = plan.meta_fps[meta["id"]]
+    return reads

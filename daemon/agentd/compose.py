@@ -108,6 +108,11 @@ class Skeleton:
             pieces.append(part)
         return b"".join(pieces)
 
+    def fill(self, contents: Sequence[bytes], digests: Sequence[bytes]) -> tuple[bytes, Layout]:
+        """The output with these sections, and where they sit in it (its digest included)."""
+        digest = self.output_digest(digests)
+        return self.join(contents), Layout(digest, self.spans(contents, digests))
+
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
