@@ -12,7 +12,7 @@ import pytest
 from agentd.build import Engine
 from agentd.cache import Rendered
 from agentd.config import Config
-from agentd.store import STORE_FILE, Store, render_stamp
+from agentd.store import KEEP_VERSIONS, STORE_FILE, Store, render_stamp
 from agentd.trace import fingerprint
 from conftest import EDIT_KINDS, clean_build, read_outputs, run_cli, run_daemon
 
@@ -80,6 +80,44 @@ def test_foreign_stamp_is_ignored(tiny: Path) -> None:
     engine(tiny, stamp=b"agentd 0.0.1").build()
     report = engine(tiny).build()
     assert len(report.sections_rendered) == 7 and report.sections_restored == 0
+
+
+def test_superseded_versions_are_dropped(tiny: Path, tmp_path: Path) -> None:
+    """The store keeps the current and the previous version of each render and of each
+    template's compiled code, not every one ever made: an undo of the last edit is served from
+    the store, an older state is rendered again (and equals a clean build)."""
+    summary = tiny / "templates/sections/summary.j2"
+    original = summary.read_text()
+    states = [original.replace("{{ agent.description }}", f"v{i} {{{{ agent.description }}}}") for i in range(5)]
+    for text in states:
+        summary.write_text(text)
+        assert engine(tiny).build().ok
+    with sqlite3.connect(tiny / STORE_FILE) as db:
+        versions = dict(db.execute("SELECT unit, count(*) FROM blobs GROUP BY unit").fetchall())
+        slots = dict(db.execute("SELECT slot, count(*) FROM aux GROUP BY slot").fetchall())
+    assert versions["section:alpha/summary"] == versions["compose:alpha"] == KEEP_VERSIONS == 2
+    assert max(versions.values()) == 2 and max(slots.values()) == 2
+    summary.write_text(states[-2])  # undo
+    assert sorted(engine(tiny).build().sections_rendered) == []
+    summary.write_text(states[0])
+    assert sorted(engine(tiny).build().sections_rendered) == ["alpha/summary", "beta/summary"]
+    assert read_outputs(tiny) == clean_build(tiny, tmp_path / "oracle")
+
+
+def test_store_of_an_earlier_format_is_replaced(tiny: Path, tmp_path: Path) -> None:
+    """A store an earlier agentd wrote in another format is replaced with a warning (not kept
+    aside: nothing in it can serve), and the new one works."""
+    db = tiny / STORE_FILE
+    db.parent.mkdir()
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        conn.execute("INSERT INTO meta VALUES ('format', '1')")
+        conn.execute("CREATE TABLE blobs (key BLOB PRIMARY KEY, data BLOB, digest BLOB, reads BLOB, used REAL)")
+    out = build(tiny)
+    assert "warning: cache.reset" in out and "format 1" in out
+    assert sorted(p.name for p in db.parent.iterdir() if "corrupt" in p.name) == []
+    assert read_outputs(tiny) == clean_build(tiny, tmp_path / "oracle")
+    assert "0 sections rendered" in build(tiny)
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])

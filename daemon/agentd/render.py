@@ -68,7 +68,9 @@ class _StoreBytecodeCache(jinja2.BytecodeCache):
             bucket.bytecode_from_string(data)
 
     def dump_bytecode(self, bucket: jinja2.bccache.Bucket) -> None:
-        self.store.put_aux(b"bytecode", f"{bucket.key}:{bucket.checksum}".encode(), bucket.bytecode_to_string())
+        self.store.put_aux(
+            b"bytecode", f"{bucket.key}:{bucket.checksum}".encode(), bucket.bytecode_to_string(), bucket.key
+        )
 
 
 class _Environment(jinja2.Environment):
@@ -236,7 +238,7 @@ class Renderer:
             ast = self.env.parse(self.workspace.templates[name], name)
         refs = [r for r in jinja2.meta.find_referenced_templates(ast) if r]
         if self.store is not None:
-            self.store.put_aux(b"refs", key, orjson.dumps(refs))
+            self.store.put_aux(b"refs", key, orjson.dumps(refs), name)
         return refs
 
     # -- L2 ---------------------------------------------------------------------------------

@@ -389,7 +389,7 @@ class Workspace:
             data = load_yaml(text, rel)
             parsed_here = True
         if parsed_here and self.parsed_cache and isinstance(data, dict):
-            self.parsed_cache.put_parsed(raw_fp, data)
+            self.parsed_cache.put_parsed(raw_fp, data, rel)
         if not isinstance(data, dict):
             raise DataError(
                 f"{rel}: expected a mapping of keys at the top level, got {type(data).__name__}",
