@@ -213,3 +213,27 @@ def test_a_worker_never_overwrites_a_users_file(many: Path, tmp_path: Path) -> N
     assert {k: v for k, v in read_outputs(many).items() if k != mine.name} == {
         k: v for k, v in clean.items() if k != mine.name
     }
+
+
+def test_workers_compose_right_after_a_restart(many: Path, tmp_path: Path) -> None:
+    """The store keeps where each composition's sections sit, so the first batch after a
+    restart is composed by the workers too: the new engine renders nothing to start, never
+    holds a section's bytes, and its outputs equal a clean build."""
+    from agentd.build import Engine
+
+    config = Config.load(many)
+    first = Engine(config, Store(many, render_stamp(config)), jobs=2)
+    try:
+        first.build()
+    finally:
+        first.close()
+    engine = Engine(config, Store(many, render_stamp(config)), jobs=2)
+    try:
+        assert engine.build().sections_rendered == []
+        trouble = many / "templates/sections/troubleshooting.j2"
+        edit(trouble, "#### Symptoms", "#### Symptoms seen")
+        report = engine.build([trouble])
+        assert report.workers == 2 and len(report.written) == 24 and len(engine.caches.l3) == 0
+        assert read_outputs(many) == clean_build(many, tmp_path / "oracle")
+    finally:
+        engine.close()

@@ -828,8 +828,10 @@ class Engine:
         self.graph.set_inputs(node, reads)
         self._compose_pending.discard(agent_id)
         report.agents_composed.append(agent_id)
-        if self.store:  # the composition's inputs -> its output's digest (not the bytes again)
-            self.store.put(node, Rendered(digest, reads, fingerprint(digest)))
+        if self.store:  # the composition's inputs -> its output's digest and layout, not bytes
+            layout = self.layouts.get(agent_id)
+            record = layout.to_bytes() if layout is not None and layout.digest == digest else digest
+            self.store.put(node, Rendered(record, reads, fingerprint(record)))
         name = agent_id + OUTPUT_SUFFIX
         if self.caches.l4.check(agent_id, digest) and self.output.owns(name):
             report.unchanged.append(name)
@@ -885,10 +887,13 @@ class Engine:
         assert self.store is not None
         node = g.compose_node(agent_id)
         stored = self.store.lookup(node, self.current_fp)
-        if stored is None or not self.output.unchanged_since_written(name, stored.data):
+        digest = stored.data[:16] if stored is not None else b""
+        if stored is None or not self.output.unchanged_since_written(name, digest):
             return False
+        if len(stored.data) > len(digest):
+            self.layouts[agent_id] = Layout.from_bytes(stored.data)
         self.graph.set_inputs(node, stored.reads)
-        self.caches.l4.put(agent_id, stored.data)
+        self.caches.l4.put(agent_id, digest)
         self._compose_pending.discard(agent_id)
         report.unchanged.append(name)
         return True

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import struct
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -123,6 +124,20 @@ class Layout:
 
     digest: bytes
     spans: dict[bytes, tuple[int, int]]
+
+    def to_bytes(self) -> bytes:
+        """16-byte digest, then per section its 16-byte digest, start and end (the persistent
+        store keeps it with the composition, so workers can compose right after a restart)."""
+        return self.digest + b"".join(d + _SPAN.pack(*span) for d, span in self.spans.items())
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Layout:
+        step = 16 + _SPAN.size
+        spans = {data[i : i + 16]: _SPAN.unpack_from(data, i + 16) for i in range(16, len(data), step)}
+        return cls(data[:16], spans)
+
+
+_SPAN = struct.Struct("<QQ")
 
 
 def render_skeleton(render: Callable[[list[str]], Rendered], count: int, metas_fp: bytes) -> Skeleton | None:
