@@ -177,21 +177,21 @@ class Store:
             raise
         return db
 
-    def _remove(self) -> None:
+    def _drop_connection(self) -> None:
         if self._db is not None:
             with contextlib.suppress(Exception):
                 self._db.close()
             self._db = None
+
+    def _remove(self) -> None:
+        self._drop_connection()
         for suffix in ("", "-wal", "-shm"):
             with contextlib.suppress(FileNotFoundError):
                 Path(f"{self.path}{suffix}").unlink()
 
     def _set_aside(self, exc: BaseException) -> None:
         """Move a damaged store out of the way (kept for inspection) and start a new one."""
-        if self._db is not None:
-            with contextlib.suppress(Exception):
-                self._db.close()
-            self._db = None
+        self._drop_connection()
         stamp = time.strftime("%Y%m%d-%H%M%S")
         for suffix in ("", "-wal", "-shm"):
             source = Path(f"{self.path}{suffix}")
