@@ -237,3 +237,29 @@ def test_workers_compose_right_after_a_restart(many: Path, tmp_path: Path) -> No
         assert read_outputs(many) == clean_build(many, tmp_path / "oracle")
     finally:
         engine.close()
+
+
+def test_workers_compose_an_undo_served_from_the_store(many: Path, tmp_path: Path) -> None:
+    """After an undo, sections whose earlier render the store holds are not rendered again and
+    are not in the current output either: the worker composing their agent reads them from the
+    store, so the engine still never holds a section's bytes, and outputs equal a clean build."""
+    from agentd.build import Engine
+
+    config = Config.load(many)
+    engine = Engine(config, Store(many, render_stamp(config)), jobs=2)
+    badge = many / "templates/fragments/badge.j2"
+    trouble = many / "templates/sections/troubleshooting.j2"
+    original = badge.read_text()
+    try:
+        engine.build()
+        edit(badge, "`level: {{ value }}`", "`level {{ value }}`")
+        engine.build([badge])
+        edit(trouble, "#### Symptoms", "#### Symptoms seen")  # also imports the badge macros
+        engine.build([trouble])
+        badge.write_text(original)  # undo: most of its readers are in the store as they were
+        report = engine.build([badge])
+        assert report.workers == 2 and report.sections_restored > 0 and report.sections_rendered
+        assert len(engine.caches.l3) == 0
+        assert read_outputs(many) == clean_build(many, tmp_path / "oracle")
+    finally:
+        engine.close()

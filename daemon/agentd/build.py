@@ -540,7 +540,7 @@ class Engine:
     def _compose_spec(self, agent_id: str, rendering: set[str], renders_skeleton: bool) -> ComposeSpec | None:
         """What a worker needs to compose and write this agent itself, or None when only this
         process can: its skeleton is a full render (not composable), or a section it does not
-        render is not in the current output (restored from the store, or no output yet)."""
+        render is neither in the current output nor (without a store) anywhere a worker reads."""
         plan = self.plans[agent_id]
         skeleton = None if renders_skeleton else self.skeletons.get(agent_id)
         if skeleton is None and not renders_skeleton:
@@ -552,8 +552,8 @@ class Engine:
                 digests.append(None)
                 continue
             digest = self.section_digests.get((agent_id, meta["id"]))
-            if digest is None or layout is None or digest not in layout.spans:
-                return None
+            if digest is None or (self.store is None and (layout is None or digest not in layout.spans)):
+                return None  # (with a store, the worker fetches it by digest)
             digests.append(digest)
         name = agent_id + OUTPUT_SUFFIX
         return ComposeSpec(
@@ -612,26 +612,45 @@ class Engine:
             sections = [m["id"] for m in todo.get(agent_id, [])]
             spec = self._compose_spec(agent_id, set(sections), agent_id in skeletons) if write else None
             tasks.append((agent_id, sections, agent_id in skeletons, spec))
-        # Results are only collected while the batch runs and recorded after its last one:
-        # the workers write the outputs, and on two cores every ms of bookkeeping here
-        # (graph, store records, manifest: ~0.4 ms per agent) would be taken from them.
-        results: list[tuple[Result, dict[str, Counters]]] = []
+        # What a worker composed is recorded after the batch's last result: the workers write
+        # those outputs, and on two cores every ms of bookkeeping here (graph, store records,
+        # manifest: ~0.4 ms per agent) would be taken from them. An agent left to this process
+        # (its sections' bytes in the result) is composed at once, so they are not all held.
+        done: set[str] = set()
+        composed_there: list[tuple[Result, dict[str, Counters]]] = []
         try:
-            results.extend(self._pool.render(journal, tasks))
+            for result, counters in self._pool.render(journal, tasks):
+                done.add(result[0])
+                if result[5] is None:
+                    self._worker_result(result, counters, catalog, old, report, write)
+                else:
+                    composed_there.append((result, counters))
         except WorkerLost:
             self.close()
         except BaseException:
             self.close()  # chunks still in flight would answer the next batch
             raise
-        for (agent_id, entries, errors, timings, skeleton, composed), counters in results:
-            self.caches.add(counters)
-            self.renderer.timings += timings
-            if skeleton is not None:
-                self.skeletons[agent_id] = skeleton[0]
-            for section, entry in entries:
-                self._keep_section(agent_id, section, entry, old, report, stored=True, cached=composed is None)
-            self._agent_rendered(agent_id, errors, catalog, report, write, composed)
-        return {result[0] for result, _ in results}
+        for result, counters in composed_there:
+            self._worker_result(result, counters, catalog, old, report, write)
+        return done
+
+    def _worker_result(
+        self,
+        result: Result,
+        counters: dict[str, Counters],
+        catalog: TrackedCatalog,
+        old: dict[tuple[str, str], bytes],
+        report: BuildReport,
+        write: bool,
+    ) -> None:
+        agent_id, entries, errors, timings, skeleton, composed = result
+        self.caches.add(counters)
+        self.renderer.timings += timings
+        if skeleton is not None:
+            self.skeletons[agent_id] = skeleton[0]
+        for section, entry in entries:
+            self._keep_section(agent_id, section, entry, old, report, stored=True, cached=composed is None)
+        self._agent_rendered(agent_id, errors, catalog, report, write, composed)
 
     def _collect(self, old: dict[tuple[str, str], bytes], report: BuildReport) -> dict[str, list[dict[str, Any]]]:
         """The dirty sections (invalidated, new, or failed last time) that the store cannot

@@ -15,8 +15,9 @@ the hot path and they never render from stale state:
   themselves (SQLite serialises the writers), so the parent never re-sends those bytes to the
   store.
 - Workers also compose and write the agents they render (``ComposeSpec``): the parent sends the
-  skeleton and where the other sections sit in the current output file, the worker joins and
-  writes, and only digests, reads and the file's stat come back. On 2 cores a batch is
+  skeleton and where the other sections sit in the current output file (those not there, e.g.
+  restored from the store by an undo, the worker reads from the store by digest), the worker
+  joins and writes, and only digests, reads and the file's stat come back. On 2 cores a batch is
   CPU-bound, and the parent composing 100 agents (unpickling their sections, joining and
   writing 100 × 540 KB through a writer thread that waits for the GIL) took ~80 ms of CPU from
   the workers. Measured on a 100-section batch at N = 100, save -> last output written:
@@ -349,6 +350,7 @@ def _compose(
     output_digest = skeleton.output_digest(digests)
     if output_digest == spec.current:
         return Composed(output_digest, None, None)
+    wanted = [d for d in spec.digests if d is not None]
     found: dict[bytes, bytes] = {}
     if spec.layout is not None:
         # This worker's copies of the manifest entry and the layout, brought up to the
@@ -357,12 +359,15 @@ def _compose(
         if spec.entry is not None:
             engine.output.files[spec.name] = spec.entry
         engine.layouts[agent_id] = spec.layout
-        found = engine._from_output(agent_id, [d for d in spec.digests if d is not None])
+        found = engine._from_output(agent_id, wanted)
+    missing = [d for d in wanted if d not in found]
+    if missing and engine.store is not None:  # restored from the store: not in the output yet
+        found.update(engine.store.blobs_by_digest(missing))
     contents: list[bytes] = []
     for section, digest in zip(spec.sections, digests, strict=True):
         piece = rendered[section].data if section in rendered else found.get(digest)
         if piece is None:
-            return None  # the output changed since agentd wrote it: the daemon has the bytes
+            return None  # changed behind agentd's back, not stored: the daemon has the bytes
         contents.append(piece)
     data, layout = skeleton.fill(contents, digests)
     outcome: WriteOutcome
