@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -400,4 +401,30 @@ def test_a_section_edit_recomposes_from_the_kept_skeleton(tiny: Path, tmp_path: 
     assert outputs(tiny) == clean_outputs(tiny, tmp_path)
     e.build([edit(tiny / "templates/base/footer.j2", "-- end of", "-- the end of")])
     assert e.skeletons["alpha"] is not before
+    assert outputs(tiny) == clean_outputs(tiny, tmp_path)
+
+
+def test_an_output_changed_while_being_written_is_written_whole(
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An edit rewrites each output by copying its unchanged bytes from the file on disk; when
+    someone writes to that file between agentd's check and its write, the output is written
+    from bytes instead: every output equals a clean build."""
+    e = engine(tiny)
+    e.build()
+    write_file = e.output.write_file
+    spliced: list[str] = []
+
+    def meddling(name: str, data: Any, digest: bytes, entry: Any) -> Any:
+        if not isinstance(data, bytes):  # about to copy from the file: another writer is first
+            spliced.append(name)
+            with (e.output.path / name).open("ab") as fh:
+                fh.write(b"meddled\n")
+        return write_file(name, data, digest, entry)
+
+    monkeypatch.setattr(e.output, "write_file", meddling)
+    report = e.build(
+        [edit(tiny / "templates/sections/summary.j2", "{{ agent.description }}", "> {{ agent.description }}")]
+    )
+    assert report.ok and sorted(spliced) == sorted(report.written) == ["alpha.md", "beta.md"]
     assert outputs(tiny) == clean_outputs(tiny, tmp_path)

@@ -137,3 +137,35 @@ def test_replaced_outputs_kept_for_later_are_bounded(tmp_path: Path) -> None:
     out.remove_replaced()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
     assert all((tmp_path / name).read_bytes() == b"two\n" for name in names)
+
+
+@pytest.mark.parametrize("kernel_copy", [True, False], ids=["copy_file_range", "read-and-write"])
+def test_pieces_copy_what_the_replaced_file_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernel_copy: bool
+) -> None:
+    """An output written as pieces takes its unchanged ranges from the file it replaces (in the
+    kernel where it can, else read and written): the new file holds exactly the new bytes."""
+    if not kernel_copy:
+        monkeypatch.setattr(output, "_COPY_FILE_RANGE", None)
+    out = OutputDir(tmp_path)
+    out.write("a.md", b"head\nold middle\ntail\n")
+    pieces = [(0, 5), b"new middle\n", (16, 21)]
+    written, stat = out.write_file("a.md", pieces, b"d" * 16, out.files["a.md"])
+    assert written and (tmp_path / "a.md").read_bytes() == b"head\nnew middle\ntail\n"
+    assert stat[0] == len(b"head\nnew middle\ntail\n")
+
+
+def test_pieces_never_copy_from_a_file_changed_since_written(tmp_path: Path) -> None:
+    """Pieces refer to the file as agentd wrote it: once someone else changed it, writing them
+    is refused (``OutputChanged``, the caller writes bytes) and the file keeps their bytes."""
+    out = OutputDir(tmp_path)
+    out.write("a.md", b"head\nold middle\ntail\n")
+    entry = out.files["a.md"]
+    pieces = [(0, 5), b"new middle\n", (16, 21)]
+    with pytest.raises(output.OutputChanged):  # seen at the start: a different size or mtime
+        output.write_atomic(tmp_path / "a.md", pieces, swap=True, source=[entry[1] + 1, entry[2]])
+    (tmp_path / "a.md").write_bytes(b"head\nmine\ntail\n")
+    with pytest.raises(output.OutputChanged):
+        out.write_file("a.md", pieces, b"d" * 16, entry)
+    assert (tmp_path / "a.md").read_bytes() == b"head\nmine\ntail\n"
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []

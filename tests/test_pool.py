@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -185,6 +186,36 @@ def test_an_output_edited_by_hand_is_composed_by_the_engine(many: Path, tmp_path
         report = engine.build([trouble])
         assert report.workers == 2 and len(report.written) == 24
         assert {agent for agent, _ in engine.caches.l3.keys()} == {"api-design-0001"}
+        assert read_outputs(many) == clean_build(many, tmp_path / "oracle")
+    finally:
+        engine.close()
+
+
+def test_an_output_changed_while_a_worker_writes_it_is_composed_by_the_engine(
+    many: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When someone writes to an output between a worker's check and its write (the worker
+    copies the unchanged bytes from that file), the worker leaves the agent to the engine,
+    which composes it from bytes: every output equals a clean build."""
+    from agentd.build import Engine
+
+    engine = Engine(Config.load(many), jobs=2)
+    write_file = engine.output.write_file
+
+    def meddling(name: str, data: Any, digest: bytes, entry: Any) -> Any:
+        if not isinstance(data, bytes):  # about to copy from the file: another writer is first
+            with (engine.output.path / name).open("ab") as fh:
+                fh.write(b"meddled\n")
+        return write_file(name, data, digest, entry)
+
+    monkeypatch.setattr(engine.output, "write_file", meddling)  # the workers inherit it
+    try:
+        engine.build()
+        trouble = many / "templates/sections/troubleshooting.j2"
+        edit(trouble, "#### Symptoms", "#### Symptoms seen")
+        report = engine.build([trouble])
+        assert report.workers == 2 and len(report.written) == 24
+        assert len({agent for agent, _ in engine.caches.l3.keys()}) == 24  # all came back
         assert read_outputs(many) == clean_build(many, tmp_path / "oracle")
     finally:
         engine.close()

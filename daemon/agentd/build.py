@@ -25,10 +25,10 @@ from typing import Any
 from . import graph as g
 from .cache import Caches, Counters, Rendered
 from .catalog import Relations, TrackedCatalog
-from .compose import Layout, Skeleton, render_skeleton
+from .compose import Layout, Piece, Skeleton, joined, render_skeleton
 from .config import Config
 from .exceptions import AgentdError, ConfigError, DataError, OutputError, SourceError
-from .output import OutputDir, WriteOutcome
+from .output import OutputChanged, OutputDir, WriteOutcome
 from .pool import Composed, ComposeSpec, Pool, Result, Task, WorkerLost
 from .render import Renderer, anchor, section_title
 from .store import Store
@@ -185,7 +185,7 @@ class Engine:
         self.caches.l3.counters.hits += report.sections_reused  # used as they were, unvisited
         for agent_id in sorted(self._compose_pending & self.plans.keys()):
             self._compose(agent_id, catalog, report, write)
-        self._finish_writes(report)
+        self._finish_writes(report, catalog)
         # Output gates after every write of this build: they never delay a file.
         for agent_id, data, plan in self._to_check:
             if data is None:  # written: read it back rather than hold every output in memory
@@ -719,13 +719,27 @@ class Engine:
         else:
             self._compose_pending.add(agent_id)
 
-    def _section_entries(self, plan: Plan, catalog: TrackedCatalog) -> list[Rendered]:
-        """Every section of an agent for composing. Those the memory budget dropped from L3
-        are sliced out of the output on disk, or read from the store by their digest (a lookup
-        by inputs would cost a dependency record, a fingerprint per input and a second query)."""
+    def _section_bytes(
+        self, plan: Plan, catalog: TrackedCatalog, old: Layout | None
+    ) -> tuple[list[bytes], dict[bytes, bytes]]:
+        """Every section's digest for composing, and the bytes of those the output on disk
+        (``old``: as written, or None) does not hold. Bytes the memory budget dropped from L3
+        are sliced out of the output, or read from the store by their digest (a lookup by
+        inputs would cost a dependency record, a fingerprint per input and a second query)."""
         keys = [(plan.agent.id, meta["id"]) for meta in plan.metas]
-        found = {key: self.caches.l3.peek(key) for key in keys}
-        wanted = {self.section_digests[k]: k for k in keys if found[k] is None and k in self.section_digests}
+        digests = [self.section_digests.get(key) for key in keys]
+        spans = old.spans if old is not None else {}
+        have: dict[bytes, bytes] = {}
+        wanted: dict[bytes, tuple[str, str]] = {}
+        for index, key in enumerate(keys):
+            if digests[index] in spans:
+                continue
+            entry = self.caches.l3.peek(key)
+            if entry is not None:
+                digests[index] = entry.digest
+                have[entry.digest] = entry.data
+            elif (known := digests[index]) is not None:
+                wanted[known] = key
         sources: list[Callable[[list[bytes]], dict[bytes, bytes]]] = [
             functools.partial(self._from_output, plan.agent.id)
         ]
@@ -733,26 +747,36 @@ class Engine:
             sources.append(self.store.blobs_by_digest)
         for fetch in sources:
             for digest, data in fetch(list(wanted)).items() if wanted else ():
-                key = wanted.pop(digest)
-                found[key] = entry = Rendered(data, {}, digest)
-                self.caches.l3.put(key, entry)
-        return [
-            found[key] or self._section_entry(plan, meta, catalog) for key, meta in zip(keys, plan.metas, strict=True)
-        ]
+                self.caches.l3.put(wanted.pop(digest), Rendered(data, {}, digest))
+                have[digest] = data
+        complete: list[bytes] = []
+        for known, meta in zip(digests, plan.metas, strict=True):
+            if known is None or (known not in have and known not in spans):
+                entry = self._section_entry(plan, meta, catalog)
+                known = entry.digest
+                have[known] = entry.data
+            complete.append(known)
+        return complete, have
 
     def _from_output(self, agent_id: str, digests: list[bytes]) -> dict[bytes, bytes]:
         """Sections sliced out of the agent's output on disk (see ``Layout``)."""
         layout = self.layouts.get(agent_id)
         if not digests or layout is None or not any(d in layout.spans for d in digests):
             return {}
-        name = agent_id + OUTPUT_SUFFIX
-        if not self.output.unchanged_since_written(name, layout.digest):
+        if self.written_layout(agent_id) is None:
             return {}
         try:
-            data = (self.output.path / name).read_bytes()
+            data = (self.output.path / (agent_id + OUTPUT_SUFFIX)).read_bytes()
         except OSError:
             return {}
         return {d: data[slice(*layout.spans[d])] for d in digests if d in layout.spans}
+
+    def written_layout(self, agent_id: str) -> Layout | None:
+        """The layout of the agent's output on disk, if that file is still as agentd wrote it."""
+        layout = self.layouts.get(agent_id)
+        if layout is None or not self.output.unchanged_since_written(agent_id + OUTPUT_SUFFIX, layout.digest):
+            return None
+        return layout
 
     def _section_entry(self, plan: Plan, meta: dict[str, Any], catalog: TrackedCatalog) -> Rendered:
         """A section neither L3 nor a digest could give: from the store by its inputs, or
@@ -769,21 +793,28 @@ class Engine:
         self.section_digests[key] = entry.digest
         return entry
 
-    def _compose_render(self, plan: Plan, catalog: TrackedCatalog) -> Rendered:
-        """The agent's output from its cached sections (no bookkeeping):
-        the skeleton joined with the sections' bytes, or, when the base template inspects a
-        section's content, a full render."""
+    def _compose_render(
+        self, plan: Plan, catalog: TrackedCatalog, splice: bool
+    ) -> tuple[bytes | list[Piece], dict[str, bytes], bytes]:
+        """The agent's output from its sections (no bookkeeping): the skeleton around the
+        sections' bytes, or, when the base template inspects a section's content, a full
+        render; with its reads and digest. ``splice``: as pieces copying what the output on
+        disk already holds (``Skeleton.splice``) where it can, for ``write_file``."""
         agent_id = plan.agent.id
-        entries = self._section_entries(plan, catalog)
-        section_reads = _section_reads(plan, [e.digest for e in entries])
         skeleton = self._skeleton(plan, catalog)
+        old = self.written_layout(agent_id) if splice and skeleton is not None else None
+        digests, have = self._section_bytes(plan, catalog, old)
+        section_reads = _section_reads(plan, digests)
         if skeleton is not None:
-            data, layout = skeleton.fill([e.data for e in entries], [e.digest for e in entries])
+            spliced = skeleton.splice(digests, have, old)
+            assert spliced is not None  # every section is in ``have`` or in ``old``
+            pieces, layout = spliced
             self.layouts[agent_id] = layout
-            return Rendered(data, {**skeleton.reads, **section_reads}, layout.digest)
+            data = joined(pieces)
+            return pieces if data is None else data, {**skeleton.reads, **section_reads}, layout.digest
         self.layouts.pop(agent_id, None)
-        rendered = self._render_base(plan, catalog, [e.data.decode() for e in entries])
-        return Rendered(rendered.data, {**rendered.reads, **section_reads}, fingerprint(rendered.data))
+        rendered = self._render_base(plan, catalog, [have[d].decode() for d in digests])
+        return rendered.data, {**rendered.reads, **section_reads}, fingerprint(rendered.data)
 
     def _render_base(self, plan: Plan, catalog: TrackedCatalog, contents: list[str]) -> Rendered:
         context = self._context(plan, catalog)
@@ -828,17 +859,18 @@ class Engine:
         if restorable and self._restore_compose(agent_id, name, report):
             return
         try:
-            rendered = self._compose_render(plan, catalog)
+            data, reads, digest = self._compose_render(plan, catalog, splice=write)
         except SourceError as exc:
             self.agent_errors[agent_id] = [exc]
             return
-        if self._composed(agent_id, rendered.reads, rendered.digest, report):
+        if self._composed(agent_id, reads, digest, report):
             return
         if not write:
             if self.output_check is not None:
-                self._to_check.append((agent_id, rendered.data, plan))
+                assert isinstance(data, bytes)  # (not spliced)
+                self._to_check.append((agent_id, data, plan))
             return
-        self._write(agent_id, name, plan, rendered.digest, rendered.data)
+        self._write(agent_id, name, plan, digest, data)
 
     def _composed(self, agent_id: str, reads: dict[str, bytes], digest: bytes, report: BuildReport) -> bool:
         """Record a composition (here or in a worker); True when the output is the one agentd
@@ -858,12 +890,12 @@ class Engine:
         self.caches.l4.put(agent_id, digest)
         return False
 
-    #: Outputs handed to the writer thread and not yet on disk, at most (each holds ~540 KB).
+    #: Outputs handed to the writer thread and not yet on disk, at most (each may hold 540 KB).
     MAX_PENDING_WRITES = 4
 
-    def _write(self, agent_id: str, name: str, plan: Plan, digest: bytes, data: bytes) -> None:
+    def _write(self, agent_id: str, name: str, plan: Plan, digest: bytes, data: bytes | list[Piece]) -> None:
         """Queue an output for the writer thread. Writing is mostly system calls that release
-        the GIL (temp file, write, exchange, unlink: ~0.2 ms for 540 KB), so it overlaps
+        the GIL (temp file, write or copy, exchange: ~0.2 ms for 540 KB), so it overlaps
         rendering and composing the next agents instead of adding to them."""
         if self._writer is None:
             self._writer = ThreadPoolExecutor(1, thread_name_prefix="agentd-write")
@@ -872,15 +904,28 @@ class Engine:
         future = self._writer.submit(self.output.write_file, name, data, digest, self.output.files.get(name))
         self._writes.append((agent_id, plan, digest, future))
 
-    def _finish_writes(self, report: BuildReport) -> None:
+    def _finish_writes(self, report: BuildReport, catalog: TrackedCatalog) -> None:
         """Wait for the queued writes; record them (manifest, report) or fail their agents."""
         writes, self._writes = self._writes, []
         for agent_id, plan, digest, future in writes:
             try:
                 outcome: WriteOutcome = future.result()
+            except OutputChanged:  # someone wrote to it since it was checked: write all bytes
+                outcome = self._write_whole(plan, digest, catalog)
             except (OutputError, OSError) as exc:
                 outcome = exc
             self._record_write(agent_id, plan, digest, outcome, report)
+
+    def _write_whole(self, plan: Plan, digest: bytes, catalog: TrackedCatalog) -> WriteOutcome:
+        name = plan.agent.id + OUTPUT_SUFFIX
+        try:
+            data = self._compose_render(plan, catalog, splice=False)[0]
+            assert isinstance(data, bytes)  # (not spliced)
+            return self.output.write_file(name, data, digest, self.output.files.get(name))
+        except SourceError as exc:  # re-rendering a section its store row no longer had
+            return OutputError(f"{name}: {exc}")
+        except (OutputError, OSError) as exc:
+            return exc
 
     def _record_write(
         self, agent_id: str, plan: Plan, digest: bytes, outcome: WriteOutcome, report: BuildReport

@@ -19,11 +19,12 @@ falls back to the full render (never wrong output, only slower):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 import struct
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeAlias
 
 import orjson
 
@@ -92,16 +93,6 @@ class Skeleton:
     def output_digest(self, section_digests: Sequence[bytes]) -> bytes:
         return fingerprint(b"skeleton\0" + self.digest + b"".join(section_digests))
 
-    def spans(self, contents: Sequence[bytes], digests: Sequence[bytes]) -> dict[bytes, tuple[int, int]]:
-        """Where each section's bytes sit in ``join(contents)``, by section digest."""
-        spans: dict[bytes, tuple[int, int]] = {}
-        offset = len(self.parts[0])
-        for slot, part in zip(self.slots, self.parts[1:], strict=True):
-            end = offset + len(contents[slot])
-            spans.setdefault(digests[slot], (offset, end))
-            offset = end + len(part)
-        return spans
-
     def join(self, contents: Sequence[bytes]) -> bytes:
         pieces = [self.parts[0]]
         for slot, part in zip(self.slots, self.parts[1:], strict=True):
@@ -111,32 +102,116 @@ class Skeleton:
 
     def fill(self, contents: Sequence[bytes], digests: Sequence[bytes]) -> tuple[bytes, Layout]:
         """The output with these sections, and where they sit in it (its digest included)."""
-        digest = self.output_digest(digests)
-        return self.join(contents), Layout(digest, self.spans(contents, digests))
+        return self.join(contents), self._layout([len(c) for c in contents], digests)
+
+    def splice(
+        self, digests: Sequence[bytes], have: Mapping[bytes, bytes], old: Layout | None
+    ) -> tuple[list[Piece], Layout] | None:
+        """The output with the sections of these digests as pieces for ``write_atomic``: what
+        the current output file (``old``, unchanged since written) already holds is a range of
+        it, the rest bytes from ``have``. None when a section is in neither.
+
+        Why: most of an edited agent is the bytes its output already holds. Copying those
+        in the kernel (``copy_file_range``) instead of reading 540 KB, slicing and joining it
+        in Python and writing it back costs 0.19 instead of 0.6 ms per agent here, most of it
+        the page faults of three fresh 540 KB buffers. With the same skeleton, everything
+        around an edited section is one range each side."""
+        spans = old.spans if old is not None else {}
+        same = old is not None and old.skeleton == self.digest and len(old.gaps) == len(self.slots)
+        pieces: list[Piece] = []
+        lengths = [0] * len(digests)
+        for index, part in enumerate(self.parts):
+            if index:
+                digest = digests[self.slots[index - 1]]
+                data = have.get(digest) if not same or digest not in spans else None
+                piece: Piece | None = data if data is not None else spans.get(digest)
+                if piece is None:
+                    return None
+                lengths[self.slots[index - 1]] = len(piece) if isinstance(piece, bytes) else piece[1] - piece[0]
+                _append(pieces, piece)
+            _append(pieces, old.part(index - 1) if old is not None and same else part)
+        return pieces, self._layout(lengths, digests)
+
+    def _layout(self, lengths: Sequence[int], digests: Sequence[bytes]) -> Layout:
+        gaps = []
+        offset = len(self.parts[0])
+        for slot, part in zip(self.slots, self.parts[1:], strict=True):
+            end = offset + lengths[slot]
+            gaps.append((digests[slot], offset, end))
+            offset = end + len(part)
+        return Layout(self.output_digest(digests), self.digest, tuple(gaps), offset)
+
+
+#: A piece of an output being written: bytes, or (start, end) of the file it replaces.
+Piece: TypeAlias = "bytes | tuple[int, int]"
+
+
+def joined(pieces: Sequence[Piece]) -> bytes | None:
+    """The output ``pieces`` make when none is a range (nothing to copy), else None."""
+    if any(isinstance(piece, tuple) for piece in pieces):
+        return None
+    return b"".join(piece for piece in pieces if isinstance(piece, bytes))
+
+
+def _append(pieces: list[Piece], piece: Piece) -> None:
+    """Add ``piece``, merging a range with the range it continues (and dropping empty bytes)."""
+    if isinstance(piece, bytes):
+        if piece:
+            pieces.append(piece)
+        return
+    last = pieces[-1] if pieces else None
+    if isinstance(last, tuple) and last[1] == piece[0]:
+        pieces[-1] = (last[0], piece[1])
+    elif piece[1] > piece[0]:
+        pieces.append(piece)
 
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """Where the sections sit in an output agentd wrote (its digest): while the file is
+    """Where everything sits in an output agentd wrote (its digest): while the file is
     unchanged since (size and mtime, as the manifest records them), a section the memory budget
-    dropped is a slice of it. Reading one 540 KB file costs less than fetching and checksumming
+    dropped is a slice of it, and the next composition copies what it keeps from it
+    (``Skeleton.splice``). Reading one 540 KB file costs less than fetching and checksumming
     eight 60 KB sections from the store."""
 
     digest: bytes
-    spans: dict[bytes, tuple[int, int]]
+    #: The skeleton it was composed with.
+    skeleton: bytes
+    #: Per gap of the skeleton, in order: the section's digest, start and end.
+    gaps: tuple[tuple[bytes, int, int], ...]
+    #: The output's size.
+    size: int
+
+    @functools.cached_property
+    def spans(self) -> dict[bytes, tuple[int, int]]:
+        """Where each section's bytes sit, by digest (the first place, if repeated)."""
+        spans: dict[bytes, tuple[int, int]] = {}
+        for digest, start, end in self.gaps:
+            spans.setdefault(digest, (start, end))
+        return spans
+
+    def part(self, gap: int) -> tuple[int, int]:
+        """Where the skeleton's part after gap ``gap`` sits (-1: the part before the first)."""
+        start = self.gaps[gap][2] if gap >= 0 else 0
+        end = self.gaps[gap + 1][1] if gap + 1 < len(self.gaps) else self.size
+        return start, end
 
     def to_bytes(self) -> bytes:
-        """16-byte digest, then per section its 16-byte digest, start and end (the persistent
-        store keeps it with the composition, so workers can compose right after a restart)."""
-        return self.digest + b"".join(d + _SPAN.pack(*span) for d, span in self.spans.items())
+        """Digest, skeleton digest, size, then per gap the section's digest, start and end (the
+        persistent store keeps it with the composition, so workers can compose right after a
+        restart)."""
+        gaps = b"".join(d + _SPAN.pack(start, end) for d, start, end in self.gaps)
+        return self.digest + self.skeleton + _SIZE.pack(self.size) + gaps
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Layout:
         step = 16 + _SPAN.size
-        spans = {data[i : i + 16]: _SPAN.unpack_from(data, i + 16) for i in range(16, len(data), step)}
-        return cls(data[:16], spans)
+        first = 32 + _SIZE.size
+        gaps = tuple((data[i : i + 16], *_SPAN.unpack_from(data, i + 16)) for i in range(first, len(data), step))
+        return cls(data[:16], data[16:32], gaps, _SIZE.unpack_from(data, 32)[0])
 
 
+_SIZE = struct.Struct("<Q")
 _SPAN = struct.Struct("<QQ")
 
 

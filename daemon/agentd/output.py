@@ -16,12 +16,13 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeAlias
 
 import orjson
 
+from .compose import Piece, joined
 from .exceptions import OutputError
 from .trace import fingerprint
 
@@ -35,32 +36,105 @@ _MANIFEST_VERSION = 2
 WriteOutcome: TypeAlias = "tuple[bool, list[int]] | OutputError | OSError"
 
 
-def write_atomic(path: Path, data: bytes, swap: bool = False, old: list[str] | None = None) -> os.stat_result:
+class OutputChanged(Exception):
+    """The file a write was to copy unchanged ranges from is no longer the one agentd wrote
+    (see ``write_atomic``): the caller composes from bytes instead."""
+
+
+def write_atomic(
+    path: Path,
+    data: bytes | Sequence[Piece],
+    swap: bool = False,
+    old: list[str] | None = None,
+    source: list[int] | None = None,
+) -> os.stat_result:
     """Write via a temp file in the same folder and a rename: a reader sees the old bytes or the
     new ones, never a partial file. No fsync: outputs are regenerable, and an fsync per file
     would cost more than rendering it. Returns the new file's stat (the rename keeps it).
 
+    ``data``: the bytes, or pieces (``Skeleton.splice``): bytes, and (start, end) ranges of the
+    file at ``path`` copied from it, which must still have the [size, mtime_ns] ``source``
+    (else ``OutputChanged``, nothing written).
     ``swap``: replace an existing file by exchanging the two names and unlinking the old bytes
     (see ``_swap``) instead of renaming over it; for outputs only, never for the manifest.
     ``old``: collect the old bytes' (hidden, temp) name there instead of unlinking them now."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TEMP_SUFFIX)
+    src = -1
+    if not isinstance(data, bytes):
+        src = _open_source(path, source)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fchmod(fd, 0o644 & ~_UMASK)
-            st = os.fstat(fd)
-        if not (swap and _swap(tmp, path)):
-            os.replace(tmp, path)
-        elif old is not None:
-            old.append(tmp)
-        else:
-            os.unlink(tmp)  # the old bytes, now under the temp name
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TEMP_SUFFIX)
+        try:
+            try:
+                for piece in [data] if isinstance(data, bytes) else data:
+                    if isinstance(piece, bytes):
+                        _write_all(fd, piece)
+                    else:
+                        _copy_range(src, fd, *piece)
+                os.fchmod(fd, 0o644 & ~_UMASK)
+                st = os.fstat(fd)
+            finally:
+                os.close(fd)
+            if not (swap and _swap(tmp, path)):
+                os.replace(tmp, path)
+            elif old is not None:
+                old.append(tmp)
+            else:
+                os.unlink(tmp)  # the old bytes, now under the temp name
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+    finally:
+        if src >= 0:
+            os.close(src)
     return st
+
+
+def _open_source(path: Path, expected: list[int] | None) -> int:
+    """The file ranges are copied from, opened (a rename over it now leaves what we copy
+    alone) and checked to be the one agentd wrote."""
+    try:
+        src = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise OutputChanged(str(path)) from None
+    st = os.fstat(src)
+    if expected is None or [st.st_size, st.st_mtime_ns] != expected:
+        os.close(src)
+        raise OutputChanged(str(path))
+    return src
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _copy_range(src: int, dst: int, start: int, end: int) -> None:
+    """Append ``src``'s bytes [start, end) to ``dst``: in the kernel where it can
+    (``copy_file_range``: no copy through Python's memory), else read and written."""
+    global _COPY_FILE_RANGE
+    while start < end:
+        if _COPY_FILE_RANGE is not None:
+            try:
+                copied = _COPY_FILE_RANGE(src, dst, end - start, start)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                _COPY_FILE_RANGE = None  # this kernel or filesystem cannot: stop asking
+                continue
+        else:
+            chunk = os.pread(src, end - start, start)
+            _write_all(dst, chunk)
+            copied = len(chunk)
+        if not copied:  # the source is shorter than its stat said: changed under us
+            raise OutputChanged(f"fd {src}")
+        start += copied
+
+
+#: ``os.copy_file_range`` (Linux): None where the platform or, once it fails so, the
+#: filesystem does not have it.
+_COPY_FILE_RANGE: Callable[..., int] | None = getattr(os, "copy_file_range", None)
 
 
 def _renameat2() -> Callable[..., int] | None:
@@ -160,13 +234,19 @@ class OutputDir:
         self.record(name, digest, stat)
         return written
 
-    def write_file(self, name: str, data: bytes, digest: bytes, entry: list[Any] | None) -> tuple[bool, list[int]]:
+    def write_file(
+        self, name: str, data: bytes | Sequence[Piece], digest: bytes, entry: list[Any] | None
+    ) -> tuple[bool, list[int]]:
         """Write ``name`` unless it already holds these bytes (safe in another thread: it
         touches no shared state; ``record`` enters the result in the manifest). ``entry``: the
-        manifest's entry for ``name`` (None: not agentd's). Returns (written, [size, mtime_ns]).
+        manifest's entry for ``name`` (None: not agentd's). ``data``: bytes, or pieces
+        (``write_atomic``) whose ranges are of the file as ``entry`` says agentd wrote it
+        (``OutputChanged`` if it is not). Returns (written, [size, mtime_ns]).
 
         A file still as agentd wrote it (size + mtime) is known by its entry's digest; any other
         is compared with the new bytes, read only when the sizes are equal."""
+        if not isinstance(data, bytes) and (whole := joined(data)) is not None:
+            data = whole  # nothing to copy
         self.path.mkdir(parents=True, exist_ok=True)
         target = self.path / name
         try:
@@ -174,6 +254,8 @@ class OutputDir:
         except FileNotFoundError:
             st = None
         if st is None:
+            if not isinstance(data, bytes):
+                raise OutputChanged(name)
             st = write_atomic(target, data)
             return True, [st.st_size, st.st_mtime_ns]
         if entry is None:
@@ -183,10 +265,12 @@ class OutputDir:
             )
         if [st.st_size, st.st_mtime_ns] == entry[1:]:
             same = entry[0] == digest.hex()
+        elif not isinstance(data, bytes):
+            raise OutputChanged(name)
         else:
             same = st.st_size == len(data) and target.read_bytes() == data
         if not same:
-            st = write_atomic(target, data, swap=True, old=self.replaced)
+            st = write_atomic(target, data, swap=True, old=self.replaced, source=entry[1:])
             if self.replaced is not None and len(self.replaced) >= MAX_REPLACED:
                 self.remove_replaced()  # bounded: a batch of 1,000 would double out/ on disk
         return not same, [st.st_size, st.st_mtime_ns]

@@ -48,7 +48,7 @@ from . import graph as g
 from .cache import Counters, Rendered
 from .compose import Layout, Skeleton
 from .exceptions import AgentdError, OutputError, SourceError
-from .output import WriteOutcome
+from .output import OutputChanged, WriteOutcome
 
 if TYPE_CHECKING:
     from .build import Engine
@@ -350,29 +350,28 @@ def _compose(
     output_digest = skeleton.output_digest(digests)
     if output_digest == spec.current:
         return Composed(output_digest, None, None)
-    wanted = [d for d in spec.digests if d is not None]
-    found: dict[bytes, bytes] = {}
+    old = None
     if spec.layout is not None:
         # This worker's copies of the manifest entry and the layout, brought up to the
-        # daemon's, so that the daemon's own slicing (and its unchanged-file check) serves.
+        # daemon's, so that the daemon's own unchanged-file check serves.
         engine.output.files.pop(spec.name, None)
         if spec.entry is not None:
             engine.output.files[spec.name] = spec.entry
         engine.layouts[agent_id] = spec.layout
-        found = engine._from_output(agent_id, wanted)
-    missing = [d for d in wanted if d not in found]
+        old = engine.written_layout(agent_id)
+    have = {entry.digest: entry.data for entry in rendered.values()}
+    missing = [d for d in spec.digests if d is not None and d not in have and (old is None or d not in old.spans)]
     if missing and engine.store is not None:  # restored from the store: not in the output yet
-        found.update(engine.store.blobs_by_digest(missing))
-    contents: list[bytes] = []
-    for section, digest in zip(spec.sections, digests, strict=True):
-        piece = rendered[section].data if section in rendered else found.get(digest)
-        if piece is None:
-            return None  # changed behind agentd's back, not stored: the daemon has the bytes
-        contents.append(piece)
-    data, layout = skeleton.fill(contents, digests)
+        have.update(engine.store.blobs_by_digest(missing))
+    spliced = skeleton.splice(digests, have, old)
+    if spliced is None:
+        return None  # changed behind agentd's back, not stored: the daemon has the bytes
+    pieces, layout = spliced
     outcome: WriteOutcome
     try:
-        outcome = engine.output.write_file(spec.name, data, layout.digest, spec.entry)
+        outcome = engine.output.write_file(spec.name, pieces, layout.digest, spec.entry)
+    except OutputChanged:
+        return None  # changed since the check above: the daemon composes it from bytes
     except (OutputError, OSError) as exc:
         outcome = exc
     return Composed(layout.digest, layout, outcome)

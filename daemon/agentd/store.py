@@ -42,7 +42,8 @@ from .trace import fingerprint
 
 STORE_FILE = ".agentd/cache.sqlite3"
 #: 2: blobs and aux rows name their unit / slot, so that superseded versions can be dropped.
-FORMAT = "2"
+#: 3: a composition's layout names its skeleton and every gap in order (``compose.Layout``).
+FORMAT = "3"
 _META = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS deps (unit TEXT PRIMARY KEY, reads BLOB NOT NULL);
