@@ -6,9 +6,12 @@ from pathlib import Path
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from agentd.check import RULES
-from conftest import run_cli, run_daemon, set_config
+from agentd.check import RULES, ScanMemory, check_output
+from agentd.config import Config
+from conftest import REPO, run_cli, run_daemon, set_config
 
 
 def check(root: Path, *args: str) -> tuple[int, list[dict]]:
@@ -375,3 +378,33 @@ def test_config_check_table_is_validated(tiny: Path) -> None:
     replace(tiny / "agentd.toml", "min_lines = 1", 'min_lines = "many"')
     result = run_cli("check", cwd=tiny)
     assert result.returncode == 2 and "check_min_lines" in result.stderr
+
+
+#: Lines that open, close or break what the output gates track, in any order.
+_MARKDOWN_LINES = st.sampled_from(
+    [
+        "## 1. Alpha", "## 2. Beta", "## 2. Beta", "### Deep", "#### Deeper", "# Top", "##not a heading",
+        "```", "```python", "~~~", "    ```", "| a | b |", "| a | b | c |", "|---|---|",
+        "see [x](#alpha)", "see [y](#1-alpha)", "go [z](#missing)", "see [b](#2-beta-1)",
+        "{{ leak }}", "`{{ in code }}`", "{% if %}", "plain", "", "---", "name: x",
+        "carriage\rreturn", "line\u2028separator", "caf\u00e9",
+    ]
+)  # fmt: skip
+_DOCUMENTS = st.lists(_MARKDOWN_LINES, max_size=50).map("\n".join)
+_METAS = [{"id": "alpha", "number": 1, "title": "Alpha"}, {"id": "beta", "number": 2, "title": "Beta"}]
+
+
+@settings(max_examples=400, deadline=None)
+@given(front=st.booleans(), body=_DOCUMENTS, prefix=_DOCUMENTS, newline=st.booleans())
+def test_remembered_scans_find_what_a_full_scan_finds(front: bool, body: str, prefix: str, newline: bool) -> None:
+    """The daemon's output gates remember the sections they scanned. On any output (fences,
+    tables or front matter across sections, other line breaks), seen first, again, and after
+    an edit before it that changes what its sections start in, they find exactly what
+    scanning it whole finds."""
+    config = Config.load(REPO)
+    memory = ScanMemory()
+    head = "---\nname: x\ndescription: y\n---\n" if front else ""
+    for text in (head + body, head + body, head + prefix + "\n" + body):
+        data = (text + "\n" * newline).encode()
+        whole = check_output("out/x.md", data, _METAS, config)
+        assert check_output("out/x.md", data, _METAS, config, memory) == whole

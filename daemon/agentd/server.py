@@ -23,7 +23,7 @@ from typing import Any
 import structlog
 
 from .build import OUTPUT_SUFFIX, BuildReport, Engine, Plan
-from .check import Finding, check_output
+from .check import Finding, ScanMemory, check_output
 from .config import Config
 from .control import ControlServer, WorkspaceLock, socket_path
 from .exceptions import ConfigError, RequestError
@@ -75,8 +75,10 @@ class Server:
         engine = Engine(config, open_store(config, warn=log.warning))
         out = config.output_dir
 
+        memory = ScanMemory()
+
         def gate(agent_id: str, data: bytes, plan: Plan) -> list[Finding]:
-            return check_output(f"{out}/{agent_id}{OUTPUT_SUFFIX}", data.decode(), plan.metas, config)
+            return check_output(f"{out}/{agent_id}{OUTPUT_SUFFIX}", data, plan.metas, config, memory)
 
         engine.output_check = gate
         return engine
