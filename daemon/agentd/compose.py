@@ -3,8 +3,10 @@
 The base template runs once per agent state with a stand-in (a "slot") for each section's
 content; the output, split at the slots, is the agent's *skeleton*. Composing is then a
 ``bytes.join`` of the skeleton's pieces and the sections' bytes: ~5 µs for a 540 KB agent
-instead of a ~1 ms Jinja pass that copies every section through ``str`` twice. A section edit
-recomposes by concatenation; the skeleton is rendered again only when what it read changes.
+instead of a ~1 ms Jinja pass that copies every section through ``str`` twice; or, when the
+agent's output is on disk as agentd wrote it, the ranges of that file to copy around the
+sections that changed (``Skeleton.splice``). A section edit recomposes by concatenation; the
+skeleton is rendered again only when what it read changes.
 
 This is only valid when the template copies ``content`` verbatim. Two safeguards, and any doubt
 falls back to the full render (never wrong output, only slower):
@@ -92,17 +94,6 @@ class Skeleton:
 
     def output_digest(self, section_digests: Sequence[bytes]) -> bytes:
         return fingerprint(b"skeleton\0" + self.digest + b"".join(section_digests))
-
-    def join(self, contents: Sequence[bytes]) -> bytes:
-        pieces = [self.parts[0]]
-        for slot, part in zip(self.slots, self.parts[1:], strict=True):
-            pieces.append(contents[slot])
-            pieces.append(part)
-        return b"".join(pieces)
-
-    def fill(self, contents: Sequence[bytes], digests: Sequence[bytes]) -> tuple[bytes, Layout]:
-        """The output with these sections, and where they sit in it (its digest included)."""
-        return self.join(contents), self._layout([len(c) for c in contents], digests)
 
     def splice(
         self, digests: Sequence[bytes], have: Mapping[bytes, bytes], old: Layout | None

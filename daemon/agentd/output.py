@@ -128,7 +128,7 @@ def _copy_range(src: int, dst: int, start: int, end: int) -> None:
             _write_all(dst, chunk)
             copied = len(chunk)
         if not copied:  # the source is shorter than its stat said: changed under us
-            raise OutputChanged(f"fd {src}")
+            raise OutputChanged("the file being copied from got shorter")
         start += copied
 
 

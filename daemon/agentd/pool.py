@@ -15,9 +15,10 @@ the hot path and they never render from stale state:
   themselves (SQLite serialises the writers), so the parent never re-sends those bytes to the
   store.
 - Workers also compose and write the agents they render (``ComposeSpec``): the parent sends the
-  skeleton and where the other sections sit in the current output file (those not there, e.g.
+  skeleton and where everything sits in the current output file (sections not there, e.g.
   restored from the store by an undo, the worker reads from the store by digest), the worker
-  joins and writes, and only digests, reads and the file's stat come back. On 2 cores a batch is
+  writes the new output copying what the old one keeps (``Skeleton.splice``), and only
+  digests, reads and the file's stat come back. On 2 cores a batch is
   CPU-bound, and the parent composing 100 agents (unpickling their sections, joining and
   writing 100 × 540 KB through a writer thread that waits for the GIL) took ~80 ms of CPU from
   the workers. Measured on a 100-section batch at N = 100, save -> last output written:
