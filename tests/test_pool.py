@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from agentd.bench import make_workspace
+from agentd.build import BASE_TEMPLATE
 from agentd.config import Config
 from agentd.output import MANIFEST
 from agentd.store import Store, render_stamp
@@ -247,9 +248,10 @@ def test_a_worker_never_overwrites_a_users_file(many: Path, tmp_path: Path) -> N
 
 
 def test_workers_compose_right_after_a_restart(many: Path, tmp_path: Path) -> None:
-    """The store keeps where each composition's sections sit, so the first batch after a
-    restart is composed by the workers too: the new engine renders nothing to start, never
-    holds a section's bytes, and its outputs equal a clean build."""
+    """The store keeps where each composition's sections sit and each agent's skeleton, so the
+    first batch after a restart is composed by the workers too, without rendering a skeleton:
+    the new engine renders nothing to start, never holds a section's bytes, and its outputs
+    equal a clean build."""
     from agentd.build import Engine
 
     config = Config.load(many)
@@ -261,10 +263,12 @@ def test_workers_compose_right_after_a_restart(many: Path, tmp_path: Path) -> No
     engine = Engine(config, Store(many, render_stamp(config)), jobs=2)
     try:
         assert engine.build().sections_rendered == []
+        engine.start_pool()  # as the daemon does once ready
         trouble = many / "templates/sections/troubleshooting.j2"
         edit(trouble, "#### Symptoms", "#### Symptoms seen")
         report = engine.build([trouble])
         assert report.workers == 2 and len(report.written) == 24 and len(engine.caches.l3) == 0
+        assert BASE_TEMPLATE not in {name for name, _ in report.timings}  # skeletons: the store's
         assert read_outputs(many) == clean_build(many, tmp_path / "oracle")
     finally:
         engine.close()

@@ -9,7 +9,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from agentd.build import Engine
+from agentd.build import BASE_TEMPLATE, Engine
 from agentd.cache import Rendered
 from agentd.config import Config
 from agentd.store import KEEP_VERSIONS, STORE_FILE, Store, render_stamp
@@ -61,6 +61,28 @@ def test_edits_while_stopped_re_render_exactly_their_readers(
     assert report.sections_restored == 7 - len(expected)
     assert (report.caches["L3"].hits, report.caches["L3"].misses) == (7 - len(expected), len(expected))
     assert read_outputs(tiny) == clean_build(tiny, tmp_path / "oracle")
+
+
+def test_a_restarted_engine_takes_skeletons_from_the_store(tiny: Path, tmp_path: Path) -> None:
+    """After a restart, recomposing agents after a section edit takes each agent's skeleton
+    from the store (no base template render) while the base template is unchanged, and
+    renders it again once it changed: outputs equal a clean build either way."""
+    first = engine(tiny)
+    first.build()
+    summary = tiny / "templates/sections/summary.j2"
+    summary.write_text(summary.read_text().replace("{{ agent.description }}", "> {{ agent.description }}"))
+    first.build([summary])  # composes both agents: renders and stores their skeletons
+    summary.write_text(summary.read_text().replace("> {{ agent.description }}", ">> {{ agent.description }}"))
+    report = engine(tiny).build()
+    assert sorted(report.sections_rendered) == ["alpha/summary", "beta/summary"]
+    assert BASE_TEMPLATE not in {name for name, _ in report.timings}
+    assert read_outputs(tiny) == clean_build(tiny, tmp_path / "oracle1")
+    footer = tiny / "templates/base/footer.j2"
+    footer.write_text(footer.read_text().replace("-- end of", "-- the end of"))
+    summary.write_text(summary.read_text().replace(">> {{ agent.description }}", "{{ agent.description }}"))
+    report = engine(tiny).build()
+    assert BASE_TEMPLATE in {name for name, _ in report.timings}
+    assert read_outputs(tiny) == clean_build(tiny, tmp_path / "oracle2")
 
 
 def test_new_trait_kind_invalidates_trait_readers(tiny: Path, tmp_path: Path) -> None:
@@ -150,7 +172,7 @@ def test_corrupt_row_is_a_miss(tiny: Path, tmp_path: Path) -> None:
     e = engine(tiny)
     report = e.build()
     assert report.sections_rendered == [] and report.written == ["alpha.md"]
-    assert e.store is not None and e.store.corrupt_rows == 9  # 7 sections, 2 compositions
+    assert e.store is not None and e.store.corrupt_rows == 11  # 7 sections, 2 compositions, 2 skeletons
     assert read_outputs(tiny) == clean_build(tiny, tmp_path / "oracle")
     assert (tiny / "out/beta.md").stat().st_mtime_ns == beta
     (tiny / "out/alpha.md").unlink()
@@ -186,8 +208,9 @@ def test_cache_cli_stats_and_clear(tiny: Path) -> None:
     assert "no cache at" in run_cli("cache", "stats", cwd=tiny).stdout
     build(tiny)
     stats = orjson.loads(run_cli("cache", "stats", "--json", cwd=tiny).stdout)
-    assert stats["exists"] and stats["units"] == 9 and stats["blobs"] == 9  # 7 sections + 2 compositions
-    assert "renders     9 dependency records" in run_cli("cache", "stats", cwd=tiny).stdout
+    # 7 sections, 2 compositions, 2 skeletons
+    assert stats["exists"] and stats["units"] == 11 and stats["blobs"] == 11
+    assert "renders     11 dependency records" in run_cli("cache", "stats", cwd=tiny).stdout
     assert run_cli("cache", "clear", cwd=tiny).returncode == 0
     assert not (tiny / STORE_FILE).exists()
     assert "7 sections rendered" in build(tiny)

@@ -833,16 +833,33 @@ class Engine:
         return self.skeletons[plan.agent.id]
 
     def _skeleton_valid(self, plan: Plan) -> bool:
-        if plan.agent.id not in self.skeletons:
+        if plan.agent.id not in self.skeletons and not self._restore_skeleton(plan):
             return False
         known = self.skeletons[plan.agent.id]
         return known is None or known.metas_fp == plan.metas_fp
 
+    def _restore_skeleton(self, plan: Plan) -> bool:
+        """Take the skeleton an earlier process rendered for the same inputs from the store."""
+        if self.store is None or not self.restore:
+            return False
+        stored = self.store.lookup(g.skeleton_unit(plan.agent.id), self.current_fp)
+        if stored is None:
+            return False
+        self.skeletons[plan.agent.id] = Skeleton.from_bytes(stored.data, stored.reads)
+        return True
+
     def render_skeleton(self, plan: Plan, catalog: TrackedCatalog) -> Skeleton | None:
-        """Render an agent's skeleton (no caching: also runs in worker processes)."""
-        return render_skeleton(
+        """Render an agent's skeleton (no caching: also runs in worker processes) and store it:
+        after a restart the first edit of a section template would otherwise render every
+        agent's skeleton again (two base template renders each: a 100-agent batch took ~1.7x
+        as long as the next one)."""
+        skeleton = render_skeleton(
             lambda contents: self._render_base(plan, catalog, contents), len(plan.metas), plan.metas_fp
         )
+        if skeleton is not None and self.store is not None:
+            data = skeleton.to_bytes()
+            self.store.put(g.skeleton_unit(plan.agent.id), Rendered(data, skeleton.reads, fingerprint(data)))
+        return skeleton
 
     def _compose(
         self,

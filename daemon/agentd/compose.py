@@ -95,6 +95,28 @@ class Skeleton:
     def output_digest(self, section_digests: Sequence[bytes]) -> bytes:
         return fingerprint(b"skeleton\0" + self.digest + b"".join(section_digests))
 
+    def to_bytes(self) -> bytes:
+        """Metadata fingerprint, digest, counts, each part's length, the slots, the parts (the
+        persistent store keeps it, so the first edit after a restart renders no skeleton)."""
+        counts = _COUNTS.pack(len(self.parts), len(self.slots))
+        lengths = struct.pack(f"<{len(self.parts)}Q", *map(len, self.parts))
+        slots = struct.pack(f"<{len(self.slots)}I", *self.slots)
+        return self.metas_fp + self.digest + counts + lengths + slots + b"".join(self.parts)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, reads: dict[str, bytes]) -> Skeleton:
+        parts, slots = _COUNTS.unpack_from(data, 32)
+        at = 32 + _COUNTS.size
+        lengths = struct.unpack_from(f"<{parts}Q", data, at)
+        at += 8 * parts
+        order = struct.unpack_from(f"<{slots}I", data, at)
+        at += 4 * slots
+        pieces = []
+        for length in lengths:
+            pieces.append(data[at : at + length])
+            at += length
+        return cls(tuple(pieces), order, reads, data[:16], data[16:32])
+
     def splice(
         self, digests: Sequence[bytes], have: Mapping[bytes, bytes], old: Layout | None
     ) -> tuple[list[Piece], Layout] | None:
@@ -202,6 +224,7 @@ class Layout:
         return cls(data[:16], data[16:32], gaps, _SIZE.unpack_from(data, 32)[0])
 
 
+_COUNTS = struct.Struct("<II")
 _SIZE = struct.Struct("<Q")
 _SPAN = struct.Struct("<QQ")
 

@@ -58,6 +58,12 @@ def compose_node(agent_id: str) -> str:
     return f"compose:{agent_id}"
 
 
+def skeleton_unit(agent_id: str) -> str:
+    """An agent's skeleton in the persistent store (not a graph node: what it read invalidates
+    the agent's composition, which drops the skeleton)."""
+    return f"skeleton:{agent_id}"
+
+
 def fragment_node(key: str) -> str:
     return f"fragment:{key}"
 
