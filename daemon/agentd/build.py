@@ -619,7 +619,7 @@ class Engine:
         done: set[str] = set()
         composed_there: list[tuple[Result, dict[str, Counters]]] = []
         try:
-            for result, counters in self._pool.render(journal, tasks):
+            for result, counters in self._pool.render(journal, tasks, finish_early=report.cold):
                 done.add(result[0])
                 if result[5] is None:
                     self._worker_result(result, counters, catalog, old, report, write)
