@@ -117,6 +117,50 @@ def test_cold_build_parses_and_renders_in_workers_byte_identically(many: Path, t
     assert "0 sections rendered" in again.stdout, again.stdout
 
 
+def test_parse_ahead_gives_what_parsing_here_gives(many: Path) -> None:
+    """Sources parsed ahead (two worker processes and the caller) are exactly what parsing them
+    here gives, each with the JSON the store keeps when JSON holds it exactly (a date: no
+    JSON); a source that does not parse is left out, for the workspace to report."""
+    import datetime
+    import multiprocessing
+
+    import yaml
+
+    from agentd.store import exact_json
+    from agentd.workspace import ParseAhead
+
+    (many / "agents" / "dated.yaml").write_text("id: dated\nname: Dated\nreleased: 2024-05-01\n")
+    (many / "agents" / "broken.yaml").write_text("id: broken\nname: [unclosed\n")
+    parsing = ParseAhead.start(Config.load(many), 3)
+    assert parsing is not None
+    found = parsing.result()
+    assert not multiprocessing.active_children()
+    paths = sorted((many / "agents").rglob("*.yaml"))
+    assert len(found) == len(paths) - 1
+    for path in paths:
+        raw = path.read_bytes()
+        if path.name == "broken.yaml":
+            assert fingerprint(raw) not in found
+            continue
+        value, dumped = found[fingerprint(raw)]
+        assert value == yaml.safe_load(raw), path
+        assert dumped == exact_json(value), path
+    value, dumped = found[fingerprint((many / "agents" / "dated.yaml").read_bytes())]
+    assert value["released"] == datetime.date(2024, 5, 1) and dumped is None
+
+
+def test_parse_ahead_not_taken_leaves_no_process(many: Path) -> None:
+    """A build that fails before it takes the parse stops the parsing processes at once."""
+    import multiprocessing
+
+    from agentd.workspace import ParseAhead
+
+    parsing = ParseAhead.start(Config.load(many), 3)
+    assert parsing is not None and len(multiprocessing.active_children()) == 2
+    parsing.close()
+    assert not multiprocessing.active_children()
+
+
 def test_fork_refused_falls_back_to_working_in_process(
     corpus_copy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]
@@ -141,7 +185,7 @@ def test_fork_refused_falls_back_to_working_in_process(
 
     monkeypatch.setattr(ForkProcess, "start", refuse_the_second_of_each_kind)
     root = corpus_copy()
-    engine = Engine(Config.load(root), jobs=2)
+    engine = Engine(Config.load(root), jobs=3)  # two parsers (the engine is the third)
     report = engine.build()
     assert report.ok and report.workers == 0
     assert sorted(started) == ["parser", "parser", "worker", "worker"]

@@ -39,7 +39,6 @@ import dataclasses
 import multiprocessing
 import multiprocessing.connection
 import queue
-import signal
 import threading
 import weakref
 from collections.abc import Iterator
@@ -47,6 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import graph as g
+from ._child import detach_signals
 from .cache import Counters, Rendered
 from .compose import Layout, Skeleton
 from .exceptions import AgentdError, OutputError, SourceError
@@ -258,12 +258,7 @@ def _serve(
     """A worker's loop: sync, render chunks, finish the batch when idle, exit on ``None`` or EOF."""
     for end in parent_ends:
         end.close()  # so that when the parent dies, every worker sees EOF and exits
-    # The parent decides when to stop: a Ctrl-C reaches the whole process group, and a signal
-    # here must not be relayed to the parent's event loop through its inherited wakeup fd.
-    signal.set_wakeup_fd(-1)
-    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    detach_signals()
     if engine.store is not None:
         engine.store.abandon()
         engine.store.FLUSH_EVERY = WORKER_FLUSH_EVERY

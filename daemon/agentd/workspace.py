@@ -10,16 +10,23 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import orjson
 import yaml
 
 from . import graph as g
+from ._child import detach_signals
 from .config import Config
 from .exceptions import DataError, TemplateError
+from .store import exact_json
 from .trace import MISSING, fingerprint
+
+if TYPE_CHECKING:
+    import multiprocessing.connection
+    import multiprocessing.process
 
 try:  # libyaml's loader is ~10x faster than the pure-Python one
     _Loader: type = yaml.CSafeLoader
@@ -101,26 +108,33 @@ class ParseAhead:
     (importing, compiling templates): a cold ``--jobs`` build parses ~3.5 ms of YAML per agent
     on one core otherwise. ``result()`` gives parsed values by the fingerprint of the source's
     bytes; a source that does not parse is left out (the workspace parses it again and reports
-    the error with its line)."""
+    the error with its line).
+
+    The caller is one of the parsers: ``jobs - 1`` workers start at once, and when the caller
+    is ready it takes sources from the same queue until none is left, so all of them run out of
+    work together. (A ``ProcessPoolExecutor`` with ``jobs`` workers left one core idle for
+    ~120 ms at N = 100 while the caller, slowed by the workers, was still compiling; its
+    executor thread, which hands workers their next task, waits for the caller's GIL.)"""
 
     #: Forking pays off from this many sources to parse.
     MIN_FILES = 16
 
-    def __init__(self, items: list[tuple[str, bytes]], jobs: int) -> None:
+    def __init__(self, items: list[tuple[str, Path, bytes | None]], workers: int) -> None:
         import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
 
-        chunks = [items[i :: jobs * 2] for i in range(jobs * 2)]
-        before = set(multiprocessing.active_children())
-        self._executor = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork"))
+        context = multiprocessing.get_context("fork")
+        self._items = items
+        self._next = context.Value("q", 0)  # the next source to parse, for whoever is free
+        self._workers: list[tuple[multiprocessing.connection.Connection, multiprocessing.process.BaseProcess]] = []
         try:
-            self._futures = [self._executor.submit(_parse_chunk, chunk) for chunk in chunks]
-        except OSError:
-            # fork() refused part-way (process limits): the executor has no manager thread yet
-            # to stop the workers it did start, and they would block the interpreter's exit.
-            for proc in set(multiprocessing.active_children()) - before:
-                proc.terminate()
-                proc.join()
+            for _ in range(workers):
+                parent, child = context.Pipe(duplex=False)
+                proc = context.Process(target=self._serve, args=(child,), name="agentd-parse", daemon=True)
+                proc.start()
+                child.close()
+                self._workers.append((parent, proc))
+        except OSError:  # fork() refused part-way (process limits): stop the ones that started
+            self.close()
             raise
 
     @classmethod
@@ -130,39 +144,70 @@ class ParseAhead:
         if jobs < 2:
             return None
         workspace = Workspace(config)
-        items = [
-            (workspace.rel(path), raw)
-            for path, raw in workspace.agent_files()
-            if store is None or not store.has_parsed(fingerprint(raw))
-        ]
-        if store is not None:
+        paths = workspace.agent_paths()
+        items: list[tuple[str, Path, bytes | None]]
+        if store is not None and store.path.exists():
+            items = [
+                (workspace.rel(path), path, raw)
+                for path in paths
+                if (raw := workspace._read(path)) is not None and not store.has_parsed(fingerprint(raw))
+            ]
             store.close()  # never carry an open SQLite connection across fork()
+        else:  # nothing stored to skip: whichever process parses a source reads it
+            items = [(workspace.rel(path), path, None) for path in paths]
         if len(items) < cls.MIN_FILES:
             return None
         try:
-            return cls(items, jobs)
+            return cls(items, jobs - 1)
         except OSError:  # no processes to be had: the workspace parses them in-process
             return None
 
-    def result(self) -> dict[bytes, Any]:
-        parsed: dict[bytes, Any] = {}
-        with self._executor:
-            for future in self._futures:
-                try:
-                    parsed.update(future.result())
-                except Exception:  # a worker died (BrokenProcessPool): those are parsed in-process
-                    continue
+    def _take(self, worker: bool = False) -> list[tuple[bytes, Any, bytes | None]]:
+        """Parse sources from the shared queue until it is empty: (fingerprint of the bytes,
+        value, ``exact_json(value)``). A worker sends the JSON alone when it is exact: 2x
+        cheaper to load than to unpickle, and the store keeps those bytes as they are."""
+        out: list[tuple[bytes, Any, bytes | None]] = []
+        while True:
+            with self._next.get_lock():
+                index = self._next.value
+                self._next.value = index + 1
+            if index >= len(self._items):
+                return out
+            rel, path, raw = self._items[index]
+            try:
+                raw = path.read_bytes() if raw is None else raw
+                value = load_yaml(raw.decode("utf-8"), rel)
+            except (OSError, DataError, UnicodeDecodeError):
+                continue
+            dumped = exact_json(value)
+            out.append((fingerprint(raw), None if worker and dumped is not None else value, dumped))
+
+    def _serve(self, conn: multiprocessing.connection.Connection) -> None:
+        detach_signals()
+        conn.send(self._take(worker=True))
+        conn.close()
+
+    def result(self) -> dict[bytes, tuple[Any, bytes | None]]:
+        """Parsed sources by the fingerprint of their bytes: (value, ``exact_json(value)``)."""
+        parsed = {fp: (value, dumped) for fp, value, dumped in self._take()}
+        for conn, _proc in self._workers:
+            try:
+                found = conn.recv()
+            except (EOFError, OSError):  # a worker died: what it took is parsed in-process
+                continue
+            for fp, value, dumped in found:
+                parsed[fp] = (orjson.loads(dumped) if value is None else value, dumped)
+        self.close()
         return parsed
 
-
-def _parse_chunk(items: list[tuple[str, bytes]]) -> list[tuple[bytes, Any]]:
-    out = []
-    for rel, raw in items:
-        try:
-            out.append((fingerprint(raw), load_yaml(raw.decode("utf-8"), rel)))
-        except (DataError, UnicodeDecodeError):
-            continue
-    return out
+    def close(self) -> None:
+        """Stop the workers: after ``result()`` they have nothing left to do; before it (a
+        failed start, a build that raised) their work is not wanted."""
+        for conn, proc in self._workers:
+            conn.close()
+            proc.terminate()
+            proc.join()
+        self._workers = []
 
 
 def source_line(text: str, line: int | None) -> str | None:
@@ -233,7 +278,7 @@ class Workspace:
         #: Parsed YAML by the fingerprint of its bytes (the persistent store, when there is one).
         self.parsed_cache: Any = None
         #: Parses done ahead by worker processes (a cold ``--jobs`` build), by the same key.
-        self.prefetched: dict[bytes, Any] = {}
+        self.prefetched: dict[bytes, tuple[Any, bytes | None]] = {}
         #: When set, every file (re-)read is recorded here: path -> bytes (None: gone). Worker
         #: processes replay it to reach exactly this state (``pool.py``).
         self.journal: dict[Path, bytes | None] | None = None
@@ -311,13 +356,9 @@ class Workspace:
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
 
-    def agent_files(self) -> Iterator[tuple[Path, bytes]]:
-        """Every agent and trait source on disk with its bytes (for parsing ahead)."""
-        for path in sorted(self._disk_files(self.config.agents_path)):
-            if self.classify(path) is not None:
-                raw = self._read(path)
-                if raw is not None:
-                    yield path, raw
+    def agent_paths(self) -> list[Path]:
+        """Every agent and trait source on disk (for parsing ahead)."""
+        return [p for p in sorted(self._disk_files(self.config.agents_path)) if self.classify(p) is not None]
 
     def _refresh_file(self, path: Path, kind: tuple[str, str], delta: Delta) -> None:
         raw = self._read(path)
@@ -381,15 +422,16 @@ class Workspace:
         except UnicodeDecodeError as exc:
             raise DataError(f"{rel}: not UTF-8 text ({exc.reason} at byte {exc.start})", rel) from None
         raw_fp = self._raw.get(path) or fingerprint(raw)
-        data = self.prefetched.pop(raw_fp, None)
-        parsed_here = data is not None
-        if data is None and self.parsed_cache:
-            data = self.parsed_cache.get_parsed(raw_fp)
-        if data is None:
+        found = self.prefetched.pop(raw_fp, None)
+        if found is not None:  # parsed ahead (``ParseAhead``)
+            data, dumped = found
+        elif self.parsed_cache and (data := self.parsed_cache.get_parsed(raw_fp)) is not None:
+            dumped = None  # kept already
+        else:
             data = load_yaml(text, rel)
-            parsed_here = True
-        if parsed_here and self.parsed_cache and isinstance(data, dict):
-            self.parsed_cache.put_parsed(raw_fp, data, rel)
+            dumped = exact_json(data) if self.parsed_cache else None
+        if dumped is not None and self.parsed_cache and isinstance(data, dict):
+            self.parsed_cache.put_parsed(raw_fp, dumped, rel)
         if not isinstance(data, dict):
             raise DataError(
                 f"{rel}: expected a mapping of keys at the top level, got {type(data).__name__}",
