@@ -177,7 +177,7 @@ class ParseAhead:
             try:
                 raw = path.read_bytes() if raw is None else raw
                 value = load_yaml(raw.decode("utf-8"), rel)
-            except (OSError, DataError, UnicodeDecodeError):
+            except Exception:  # the workspace reads and parses it again, and reports why not
                 continue
             dumped = exact_json(value)
             out.append((fingerprint(raw), None if worker and dumped is not None else value, dumped))
