@@ -342,3 +342,34 @@ def test_workers_compose_an_undo_served_from_the_store(many: Path, tmp_path: Pat
         assert read_outputs(many) == clean_build(many, tmp_path / "oracle")
     finally:
         engine.close()
+
+
+def test_a_template_the_workers_compile_is_compiled_here_after_the_batch(many: Path, tmp_path: Path) -> None:
+    """The warm workers compile an edited template before this process does (it compiles its
+    own copy once they have rendered the batch): afterwards it still knows what the new
+    version includes, and its own next render of that template uses the new version."""
+    from agentd.build import Engine
+
+    extra = many / "templates/fragments/extra-checks.j2"
+    extra.write_text("- extra check\n")
+    engine = Engine(Config.load(many), jobs=2)
+    try:
+        engine.build()
+        trouble = many / "templates/sections/troubleshooting.j2"
+        # Never taken here: only the static analysis of this compile knows the include.
+        edit(
+            trouble,
+            "#### Symptoms",
+            '{% if agent.get("unset") %}{% include "fragments/extra-checks.j2" %}{% endif %}#### Signs',
+        )
+        report = engine.build([trouble])
+        assert report.workers == 2 and len(report.written) == 24 and report.errors == []
+        readers = engine.affected([extra])["sections"]
+        assert len(readers) == 24 and all(s.endswith("/troubleshooting") for s in readers)
+        # One agent's key, read by its troubleshooting section: rendered in this process.
+        edit(many / "agents/api-design-0001.yaml", "severity: critical", "severity: high")
+        report = engine.build([many / "agents/api-design-0001.yaml"])
+        assert report.workers == 0 and report.written == ["api-design-0001.md"]
+        assert read_outputs(many) == clean_build(many, tmp_path / "oracle")
+    finally:
+        engine.close()

@@ -160,6 +160,7 @@ class Engine:
         before = self.caches.counters()
         self.renderer.timings = []
         report.cold = not self._scanned
+        compile_later: set[str] = set()
         if paths is None or not self._scanned:
             delta = self._scan()
             if write and not self._scanned:
@@ -169,7 +170,11 @@ class Engine:
             paths = list(paths)
             delta = self.workspace.refresh(paths)
             report.changed = sorted({self.workspace.rel(Path(p).absolute()) for p in paths})
-            self.renderer.compile(delta.templates)
+            if self._sync_ahead(delta):
+                self.renderer.evict(delta.templates)
+                compile_later = delta.templates
+            else:
+                self.renderer.compile(delta.templates)
         old_sections, catalog = self._apply(delta)
         todo = self._collect(old_sections, report)
         sections = sum(map(len, todo.values()))
@@ -177,6 +182,8 @@ class Engine:
         done: set[str] = set()
         if self._parallel(sections + len(skeletons)) and len(todo.keys() | skeletons) > 1:
             done = self._render_in_workers(todo, skeletons, catalog, old_sections, report, write)
+        if compile_later:
+            self.renderer.compile(compile_later)
         for agent_id, metas in todo.items():  # all of them, or what the workers left
             if agent_id not in done:
                 self._render_agent(agent_id, metas, catalog, old_sections, report, write)
@@ -236,6 +243,29 @@ class Engine:
         delta = self.workspace.replay(journal)
         self.renderer.compile(delta.templates)
         return self._apply(delta)[1]
+
+    def _sync_ahead(self, delta: Delta) -> bool:
+        """Send a template change to the workers before this process prepares the batch, when
+        enough renders read it to go to them: they replay it (compiling the template) while
+        this process invalidates, collects and deals out the batch, and this process compiles
+        its own copy once the batch is rendered (its graph needs the new version's static
+        references, and its later renders the code). Compiling a 100-line section template
+        takes ~12 ms: compiled here first, it was the longest step before any worker could
+        start, with the other core idle. A 100-section batch at N = 100, save -> last output,
+        old and new processes alternating: 138.6 -> 132.0 ms (the workers start rendering
+        15-20 ms into the build instead of 23-25 ms)."""
+        if self._pool is None or not delta.templates:
+            return False
+        if len(self.graph.readers({g.template_node(name) for name in delta.templates})) < PARALLEL_MIN_SECTIONS:
+            return False
+        assert self.workspace.journal is not None
+        journal, self.workspace.journal = self.workspace.journal, {}
+        try:
+            self._pool.sync(journal)
+        except WorkerLost:
+            self.close()
+            return False
+        return True
 
     def worker_catalog(self) -> TrackedCatalog:
         return self._catalog(Delta())
@@ -612,10 +642,11 @@ class Engine:
         report.workers = self._pool.size
         # Workers forked before this build load the templates it compiled from the store, not
         # compiling them again: write those first. Workers forked just now have them (fork
-        # copied them); this process writes its queue once they are rendering, not before
-        # (cold build at N = 100: ~15 ms of parses and bytecode, with one core idle).
-        unwritten = bool(self.store) and forked
-        if self.store and not forked:
+        # copied them), and a change sent ahead (``_sync_ahead``) is replayed already; then
+        # this process writes its queue once they are rendering, not before (cold build at
+        # N = 100: ~15 ms of parses and bytecode, with one core idle).
+        unwritten = bool(self.store) and (forked or not journal)
+        if self.store and not unwritten:
             self.store.flush()
         tasks: list[Task] = []
         for agent_id in sorted(todo.keys() | skeletons):

@@ -9,7 +9,8 @@ the hot path and they never render from stale state:
 - They are kept in step by the workspace *journal*: the bytes of every file the parent re-read
   since the last batch. A worker replays them through the same ``refresh`` code (recompiling,
   evicting and re-resolving exactly as the parent did), so it renders from the parent's
-  snapshot, never from a disk that may have moved on since.
+  snapshot, never from a disk that may have moved on since. A template change read by
+  many renders is sent ahead, before the daemon deals out the batch (``Engine._sync_ahead``).
 - Each batch is dealt out in small chunks, two ahead to each worker, and results stream back
   (sent by a thread in the worker). Workers put what they render into the persistent store
   themselves (SQLite serialises the writers), so the parent never re-sends those bytes to the
@@ -156,9 +157,8 @@ class Pool:
         whose end is when the workers' store writes are done: 1.22-1.26 -> 1.18-1.22 s at
         N = 100. Not for edits: there the batch's last output is what counts, and a worker
         finishing early took CPU from it (100-section batch: 103.7 -> 108.9 ms)."""
+        self.sync(journal)
         try:
-            for conn in self._conns:
-                conn.send(("sync", journal))
             chunks = _chunks(tasks, len(self._conns))
             # Each worker holds IN_FLIGHT chunks, so it renders the next one while the daemon
             # composes what it sent (never idle waiting for the daemon to come back to it).
@@ -180,6 +180,17 @@ class Pool:
                 for conn in self._conns:
                     conn.send(("idle", None))
         except (EOFError, OSError, BrokenPipeError) as exc:
+            raise WorkerLost(str(exc) or type(exc).__name__) from exc
+
+    def sync(self, journal: dict[Path, bytes | None]) -> None:
+        """Send every worker the files the daemon re-read since their last batch, to replay
+        (``Engine.replay``) before their next chunk. Raises ``WorkerLost``."""
+        if not journal:
+            return
+        try:
+            for conn in self._conns:
+                conn.send(("sync", journal))
+        except (EOFError, OSError) as exc:
             raise WorkerLost(str(exc) or type(exc).__name__) from exc
 
     @staticmethod
@@ -277,8 +288,7 @@ def _serve(
             break
         kind, payload = message
         if kind == "sync":
-            if payload:
-                catalog = engine.replay(payload)
+            catalog = engine.replay(payload)
         elif kind == "render":
             before = engine.caches.counters()
             results = [_render(engine, catalog, *task) for task in payload]

@@ -202,14 +202,23 @@ class Renderer:
         self.timings: list[tuple[str, float]] = []
 
     # -- L1 ---------------------------------------------------------------------------------
+    def evict(self, names: set[str]) -> None:
+        """Drop the compiled code of changed templates without compiling them again: a render
+        that loads one compiles it from the current source (``Engine.build`` lets the workers
+        compile first, then calls ``compile``)."""
+        cache = self.env.cache
+        assert cache is not None
+        for name in names:
+            cache.pop((weakref.ref(self.env.loader), name), None)
+            self.compile_errors.pop(name, None)
+
     def compile(self, names: set[str]) -> None:
         """(Re)compile the given templates (dropping removed ones) and refresh their static
         references in the graph."""
         cache = self.env.cache
         assert cache is not None
+        self.evict(names)
         for name in sorted(names):
-            cache.pop((weakref.ref(self.env.loader), name), None)
-            self.compile_errors.pop(name, None)
             if name not in self.workspace.templates and name not in self.workspace.template_errors:
                 continue
             try:
