@@ -373,3 +373,30 @@ def test_a_template_the_workers_compile_is_compiled_here_after_the_batch(many: P
         assert read_outputs(many) == clean_build(many, tmp_path / "oracle")
     finally:
         engine.close()
+
+
+def test_a_syntax_error_the_workers_meet_first_is_reported_as_in_one_process(many: Path, tmp_path: Path) -> None:
+    """A template that no longer compiles, sent to the warm workers before this process
+    compiles it, gives exactly the errors a one-process build gives (file, line, the line),
+    keeps every output, and the fix is built as a clean build would."""
+    from agentd.build import Engine
+
+    engine = Engine(Config.load(many), jobs=2)
+    try:
+        engine.build()
+        before = read_outputs(many)
+        trouble = many / "templates/sections/troubleshooting.j2"
+        edit(trouble, "#### Symptoms", "{% if %}#### Symptoms")
+        report = engine.build([trouble])
+        assert report.workers == 2 and report.written == []
+        one_process = Engine(Config.load(many), jobs=1).build(write=False)
+        assert [str(e) for e in report.errors] == [str(e) for e in one_process.errors]
+        assert 'File "templates/sections/troubleshooting.j2", line' in str(report.errors[0])
+        assert "{% if %}#### Symptoms" in str(report.errors[0])
+        assert read_outputs(many) == before
+        edit(trouble, "{% if %}#### Symptoms", "#### Signs")
+        report = engine.build([trouble])
+        assert report.workers == 2 and report.errors == [] and len(report.written) == 24
+        assert read_outputs(many) == clean_build(many, tmp_path / "oracle")
+    finally:
+        engine.close()
