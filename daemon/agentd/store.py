@@ -44,12 +44,15 @@ from .trace import fingerprint
 STORE_FILE = ".agentd/cache.sqlite3"
 #: 2: blobs and aux rows name their unit / slot, so that superseded versions can be dropped.
 #: 3: a composition's layout names its skeleton and every gap in order (``compose.Layout``).
-FORMAT = "3"
+#: 4: a blob's data is its last column. SQLite keeps a 60 KB row's tail in a chain of overflow
+#: pages that it can only walk in order, so a digest stored after the data cost a walk through
+#: all of them: looking up 1,348 digests (what a restart at N = 100 does) 17.5 -> 7.5 ms.
+FORMAT = "4"
 _META = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS deps (unit TEXT PRIMARY KEY, reads BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS blobs (key BLOB PRIMARY KEY, unit TEXT NOT NULL, data BLOB NOT NULL,
-                                  digest BLOB NOT NULL, reads BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS blobs (key BLOB PRIMARY KEY, unit TEXT NOT NULL, digest BLOB NOT NULL,
+                                  reads BLOB NOT NULL, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS aux (key BLOB PRIMARY KEY, slot TEXT NOT NULL, data BLOB NOT NULL,
                                 digest BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS blobs_digest ON blobs (digest);
@@ -384,7 +387,7 @@ class Store:
                 db.executemany(
                     "INSERT OR REPLACE INTO blobs VALUES (?, ?, ?, ?, ?)",
                     [
-                        (key, unit, r.data, r.digest or _digest(r.data), orjson.dumps(sorted(r.reads)))
+                        (key, unit, r.digest or _digest(r.data), orjson.dumps(sorted(r.reads)), r.data)
                         for unit, key, r in pending
                     ],
                 )
