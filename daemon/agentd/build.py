@@ -12,6 +12,7 @@ empty caches.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import itertools
@@ -333,13 +334,7 @@ class Engine:
         errors += self.workspace.agent_errors.values()
         for agent_id in sorted(self.agent_errors):
             errors += self.agent_errors[agent_id]
-        seen: set[str] = set()
-        unique = []
-        for e in errors:
-            if str(e) not in seen:
-                seen.add(str(e))
-                unique.append(e)
-        return unique
+        return dedupe_errors(errors)
 
     def affected(self, paths: Iterable[Path]) -> dict[str, list[str]]:
         """Agents and sections a change to ``paths`` would re-render (conservatively: any key
@@ -1080,6 +1075,27 @@ class Engine:
                 if self.output.remove(name):
                     report.removed.append(name)
                 self.caches.l4.pop(name[: -len(OUTPUT_SUFFIX)])
+
+
+def dedupe_errors(errors: Iterable[AgentdError]) -> list[AgentdError]:
+    """Each mistake once: source errors that differ only in what agentd was doing when it met
+    them (the same missing include in 24 sections) become one, whose context names the first
+    occasion and counts the others."""
+    unique: dict[Any, AgentdError] = {}
+    others: dict[Any, int] = {}
+    for e in errors:
+        key = (type(e), e.path, e.line, e.column, e.message) if isinstance(e, SourceError) else str(e)
+        if key in unique:
+            others[key] = others.get(key, 0) + 1
+        else:
+            unique[key] = e
+    for key, count in others.items():
+        first = unique[key]
+        assert isinstance(first, SourceError)
+        merged = copy.copy(first)
+        merged.context = f"{first.context}, and {count} more" if first.context else None
+        unique[key] = merged
+    return list(unique.values())
 
 
 def _section_reads(plan: Plan, digests: list[bytes]) -> dict[str, bytes]:
