@@ -355,3 +355,29 @@ def clean_build(root: Path, dest: Path) -> dict[str, bytes]:
 
 def read_outputs(root: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted((root / "out").glob("*.md"))}
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes ``pid`` forked (from any of its threads) and has not reaped."""
+    tasks = Path(f"/proc/{pid}/task").iterdir()
+    return sorted(int(c) for t in tasks for c in (t / "children").read_text().split())
+
+
+def running(pid: int) -> bool:
+    """The process exists and is not a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def outlived(pids: list[int], timeout: float = 10) -> list[int]:
+    """Those of ``pids`` still running after waiting up to ``timeout`` s for all to end; they
+    are killed (a test that fails must not leave them burning a core)."""
+    deadline = time.monotonic() + timeout
+    while (alive := [p for p in pids if running(p)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in alive:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return alive

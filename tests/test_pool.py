@@ -16,7 +16,7 @@ from agentd.config import Config
 from agentd.output import MANIFEST
 from agentd.store import Store, render_stamp
 from agentd.trace import fingerprint
-from conftest import REPO, clean_build, read_outputs, run_cli, run_daemon
+from conftest import REPO, clean_build, outlived, read_outputs, run_cli, run_daemon
 
 
 @pytest.fixture
@@ -159,6 +159,32 @@ def test_parse_ahead_not_taken_leaves_no_process(many: Path) -> None:
     assert parsing is not None and len(multiprocessing.active_children()) == 2
     parsing.close()
     assert not multiprocessing.active_children()
+
+
+def test_parse_ahead_processes_die_with_a_killed_parent(tmp_path: Path) -> None:
+    """A parser whose result waits in a full pipe for a parent killed by SIGKILL exits too
+    (before, it stayed blocked in its write for ever)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from agentd.workspace import ParseAhead\n"
+        "big = b'notes: ' + b'x' * 100_000 + b'\\n'\n"  # 4 of them: more than a pipe holds
+        "ParseAhead([(f'agents/a{i}.yaml', Path('a.yaml'), big) for i in range(4)], 1)\n"
+        "print('started', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None and parent.stdout.readline() == "started\n"
+        parsers = workers_of(parent.pid)
+        assert len(parsers) == 1
+    finally:
+        parent.kill()
+        parent.wait()
+    assert outlived(parsers) == [], "the parser outlived its parent"
 
 
 def test_fork_refused_falls_back_to_working_in_process(

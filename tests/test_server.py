@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from agentd.output import MANIFEST
 from conftest import EDIT_KINDS, clean_build, read_outputs, run_daemon, set_config, slow_down
 
 
@@ -52,6 +55,60 @@ async def test_unchanged_output_is_not_rewritten(tiny: Path) -> None:
         build = await d.next_build()
         assert build["written"] == ["beta.md"]
         assert alpha.stat().st_mtime_ns == mtime
+
+
+async def test_outputs_deleted_under_watch_are_written_again(tiny: Path, tmp_path: Path) -> None:
+    """`rm -r out/`, then `rm` of one output, while `agentd watch` runs: each time what is gone
+    comes back byte-identical, written from the daemon's caches (no section rendered), and
+    agentd's own writes in out/ in between start no build."""
+    async with run_daemon(tiny, "--jobs", "1") as d:
+        out = tiny / "out"
+        before = read_outputs(tiny)
+        shutil.rmtree(out)
+        build = await d.next_build(timeout=5)
+        assert build["written"] == ["alpha.md", "beta.md"] and build["sections_rendered"] == 0
+        assert read_outputs(tiny) == before and (out / MANIFEST).exists()
+        replace(tiny / "agents/beta.yaml", "skills: [b1]", "skills: [b2]")  # beta.md replaced
+        assert (await d.next_build())["written"] == ["beta.md"]
+        (out / "beta.md").unlink()
+        build = await d.next_build(timeout=5)  # the next build: none for agentd's own writes
+        assert build["written"] == ["beta.md"] and build["sections_rendered"] == 0 and build["errors"] == 0
+        assert read_outputs(tiny) == clean_build(tiny, tmp_path / "oracle")
+
+
+def _refuse_writes(folder: Path) -> Callable[[], None]:
+    """Make ``folder`` refuse new files, for root too (root ignores mode bits: the immutable
+    attribute stops it); return the undo."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        return lambda: folder.chmod(0o755)
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(folder)]).returncode:
+        pytest.skip("running as root, and chattr +i (the one refusal root meets) is not available here")
+    return lambda: subprocess.run(["chattr", "-i", str(folder)], check=True) and None
+
+
+async def test_an_output_the_system_refuses_is_written_once_it_can_be(tiny: Path, tmp_path: Path) -> None:
+    """While out/ refuses files, an edit's output fails with an error naming the file and the
+    system's reason, and the daemon keeps running; once out/ takes files again, the output is
+    written without another edit."""
+    async with run_daemon(tiny, "--jobs", "1") as d:
+        old = (tiny / "out/alpha.md").read_bytes()
+        undo = _refuse_writes(tiny / "out")
+        try:
+            replace(tiny / "agents/alpha.yaml", "skills: [a1, a2]", "skills: [a1, a2, a3]")
+            build = await d.next_build()
+            assert build["errors"] == 1 and build["written"] == []
+            error = d.named("build.error")[-1]["message"]
+            assert error in (
+                "out/alpha.md: cannot write it: Operation not permitted (EPERM)",
+                "out/alpha.md: cannot write it: Permission denied (EACCES)",
+            )
+            assert (tiny / "out/alpha.md").read_bytes() == old
+        finally:
+            undo()
+        build = await d.next_build()
+        assert build["written"] == ["alpha.md"] and build["errors"] == 0 and build["changed"] == []
+        assert read_outputs(tiny) == clean_build(tiny, tmp_path / "oracle")
 
 
 def _inplace(path: Path, text: str) -> None:
@@ -335,7 +392,6 @@ async def test_out_is_not_watched(tiny: Path) -> None:
 
 # -- a stateful model: random edit sequences against a clean-build oracle -------------------
 
-import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
 from hypothesis import HealthCheck, settings  # noqa: E402

@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import functools
 import itertools
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -28,8 +29,8 @@ from .cache import Caches, Counters, Rendered
 from .catalog import Relations, TrackedCatalog
 from .compose import Layout, Piece, Skeleton, joined, render_skeleton
 from .config import Config
-from .exceptions import AgentdError, ConfigError, DataError, OutputError, SourceError
-from .output import OutputChanged, OutputDir, WriteOutcome
+from .exceptions import AgentdError, ConfigError, DataError, OutputError, SourceError, WriteError
+from .output import MANIFEST, OutputChanged, OutputDir, WriteOutcome
 from .pool import Composed, ComposeSpec, Pool, Result, Task, WorkerLost
 from .render import Renderer, anchor, section_title
 from .store import Store
@@ -130,6 +131,8 @@ class Engine:
         self.output = OutputDir(config.output_path)
         self.plans: dict[str, Plan] = {}
         self.agent_errors: dict[str, list[AgentdError]] = {}
+        #: Standing failures to save the manifest or remove a stale output, by file name.
+        self.write_errors: dict[str, WriteError] = {}
         self._compose_pending: set[str] = set()
         #: Per agent: its output around the sections (``compose.py``), None when not composable.
         self.skeletons: dict[str, Skeleton | None] = {}
@@ -197,12 +200,15 @@ class Engine:
         # Output gates after every write of this build: they never delay a file.
         for agent_id, data, plan in self._to_check:
             if data is None:  # written: read it back rather than hold every output in memory
-                data = (self.output.path / (agent_id + OUTPUT_SUFFIX)).read_bytes()
+                try:
+                    data = (self.output.path / (agent_id + OUTPUT_SUFFIX)).read_bytes()
+                except OSError:  # deleted since: restored (and checked) by the next build
+                    continue
             self._check_output(agent_id, data, plan, report)
         self._to_check = []
         if write:
             self._remove_stale(report)
-            self.output.save()
+            self._save_manifest()
         if self.store:
             self.store.flush()
         report.agents = len(self.workspace.agents) + len(self.workspace.agent_errors)
@@ -310,6 +316,27 @@ class Engine:
             self.skeletons.pop(agent_id, None)
             self._compose_pending.add(agent_id)
 
+    def restore_outputs(self, names: Iterable[str] | None) -> list[str]:
+        """Outputs (and the manifest) deleted behind agentd's back, to write again at the next
+        build: ``names`` were reported deleted (None: every one, ``out/`` itself went away).
+        Composed from what the caches and the store hold; a section neither has is rendered.
+        An agent that fails keeps failing (it has no good output to restore). Returns the
+        files that will be written."""
+        listed = self.output.files
+        restored = []
+        for name in sorted(listed if names is None else set(names) & listed.keys()):
+            agent_id = name.removesuffix(OUTPUT_SUFFIX)
+            if agent_id not in self.plans or agent_id in self.agent_errors:
+                continue
+            if os.path.lexists(self.output.path / name):  # not gone, or back already
+                continue
+            self.caches.l4.pop(agent_id)  # what agentd wrote there last is not there
+            self._compose_pending.add(agent_id)
+            restored.append(name)
+        if (names is None or MANIFEST in names) and self.output.lost_manifest():
+            restored.append(MANIFEST)
+        return restored
+
     def _drop_section(self, key: tuple[str, str]) -> bytes | None:
         """Forget a section's render (it becomes dirty); return the digest it had (for early
         cutoff)."""
@@ -334,6 +361,7 @@ class Engine:
         errors += self.workspace.agent_errors.values()
         for agent_id in sorted(self.agent_errors):
             errors += self.agent_errors[agent_id]
+        errors += self.write_errors.values()
         return dedupe_errors(errors)
 
     def affected(self, paths: Iterable[Path]) -> dict[str, list[str]]:
@@ -992,7 +1020,7 @@ class Engine:
         if isinstance(outcome, BaseException):
             self.caches.l4.pop(agent_id)
             self._compose_pending.add(agent_id)
-            error = outcome if isinstance(outcome, OutputError) else OutputError(f"{name}: {outcome}")
+            error = outcome if isinstance(outcome, OutputError) else self.output.write_error(name, outcome)
             self.agent_errors[agent_id] = [error]
             return
         written, stat = outcome
@@ -1070,11 +1098,25 @@ class Engine:
             return
         self._agent_set_checked = agent_set
         existing = set(ws.agents) | set(ws.agent_errors)
+        self.write_errors = {k: v for k, v in self.write_errors.items() if k == MANIFEST}  # found anew
         for name in sorted(self.output.files):
             if name.endswith(OUTPUT_SUFFIX) and name[: -len(OUTPUT_SUFFIX)] not in existing:
-                if self.output.remove(name):
-                    report.removed.append(name)
+                try:
+                    if self.output.remove(name):
+                        report.removed.append(name)
+                except WriteError as exc:
+                    self.write_errors[name] = exc
+                    self._agent_set_checked = None  # walk again next build
+                    continue
                 self.caches.l4.pop(name[: -len(OUTPUT_SUFFIX)])
+
+    def _save_manifest(self) -> None:
+        try:
+            self.output.save()
+        except WriteError as exc:
+            self.write_errors[MANIFEST] = exc  # still to save: tried again next build
+        else:
+            self.write_errors.pop(MANIFEST, None)
 
 
 def dedupe_errors(errors: Iterable[AgentdError]) -> list[AgentdError]:

@@ -70,6 +70,11 @@ class OutputError(AgentdError):
     """An output that cannot be written without losing a user's file."""
 
 
+class WriteError(OutputError):
+    """An output (or the manifest) the system refused to write or remove: permissions, a full
+    disk, ``out/`` not a folder. Not the agent's fault: the daemon tries again by itself."""
+
+
 class AlreadyRunning(AgentdError):
     """Another ``agentd watch`` holds this workspace (or serves this socket)."""
 

@@ -5,6 +5,13 @@ what it wrote and the file's size and mtime right after writing. Only listed fil
 replaced or removed; a user's own file that happens to sit where an output would go is
 reported, not overwritten. Size + mtime say whether a file is still exactly what agentd wrote
 (as git's index does) without reading and hashing 540 KB per agent on every restart.
+
+The manifest is saved once per build; a process killed before that (a cold build, new agents
+coming in) leaves outputs it does not list. So each new output is first noted in a journal
+(``out/.agentd-manifest.journal``), just before the rename that puts it in place, by whichever
+process writes it (the daemon's writer thread, a worker): the next run takes a journaled file as
+its own while it is still exactly the file written (size, mtime and inode), and a file put there
+since stays the user's.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import os
 import sys
 import tempfile
@@ -23,10 +31,11 @@ from typing import Any, TypeAlias
 import orjson
 
 from .compose import Piece, joined
-from .exceptions import OutputError
+from .exceptions import OutputError, WriteError
 from .trace import fingerprint
 
 MANIFEST = ".agentd-manifest.json"
+JOURNAL = ".agentd-manifest.journal"
 _TEMP_SUFFIX = ".tmp"
 #: Replaced outputs kept for unlinking later, at most (see ``OutputDir.replaced``).
 MAX_REPLACED = 64
@@ -47,6 +56,7 @@ def write_atomic(
     swap: bool = False,
     old: list[str] | None = None,
     source: list[int] | None = None,
+    journal: Callable[[os.stat_result], None] | None = None,
 ) -> os.stat_result:
     """Write via a temp file in the same folder and a rename: a reader sees the old bytes or the
     new ones, never a partial file. No fsync: outputs are regenerable, and an fsync per file
@@ -57,7 +67,8 @@ def write_atomic(
     (else ``OutputChanged``, nothing written).
     ``swap``: replace an existing file by exchanging the two names and unlinking the old bytes
     (see ``_swap``) instead of renaming over it; for outputs only, never for the manifest.
-    ``old``: collect the old bytes' (hidden, temp) name there instead of unlinking them now."""
+    ``old``: collect the old bytes' (hidden, temp) name there instead of unlinking them now.
+    ``journal``: called with the new file's stat before it is put in place."""
     src = -1
     if not isinstance(data, bytes):
         src = _open_source(path, source)
@@ -74,6 +85,8 @@ def write_atomic(
                 st = os.fstat(fd)
             finally:
                 os.close(fd)
+            if journal is not None:
+                journal(st)
             if not (swap and _swap(tmp, path)):
                 os.replace(tmp, path)
             elif old is not None:
@@ -172,6 +185,11 @@ def _swap(src: str, dst: Path) -> bool:
     return False
 
 
+def _is_own_name(name: str) -> bool:
+    """A name agentd could have written in the folder: no path, no temp or hidden file."""
+    return bool(name) and not name.startswith(".") and "/" not in name and "\0" not in name
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -189,9 +207,11 @@ class OutputDir:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.manifest_path = path / MANIFEST
+        self.journal_path = path / JOURNAL
         #: name -> [digest hex, size, mtime_ns] of what agentd last wrote there.
         self.files: dict[str, list[Any]] = self._load_manifest()
-        self._dirty = False
+        # Saved at once if a killed process left a journal: its files are listed from then on.
+        self._dirty = self._adopt_journal()
         #: Replaced outputs not unlinked yet (None: unlinked as they are replaced). Unlinking
         #: 540 KB costs as much as writing it (0.12 ms: freeing its pages); a worker process
         #: leaves that until its batch is done (``remove_replaced``), for up to MAX_REPLACED.
@@ -200,7 +220,7 @@ class OutputDir:
     def _load_manifest(self) -> dict[str, list[Any]]:
         try:
             data = orjson.loads(self.manifest_path.read_bytes())
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # none yet, or out/ is not a folder
             return {}
         except orjson.JSONDecodeError:
             # A damaged manifest only costs us the right to delete stale outputs: we start a
@@ -211,6 +231,41 @@ class OutputDir:
             return {}
         # Version 1 kept a digest only: the files are still ours, their state is unknown.
         return {str(k): v if isinstance(v, list) and len(v) == 3 else ["", -1, -1] for k, v in files.items()}
+
+    def _journal(self, name: str, digest: bytes, st: os.stat_result) -> None:
+        """Note a new output (not in the manifest) before it is put in place. One append per
+        new file, from any process (``O_APPEND``: lines never interleave); an output agentd
+        replaces is listed already."""
+        line = orjson.dumps([name, digest.hex(), st.st_size, st.st_mtime_ns, st.st_ino]) + b"\n"
+        fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            _write_all(fd, line)
+        finally:
+            os.close(fd)
+
+    def _adopt_journal(self) -> bool:
+        """List the journaled outputs that are still exactly the file written (size, mtime and
+        inode); True when there was a journal (to be removed once the manifest is saved)."""
+        try:
+            data = self.journal_path.read_bytes()
+        except OSError:  # none (the usual case), or not ours to read
+            return False
+        for line in data.splitlines():
+            try:
+                name, digest, *stat = orjson.loads(line)
+            except (orjson.JSONDecodeError, TypeError, ValueError):
+                continue  # a line the kill cut short: its file was not renamed into place yet
+            if not (isinstance(name, str) and isinstance(digest, str) and _is_own_name(name)):
+                continue
+            if name in self.files or len(stat) != 3:
+                continue
+            try:
+                st = os.lstat(self.path / name)
+            except OSError:
+                continue
+            if [st.st_size, st.st_mtime_ns, st.st_ino] == stat:
+                self.files[name] = [digest, st.st_size, st.st_mtime_ns]
+        return True
 
     def owns(self, name: str) -> bool:
         return name in self.files
@@ -234,6 +289,39 @@ class OutputDir:
         self.record(name, digest, stat)
         return written
 
+    def write_error(self, name: str, exc: OSError, action: str = "write") -> WriteError:
+        """``exc`` as the error of output ``name``: which file, and what the system said."""
+        code = errno.errorcode.get(exc.errno or 0)
+        detail = f"{exc.strerror or exc}" + (f" ({code})" if code else "")
+        culprit = os.fsdecode(exc.filename) if exc.filename is not None else None
+        if isinstance(exc, (FileExistsError, NotADirectoryError)) and not self.path.is_dir():
+            detail = f"{self.path} is not a folder"
+        elif culprit is not None and Path(culprit).parent != self.path:  # not the file or its temp
+            detail += f": {culprit}"
+        return WriteError(f"{self.path.name}/{name}: cannot {action} it: {detail}")
+
+    def writable(self) -> bool:
+        """Whether a file can be created in the folder now (it is created if missing): a failed
+        write is tried again once this holds. A probe named like a temp file of the manifest,
+        so that ``sweep`` removes it should this process die before it does."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{MANIFEST}.", suffix=_TEMP_SUFFIX)
+        except OSError:
+            return False
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        return True
+
+    def lost_manifest(self) -> bool:
+        """The manifest was deleted under agentd: True, and it is written again at the next
+        save (a process killed after that must still know its outputs)."""
+        if self.manifest_path.exists():
+            return False
+        self._dirty = True
+        return True
+
     def write_file(
         self, name: str, data: bytes | Sequence[Piece], digest: bytes, entry: list[Any] | None
     ) -> tuple[bool, list[int]]:
@@ -244,9 +332,18 @@ class OutputDir:
         (``OutputChanged`` if it is not). Returns (written, [size, mtime_ns]).
 
         A file still as agentd wrote it (size + mtime) is known by its entry's digest; any other
-        is compared with the new bytes, read only when the sizes are equal."""
+        is compared with the new bytes, read only when the sizes are equal. What the system
+        refuses (permissions, a full disk) is a ``WriteError`` naming the file."""
         if not isinstance(data, bytes) and (whole := joined(data)) is not None:
             data = whole  # nothing to copy
+        try:
+            return self._write_file(name, data, digest, entry)
+        except OSError as exc:
+            raise self.write_error(name, exc) from None
+
+    def _write_file(
+        self, name: str, data: bytes | Sequence[Piece], digest: bytes, entry: list[Any] | None
+    ) -> tuple[bool, list[int]]:
         self.path.mkdir(parents=True, exist_ok=True)
         target = self.path / name
         try:
@@ -256,7 +353,8 @@ class OutputDir:
         if st is None:
             if not isinstance(data, bytes):
                 raise OutputChanged(name)
-            st = write_atomic(target, data)
+            journal = None if entry is not None else functools.partial(self._journal, name, digest)
+            st = write_atomic(target, data, journal=journal)
             return True, [st.st_size, st.st_mtime_ns]
         if entry is None:
             raise OutputError(
@@ -312,21 +410,34 @@ class OutputDir:
             self._dirty = True
 
     def remove(self, name: str) -> bool:
-        """Delete a generated file (only if the manifest says agentd made it)."""
+        """Delete a generated file (only if the manifest says agentd made it). One the system
+        will not let go of stays listed (``WriteError``)."""
         if name not in self.files:
             return False
-        del self.files[name]
-        self._dirty = True
         try:
             (self.path / name).unlink()
+            removed = True
         except FileNotFoundError:
-            return False
-        return True
+            removed = False
+        except OSError as exc:
+            raise self.write_error(name, exc, "remove") from None
+        del self.files[name]
+        self._dirty = True
+        return removed
 
     def save(self) -> None:
+        """Write the manifest if it changed, with what the journal holds (a write whose record
+        a failure skipped), then drop the journal. ``WriteError``: saved next time."""
         if not self._dirty:
             return
-        self.path.mkdir(parents=True, exist_ok=True)
+        journaled = self._adopt_journal()
         body = {"version": _MANIFEST_VERSION, "generator": "agentd", "files": dict(sorted(self.files.items()))}
-        write_atomic(self.manifest_path, orjson.dumps(body, option=orjson.OPT_INDENT_2) + b"\n")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.manifest_path, orjson.dumps(body, option=orjson.OPT_INDENT_2) + b"\n")
+            if journaled:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.journal_path)
+        except OSError as exc:
+            raise self.write_error(MANIFEST, exc) from None
         self._dirty = False

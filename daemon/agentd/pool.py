@@ -39,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import multiprocessing.connection
+import os
 import queue
 import threading
 import weakref
@@ -130,7 +131,10 @@ class Pool:
         parent, child = context.Pipe()
         try:
             proc = context.Process(
-                target=_serve, args=(engine, child, [*self._conns, parent]), name="agentd-worker", daemon=True
+                target=_serve,
+                args=(engine, child, [*self._conns, parent], os.getpid()),
+                name="agentd-worker",
+                daemon=True,
             )
             proc.start()
         except BaseException:
@@ -265,11 +269,12 @@ def _serve(
     engine: Engine,
     conn: multiprocessing.connection.Connection,
     parent_ends: list[multiprocessing.connection.Connection],
+    parent: int,
 ) -> None:
     """A worker's loop: sync, render chunks, finish the batch when idle, exit on ``None`` or EOF."""
+    detach_signals(parent)
     for end in parent_ends:
         end.close()  # so that when the parent dies, every worker sees EOF and exits
-    detach_signals()
     if engine.store is not None:
         engine.store.abandon()
         engine.store.FLUSH_EVERY = WORKER_FLUSH_EVERY

@@ -26,13 +26,14 @@ from .build import OUTPUT_SUFFIX, BuildReport, Engine, Plan
 from .check import Finding, ScanMemory, check_output
 from .config import Config
 from .control import ControlServer, WorkspaceLock, socket_path
-from .exceptions import ConfigError, RequestError
+from .exceptions import ConfigError, RequestError, WriteError
 from .log import get_logger
 from .notify import Notifier
+from .output import MANIFEST
 from .status import Monitor, error_fields
 from .store import open_store
 from .verify import verify
-from .watch import Batch, Pending, watch_root, watch_tree
+from .watch import Batch, Pending, watch_output, watch_root, watch_tree
 
 COMMANDS = ("ping", "status", "stats", "rebuild", "affected", "verify")
 
@@ -42,6 +43,46 @@ MAX_SETTLE_S = 2.0
 #: Lists in a log line beyond this length are cut (a cold build of 1,000 agents renders 9,000
 #: sections; the counts are logged in full).
 LOG_LIST_LIMIT = 50
+
+
+class WriteRetry:
+    """When to build again, with no edit to wait for, while writes fail (``WriteError``:
+    permissions, a full disk, ``out/`` not a folder). ``out/`` is probed every ``PROBE_S`` by
+    creating a file there (a few system calls): while it refuses, no build runs to fail the same
+    way, and once it takes files the retry runs at once. A failure the probe cannot see (one
+    file, a full disk) is retried after a delay that doubles up to ``MAX_S``."""
+
+    PROBE_S = 0.5
+    MAX_S = 60.0
+
+    def __init__(self) -> None:
+        self.failing = False
+        self._delay = self.PROBE_S
+        self._due = 0.0
+        self._refused = False
+
+    def record(self, failed: bool) -> None:
+        """After every build: whether a write of it failed."""
+        if not failed:
+            self.failing = False
+            self._delay = self.PROBE_S
+            return
+        if self.failing:
+            self._delay = min(self._delay * 2, self.MAX_S)
+        self.failing = True
+        self._due = time.monotonic() + self._delay
+        self._refused = False
+
+    def timeout(self) -> float | None:
+        """How long the daemon may wait for an edit before probing (None: for ever)."""
+        return self.PROBE_S if self.failing else None
+
+    def due(self, writable: bool) -> bool:
+        """Whether to retry now, given a probe of ``out/``."""
+        if not writable:
+            self._refused = True
+            return False
+        return self._refused or time.monotonic() >= self._due
 
 
 class Server:
@@ -64,6 +105,9 @@ class Server:
         self._ready = False
         self._known_dirs: set[Path] = set()
         self._tree_stop = asyncio.Event()
+        self._out_stop = asyncio.Event()
+        self._out_watch: tuple[Path, asyncio.Task[None]] | None = None
+        self.retry = WriteRetry()
         self._watchers: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
         self._builds_since_gc = 0
@@ -131,9 +175,13 @@ class Server:
 
     async def main_loop(self) -> None:
         while not self.should_exit.is_set():
-            await _first(self.pending.arrived, self.should_exit)
+            await _first(self.pending.arrived, self.should_exit, timeout=self.retry.timeout())
             if self.should_exit.is_set():
                 break
+            if not self.pending.arrived.is_set():  # no edit: writes failed, out/ is probed
+                if self.retry.due(self.engine.output.writable()):
+                    await self._build(set())
+                continue
             await self._settle()
             await self._apply(self.pending.take())
 
@@ -179,6 +227,37 @@ class Server:
         for _ in range(3):
             await asyncio.sleep(0)
 
+    def _watch_output(self) -> None:
+        """Watch ``out/`` for agentd's files deleted behind its back, once a build has made it
+        (again: a watch ends with its folder; ``watch_output``)."""
+        out = self.config.output_path
+        if self._out_watch is not None and self._out_watch[0] == out and not self._out_watch[1].done():
+            return
+        self._out_stop.set()  # a watch of another folder (the configuration changed)
+        if not out.is_dir():
+            return
+        self._out_stop = stop = asyncio.Event()
+        self._spawn(self._mirror(self.should_exit, stop))
+
+        def listed(name: str) -> bool:
+            return name in self.engine.output.files or name == MANIFEST
+
+        watch = watch_output(self.config, self.pending, stop, listed)
+        task = asyncio.create_task(self._guard_output(watch), name="watch-output")
+        self._watchers = [t for t in self._watchers if not t.done()] + [task]
+        self._out_watch = (out, task)
+
+    async def _guard_output(self, coro: Any) -> None:
+        """A watch of ``out/`` that could not start is logged; if ``out/`` went away meanwhile,
+        its outputs are restored (and it is watched again) as when it is seen going."""
+        try:
+            await coro
+        except Exception as exc:
+            if not self.should_exit.is_set():
+                self.log.warning("watch.watcher_failed", path=str(self.config.output_path), error=str(exc))
+                if not self.config.output_path.is_dir():
+                    self.pending.add(Batch(outputs_gone=True, received=time.monotonic()), 0)
+
     async def _guard(self, coro: Any) -> None:
         """A watcher that dies (its folder vanished) is logged and re-armed by a rescan."""
         try:
@@ -218,13 +297,22 @@ class Server:
 
     # -- building ---------------------------------------------------------------------------
     async def _apply(self, batch: Batch) -> None:
-        if batch.config_changed and not await self._reload_config():
-            return
-        if batch.rescan or batch.config_changed:
+        restored = await self._restore_outputs(batch)
+        if (batch.config_changed and await self._reload_config()) or batch.rescan:
             await self._start_watchers(root_too=False)
             await self._build(None)
-        else:
+        elif batch.paths or restored:
             await self._build(batch.paths)
+
+    async def _restore_outputs(self, batch: Batch) -> list[str]:
+        """Have the next build write again the files of agentd's deleted from ``out/``."""
+        if not (batch.outputs or batch.outputs_gone):
+            return []
+        async with self._build_lock:
+            restored = self.engine.restore_outputs(None if batch.outputs_gone else batch.outputs)
+        if restored:
+            self.log.warning("output.missing", files=_capped(restored))
+        return restored
 
     async def _reload_config(self) -> bool:
         """Re-read ``agentd.toml``; True when the workspace must be rebuilt."""
@@ -264,6 +352,8 @@ class Server:
                 if self._ready:  # a pool lost to a dead worker or a rebuild: start it again now
                     self._start_workers()
                 self.last_report = report
+                self.retry.record(any(isinstance(e, WriteError) for e in report.errors))
+                self._watch_output()
                 self._known_dirs = self.engine.known_dirs()
                 self.monitor.record_build(report, [f for fs in self.engine.findings.values() for f in fs])
                 self.monitor.record_watch(self.pending.batches_seen, self.pending.events_seen)
@@ -410,11 +500,11 @@ class Server:
         return await self.verify()
 
 
-async def _first(*events: asyncio.Event) -> None:
-    """Wait until any of ``events`` is set."""
+async def _first(*events: asyncio.Event, timeout: float | None = None) -> None:
+    """Wait until any of ``events`` is set (or ``timeout`` seconds have passed)."""
     waiters = [asyncio.create_task(e.wait()) for e in events]
     try:
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for w in waiters:
             w.cancel()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -58,9 +59,12 @@ class Batch:
     rescan: bool = False  # templates/ or agents/ itself was replaced: watch and read anew
     deletions: bool = False
     received: float = 0.0  # monotonic time of the first event in the batch
+    #: Files of agentd's deleted from ``out/`` (``watch_output``), or the folder itself.
+    outputs: set[str] = dataclasses.field(default_factory=set)
+    outputs_gone: bool = False
 
     def __bool__(self) -> bool:
-        return bool(self.paths or self.config_changed or self.rescan)
+        return bool(self.paths or self.config_changed or self.rescan or self.outputs or self.outputs_gone)
 
 
 class Pending:
@@ -83,6 +87,8 @@ class Pending:
         b.config_changed |= batch.config_changed
         b.rescan |= batch.rescan
         b.deletions |= batch.deletions
+        b.outputs |= batch.outputs
+        b.outputs_gone |= batch.outputs_gone
         self.batches_seen += 1
         self.events_seen += events
         self.last_arrival = time.monotonic()
@@ -112,8 +118,8 @@ def _watch(config: Config, paths: list[Path], watch_filter: Any, stop: asyncio.E
 async def watch_tree(
     config: Config, pending: Pending, stop: asyncio.Event, is_known_dir: Callable[[Path], bool]
 ) -> None:
-    """Watch ``templates/`` and ``agents/`` recursively until ``stop`` is set. ``out/`` is not
-    watched at all (our own writes must never look like edits)."""
+    """Watch ``templates/`` and ``agents/`` recursively until ``stop`` is set (``out/`` is
+    watched for deletions only: ``watch_output``; agentd's own writes never look like edits)."""
     dirs = [config.templates_path, config.agents_path]
     async for changes in _watch(config, dirs, WorkspaceFilter(is_known_dir), stop, recursive=True):
         batch = Batch(received=time.monotonic())
@@ -139,3 +145,39 @@ async def watch_root(config: Config, pending: Pending, stop: asyncio.Event) -> N
             else:
                 batch.rescan = True
         pending.add(batch, len(changes))
+
+
+class OutputFilter:
+    """Of all that happens in ``out/``, only what agentd must repair: a file it lists (an
+    output, the manifest) deleted and still missing, or ``out/`` itself removed. agentd's own
+    writes never pass: temp files are not listed, a rename over an output adds it, and an
+    exchange (``output._swap``) reports it deleted and added at once, so it exists."""
+
+    def __init__(self, out: Path, listed: Callable[[str], bool]) -> None:
+        self._out = str(out)
+        self._listed = listed
+
+    def __call__(self, change: Change, path: str) -> bool:
+        if change != Change.deleted:
+            return False
+        if path == self._out:
+            return True
+        head, name = os.path.split(path)
+        return head == self._out and self._listed(name) and not os.path.lexists(path)
+
+
+async def watch_output(config: Config, pending: Pending, stop: asyncio.Event, listed: Callable[[str], bool]) -> None:
+    """Watch ``out/`` (not recursively) for agentd's files being deleted behind its back. Ends
+    when ``out/`` itself goes away (a watch on a removed folder never reports again): the
+    daemon watches it anew once a build has made it again."""
+    out = Path(os.path.abspath(config.output_path))  # as events name it
+    async for changes in _watch(config, [out], OutputFilter(out, listed), stop, recursive=False):
+        batch = Batch(received=time.monotonic(), deletions=True)
+        for _change, path in changes:
+            if path == str(out):
+                batch.outputs_gone = True
+            else:
+                batch.outputs.add(os.path.basename(path))
+        pending.add(batch, len(changes))
+        if batch.outputs_gone:
+            return

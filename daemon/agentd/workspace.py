@@ -129,7 +129,10 @@ class ParseAhead:
         try:
             for _ in range(workers):
                 parent, child = context.Pipe(duplex=False)
-                proc = context.Process(target=self._serve, args=(child,), name="agentd-parse", daemon=True)
+                ends = [conn for conn, _proc in self._workers] + [parent]
+                proc = context.Process(
+                    target=self._serve, args=(child, ends, os.getpid()), name="agentd-parse", daemon=True
+                )
                 proc.start()
                 child.close()
                 self._workers.append((parent, proc))
@@ -182,9 +185,19 @@ class ParseAhead:
             dumped = exact_json(value)
             out.append((fingerprint(raw), None if worker and dumped is not None else value, dumped))
 
-    def _serve(self, conn: multiprocessing.connection.Connection) -> None:
-        detach_signals()
-        conn.send(self._take(worker=True))
+    def _serve(
+        self,
+        conn: multiprocessing.connection.Connection,
+        parent_ends: list[multiprocessing.connection.Connection],
+        parent: int,
+    ) -> None:
+        detach_signals(parent)
+        for end in parent_ends:
+            end.close()  # the reading ends are the parent's alone: its death is EPIPE here
+        try:
+            conn.send(self._take(worker=True))
+        except OSError:  # the parent is gone (or stopped us): nobody wants the result
+            pass
         conn.close()
 
     def result(self) -> dict[bytes, tuple[Any, bytes | None]]:
