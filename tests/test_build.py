@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from agentd.build import Engine
+from agentd.build import BuildReport, Engine
 from agentd.config import Config
 from agentd.workspace import Delta
-from conftest import EDIT_KINDS
+from conftest import EDIT_KINDS, clean_build, read_outputs, run_daemon
 
 
 def engine(root: Path) -> Engine:
@@ -37,6 +37,10 @@ def edit(path: Path, old: str, new: str) -> Path:
     assert old in text
     path.write_text(text.replace(old, new))
     return path
+
+
+#: An agent that reads no catalog: a broken agent source never blocks it.
+GAMMA = "name: Gamma\ndescription: Reads no catalog.\nskills: []\nsections: [summary]\n"
 
 
 def test_first_build_renders_every_section_and_writes_every_agent(tiny: Path) -> None:
@@ -174,7 +178,9 @@ def test_deleted_and_recreated_template_folder(tiny: Path, tmp_path: Path) -> No
 
 
 def test_error_keeps_last_good_output_and_fix_recovers(tiny: Path, tmp_path: Path) -> None:
-    """A broken agent keeps its output; other agents still build; fixing it recovers."""
+    """A broken agent keeps its output; agents that do not read the catalog still build (its
+    readers wait: beta lists it as a peer); fixing it recovers, beta's edit included."""
+    (tiny / "agents/gamma.yaml").write_text(GAMMA)
     e = engine(tiny)
     e.build()
     alpha_before = (tiny / "out/alpha.md").read_bytes()
@@ -182,12 +188,14 @@ def test_error_keeps_last_good_output_and_fix_recovers(tiny: Path, tmp_path: Pat
     report = e.build([bad])
     assert not report.ok
     assert (tiny / "out/alpha.md").read_bytes() == alpha_before
+    edit(tiny / "agents/gamma.yaml", "skills: []", "skills: [g1]")
     edit(tiny / "agents/beta.yaml", "skills: [b1]", "skills: [b1, b2]")
-    report = e.build([tiny / "agents/beta.yaml"])
-    assert "beta.md" in report.written and not report.ok
+    report = e.build([tiny / "agents/gamma.yaml", tiny / "agents/beta.yaml"])
+    assert report.written == ["gamma.md"] and not report.ok
     edit(bad, "skills: [a1, a2", "skills: [a1, a2, a9]")
     report = e.build([bad])
     assert report.ok, report.errors
+    assert sorted(report.written) == ["alpha.md", "beta.md"]
     assert outputs(tiny) == clean_outputs(tiny, tmp_path)
 
 
@@ -428,3 +436,118 @@ def test_an_output_changed_while_being_written_is_written_whole(
     )
     assert report.ok and sorted(spliced) == sorted(report.written) == ["alpha.md", "beta.md"]
     assert outputs(tiny) == clean_outputs(tiny, tmp_path)
+
+
+# -- a broken agent source blocks its readers ---------------------------------------------------
+
+
+def clean_report(root: Path, tmp: Path) -> tuple[BuildReport, dict[str, bytes]]:
+    """A from-scratch build of the same sources: its report and outputs."""
+    copy = tmp / "oracle"
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(root / "templates", copy / "templates")
+    shutil.copytree(root / "agents", copy / "agents")
+    report = Engine(Config.load(copy), jobs=1).build()
+    return report, {p.name: p.read_bytes() for p in (copy / "out").glob("*.md")}
+
+
+def blocked(report: BuildReport) -> list[str]:
+    return [str(e) for e in report.errors if "blocked by" in str(e)]
+
+
+def stamps(root: Path) -> dict[str, tuple[bytes, int]]:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in (root / "out").glob("*.md")}
+
+
+def test_a_broken_agent_blocks_its_readers_once_and_keeps_their_output(tiny: Path, tmp_path: Path) -> None:
+    """A typo in alpha leaves every output as it was (beta lists alpha as a peer), reports beta
+    as blocked once, retries nothing while alpha stays broken, and the fix rewrites nothing."""
+    (tiny / "agents/gamma.yaml").write_text(GAMMA)
+    e = engine(tiny)
+    e.build()
+    before = stamps(tiny)
+    alpha = edit(tiny / "agents/alpha.yaml", "skills: [a1, a2]", "skills: [a1, a2")
+    report = e.build([alpha])
+    assert report.written == [] and report.sections_rendered == []
+    assert stamps(tiny) == before
+    line = e.workspace.agent_errors["alpha"].line
+    assert isinstance(line, int)
+    (message,) = blocked(report)
+    assert f"blocked by agents/alpha.yaml:{line}: agent 'alpha' does not load" in message
+    assert "(while building 'beta')" in message  # gamma reads no catalog: not blocked
+    assert len(report.errors) == 2  # alpha's own, and the one blocked error
+    report = e.build([edit(alpha, "notes: not read", "notes: still not read")])  # still broken
+    assert report.sections_rendered == [] and len(blocked(report)) == 1
+    report = e.build([edit(alpha, "skills: [a1, a2", "skills: [a1, a2]")])
+    assert report.ok, report.errors
+    assert report.written == [] and "beta/summary" not in report.sections_rendered
+    assert stamps(tiny) == before
+    assert outputs(tiny) == clean_outputs(tiny, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("path", "old", "new", "readers"),
+    [
+        pytest.param("agents/alpha.yaml", "[a1, a2]", "[a1, a2", "'beta'", id="typo-in-a-loaded-agent"),
+        pytest.param("agents/delta.yaml", None, "name: [Delta\n", "'alpha', 'beta'", id="new-agent-never-loaded"),
+    ],
+)
+def test_a_clean_build_of_a_broken_state_blocks_the_same_readers(
+    tiny: Path, tmp_path: Path, path: str, old: str | None, new: str, readers: str
+) -> None:
+    """However a source came to not load, a clean build fails the same readers with the same
+    errors, and writes exactly the outputs the incremental build keeps up to date."""
+    (tiny / "agents/gamma.yaml").write_text(GAMMA)
+    e = engine(tiny)
+    e.build()
+    before = stamps(tiny)
+    if old is None:
+        (tiny / path).write_text(new)
+    else:
+        edit(tiny / path, old, new)
+    report = e.build([tiny / path])
+    assert stamps(tiny) == before
+    clean, clean_out = clean_report(tiny, tmp_path)
+    assert [str(x) for x in clean.errors] == [str(x) for x in report.errors]
+    (message,) = blocked(clean)
+    assert f"blocked by {path}:" in message and f"(while building {readers})" in message
+    assert sorted(clean.written) == ["gamma.md"]  # the readers are blocked in a clean build too
+    assert clean_out["gamma.md"] == before["gamma.md"][0]
+
+
+def test_deleting_a_broken_agent_re_renders_its_readers_without_it(tiny: Path, tmp_path: Path) -> None:
+    """Deleting an agent is no error: once the broken alpha is gone, beta is rebuilt without it
+    (no longer blocked) and out/ equals a clean build."""
+    e = engine(tiny)
+    e.build()
+    alpha = edit(tiny / "agents/alpha.yaml", "skills: [a1, a2]", "skills: [a1, a2")
+    assert len(blocked(e.build([alpha]))) == 1
+    alpha.unlink()
+    report = e.build([alpha])
+    assert report.ok, report.errors
+    assert report.written == ["beta.md"] and report.removed == ["alpha.md"]
+    assert "Alpha" not in (tiny / "out/beta.md").read_text()
+    assert outputs(tiny) == clean_outputs(tiny, tmp_path)
+
+
+async def test_watch_keeps_the_readers_of_a_broken_agent_until_it_is_fixed(tiny: Path, tmp_path: Path) -> None:
+    """Under `agentd watch`, saving alpha with a typo leaves beta's file alone and logs its block
+    once, at alpha's line; the save that fixes it rewrites nothing and out/ equals a clean build."""
+    async with run_daemon(tiny) as d:
+        before = stamps(tiny)
+        start = len(d.events)
+        edit(tiny / "agents/alpha.yaml", "skills: [a1, a2]", "skills: [a1, a2")
+        build = await d.next_build()
+        errors = [e for e in d.events[start:] if e.get("event") == "build.error"]
+        (own,) = [e for e in errors if "malformed YAML" in e["message"]]
+        (block,) = [e for e in errors if "blocked by" in e["message"]]
+        assert len(errors) == 2 and build["written"] == []
+        assert isinstance(own["line"], int)
+        assert block["message"].startswith(f"blocked by agents/alpha.yaml:{own['line']}:")
+        assert block["location"] == own["location"] and "'beta'" in block["context"]
+        assert stamps(tiny) == before
+        edit(tiny / "agents/alpha.yaml", "skills: [a1, a2", "skills: [a1, a2]")
+        build = await d.next_build()
+        assert build["errors"] == 0 and build["written"] == []
+        assert stamps(tiny) == before
+    assert read_outputs(tiny) == clean_build(tiny, tmp_path / "oracle")

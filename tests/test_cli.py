@@ -78,7 +78,11 @@ def _replace(path: Path, old: str, new: str) -> None:
             "agents/alpha.yaml",
             "skills: [a1, a2]",
             "skills: [a1, a2",
-            ["agents/alpha.yaml: malformed YAML", 'File "agents/alpha.yaml", line 4'],
+            [
+                "agents/alpha.yaml: malformed YAML",
+                'File "agents/alpha.yaml", line 4',
+                "blocked by agents/alpha.yaml:4: agent 'alpha' does not load",  # beta lists its peers
+            ],
         ),
         (
             "templates/sections/traits.j2",
@@ -137,6 +141,7 @@ def _replace(path: Path, old: str, new: str) -> None:
                 "id 'alfa' does not match the file name; expected 'alpha'",
                 'File "agents/alpha.yaml", line 1',
                 "id: alfa",
+                "blocked by agents/alpha.yaml:1: agent 'alpha' does not load",
             ],
         ),
     ],
@@ -152,13 +157,15 @@ def _replace(path: Path, old: str, new: str) -> None:
 )
 def test_error_names_file_line_and_expectation(tiny: Path, file: str, old: str, new: str, expected: list[str]) -> None:
     """Each error case exits 1 with file, line, the offending line and what was expected;
-    the other agent is still built."""
+    the other agent is still built, unless alpha's source does not load: beta, which lists
+    alpha among its peers, is then reported blocked by it (once)."""
     _replace(tiny / file, old, new)
     result = run_cli("build", cwd=tiny)
     assert result.returncode == 1
     for fragment in expected:
         assert fragment in result.stderr, result.stderr
-    assert (tiny / "out/beta.md").exists()
+    blocked = result.stderr.count("blocked by")
+    assert (tiny / "out/beta.md").exists() == (blocked == 0) and blocked <= 1
 
 
 def test_include_cycle_is_reported(tiny: Path) -> None:

@@ -26,10 +26,10 @@ from typing import Any
 
 from . import graph as g
 from .cache import Caches, Counters, Rendered
-from .catalog import Relations, TrackedCatalog
+from .catalog import Relations, TrackedCatalog, blocked_error
 from .compose import Layout, Piece, Skeleton, joined, render_skeleton
 from .config import Config
-from .exceptions import AgentdError, ConfigError, DataError, OutputError, SourceError, WriteError
+from .exceptions import AgentdError, BlockedError, ConfigError, DataError, OutputError, SourceError, WriteError
 from .output import MANIFEST, OutputChanged, OutputDir, WriteOutcome
 from .pool import Composed, ComposeSpec, Pool, Result, Task, WorkerLost
 from .render import Renderer, anchor, section_title
@@ -126,6 +126,12 @@ class Engine:
         self.section_digests: dict[tuple[str, str], bytes] = {}
         #: Sections of current plans without a valid render: the only ones a build visits.
         self._dirty: set[tuple[str, str]] = set()
+        #: Sections whose render stopped at a catalog read of a broken agent source (see
+        #: ``TrackedCatalog``), by agent: section -> (the broken agents, the digest of the last
+        #: good render). Like a render, kept until what it read changes (its graph inputs are
+        #: what it read up to the stop), so a build while a source stays broken does not retry
+        #: them; their agents are not composed.
+        self._blocked: dict[str, dict[str, tuple[tuple[str, ...], bytes | None]]] = {}
         self.graph = g.DepGraph()
         self.renderer = Renderer(self.workspace, self.caches, self.graph, store)
         self.output = OutputDir(config.output_path)
@@ -182,6 +188,7 @@ class Engine:
         old_sections, catalog = self._apply(delta)
         todo = self._collect(old_sections, report)
         sections = sum(map(len, todo.values()))
+        held = sum(map(len, self._blocked.values()))  # still blocked: not visited, not reused
         skeletons = self._skeletons_wanted(todo)
         done: set[str] = set()
         if self._parallel(sections + len(skeletons)) and len(todo.keys() | skeletons) > 1:
@@ -191,7 +198,7 @@ class Engine:
         for agent_id, metas in todo.items():  # all of them, or what the workers left
             if agent_id not in done:
                 self._render_agent(agent_id, metas, catalog, old_sections, report, write)
-        planned = sum(len(p.metas) for p in self.plans.values())
+        planned = sum(len(p.metas) for p in self.plans.values()) - held
         report.sections_reused = planned - report.sections_restored - sections
         self.caches.l3.counters.hits += report.sections_reused  # used as they were, unvisited
         for agent_id in sorted(self._compose_pending & self.plans.keys()):
@@ -242,6 +249,8 @@ class Engine:
         if delta.membership:
             self._known_dirs = None
         old_sections = self._invalidate(delta)
+        if self._blocked:
+            self._unblock(old_sections)
         self._resolve(delta, old_sections)
         return old_sections, self._catalog(delta)
 
@@ -342,7 +351,13 @@ class Engine:
         cutoff)."""
         self.caches.l3.pop(key)
         self._dirty.add(key)
-        return self.section_digests.pop(key, None)
+        digest = self.section_digests.pop(key, None)
+        held = self._blocked.get(key[0])
+        if held is not None and key[1] in held:  # blocked: its last good render's digest
+            digest = held.pop(key[1])[1]
+            if not held:
+                del self._blocked[key[0]]
+        return digest
 
     def known_dirs(self) -> set[Path]:
         """Every folder holding a file the workspace has read (to recognise a deleted folder).
@@ -359,10 +374,29 @@ class Engine:
         errors += (e for n, e in self.renderer.compile_errors.items() if n not in self.workspace.template_errors)
         errors += self.workspace.trait_errors.values()
         errors += self.workspace.agent_errors.values()
+        errors += self._blocked_errors()
         for agent_id in sorted(self.agent_errors):
-            errors += self.agent_errors[agent_id]
+            errors += (e for e in self.agent_errors[agent_id] if not isinstance(e, BlockedError))
         errors += self.write_errors.values()
         return dedupe_errors(errors)
+
+    def _blocked_errors(self) -> list[BlockedError]:
+        """One error per set of broken agent sources that holds agents back, naming them (not
+        one per reader: a typo in one agent would otherwise be reported once per agent)."""
+        readers: dict[tuple[str, ...], set[str]] = {}
+        for agent_id, held in self._blocked.items():
+            for blockers, _digest in held.values():
+                readers.setdefault(blockers, set()).add(agent_id)
+        for agent_id, errors in self.agent_errors.items():  # a base template that read the catalog
+            for error in errors:
+                if isinstance(error, BlockedError):
+                    readers.setdefault(error.blockers, set()).add(agent_id)
+        broken = self.workspace.agent_errors
+        return [
+            blocked_error(present, broken, agents)
+            for blockers, agents in sorted(readers.items())
+            if (present := [b for b in blockers if b in broken])
+        ]
 
     def affected(self, paths: Iterable[Path]) -> dict[str, list[str]]:
         """Agents and sections a change to ``paths`` would re-render (conservatively: any key
@@ -417,6 +451,18 @@ class Engine:
                 self.skeletons.pop(rest, None)
         return old
 
+    def _unblock(self, old: dict[tuple[str, str], bytes]) -> None:
+        """Render again the blocked sections a source they waited for no longer blocks. (A
+        change of which sources load invalidates them through the graph already, see
+        ``Workspace._broken_changed``: this only makes sure no agent is ever held silently.)"""
+        broken = self.workspace.agent_errors
+        for agent_id, held in list(self._blocked.items()):
+            for section, (blockers, _digest) in list(held.items()):
+                if not all(b in broken for b in blockers):
+                    digest = self._drop_section((agent_id, section))
+                    if digest is not None:
+                        old[(agent_id, section)] = digest
+
     # -- resolution -----------------------------------------------------------------------
     def _resolve(self, delta: Any, old_sections: dict[tuple[str, str], bytes]) -> None:
         ws = self.workspace
@@ -440,7 +486,10 @@ class Engine:
                 self._drop_agent(agent_id, old, keep_output=True)
                 continue
             self.plans[agent_id] = plan
-            self._dirty.update((agent_id, s) for s in plan.meta_fps if (agent_id, s) not in self.section_digests)
+            held = self._blocked.get(agent_id, {})
+            self._dirty.update(
+                (agent_id, s) for s in plan.meta_fps if (agent_id, s) not in self.section_digests and s not in held
+            )
             if old is None or old.meta_fps != plan.meta_fps or agent_id not in self.caches.l4:
                 self._compose_pending.add(agent_id)
             for section, fp in (old.meta_fps if old else {}).items():
@@ -459,6 +508,7 @@ class Engine:
             self.graph.remove([g.section_node(agent_id, m["id"]) for m in old.metas] + [g.compose_node(agent_id)])
         self._compose_pending.discard(agent_id)
         self.skeletons.pop(agent_id, None)
+        self._blocked.pop(agent_id, None)
         if not keep_output:
             self.caches.l4.pop(agent_id)
             self.findings.pop(agent_id, None)
@@ -540,7 +590,8 @@ class Engine:
         entries = dict(ws.catalog_entries)  # copies: the workspace updates its own in place
         if self._relations is None or g.RELATIONS in delta.nodes:
             self._relations = Relations(entries)
-        return TrackedCatalog(entries, dict(ws.catalog_fps), ws.catalog_fp, self._relations)
+        broken = dict(ws.agent_errors)
+        return TrackedCatalog(entries, dict(ws.catalog_fps), ws.catalog_fp, self._relations, broken)
 
     def _context(self, plan: Plan, catalog: TrackedCatalog) -> dict[str, Any]:
         a = plan.agent
@@ -576,7 +627,23 @@ class Engine:
                 errors.append(exc)  # stays dirty: retried next build
                 continue
             self._keep_section(agent_id, meta["id"], rendered, old, report)
-        self._agent_rendered(agent_id, errors, catalog, report, write)
+        self._agent_rendered(agent_id, self._hold_blocked(agent_id, errors, old), catalog, report, write)
+
+    def _hold_blocked(
+        self, agent_id: str, errors: list[AgentdError], old: dict[tuple[str, str], bytes]
+    ) -> list[AgentdError]:
+        """Keep the sections that stopped at a broken agent's catalog entry as blocked (until
+        what they read changes); return the other errors."""
+        others: list[AgentdError] = []
+        for error in errors:
+            if not isinstance(error, BlockedError) or error.section is None:
+                others.append(error)
+                continue
+            key = (agent_id, error.section)
+            self._dirty.discard(key)
+            self.graph.set_inputs(g.section_node(*key), error.reads)
+            self._blocked.setdefault(agent_id, {})[error.section] = (error.blockers, old.get(key))
+        return others
 
     def _agent_rendered(
         self,
@@ -600,7 +667,7 @@ class Engine:
         render is neither in the current output nor (without a store) anywhere a worker reads."""
         plan = self.plans[agent_id]
         skeleton = None if renders_skeleton else self.skeletons.get(agent_id)
-        if skeleton is None and not renders_skeleton:
+        if (skeleton is None and not renders_skeleton) or agent_id in self._blocked:
             return None
         layout = self.layouts.get(agent_id)
         digests: list[bytes | None] = []
@@ -717,7 +784,7 @@ class Engine:
             self.skeletons[agent_id] = skeleton[0]
         for section, entry in entries:
             self._keep_section(agent_id, section, entry, old, report, stored=True, cached=composed is None)
-        self._agent_rendered(agent_id, errors, catalog, report, write, composed)
+        self._agent_rendered(agent_id, self._hold_blocked(agent_id, errors, old), catalog, report, write, composed)
 
     def _collect(self, old: dict[tuple[str, str], bytes], report: BuildReport) -> dict[str, list[dict[str, Any]]]:
         """The dirty sections (invalidated, new, or failed last time) that the store cannot
@@ -753,6 +820,9 @@ class Engine:
         """Render one section (no bookkeeping: also runs in worker processes)."""
         try:
             rendered = self.renderer.render(meta["template"], {**context, "section": meta})
+        except BlockedError as exc:
+            exc.section = meta["id"]
+            raise
         except SourceError as exc:
             exc.context = f"rendering section {meta['id']!r} of agent {plan.agent.id!r} ({plan.agent.path})"
             raise
@@ -936,8 +1006,8 @@ class Engine:
         write: bool,
     ) -> None:
         plan = self.plans[agent_id]
-        if agent_id in self.agent_errors:
-            return  # keep the last good output; retried next build
+        if agent_id in self.agent_errors or agent_id in self._blocked:
+            return  # keep the last good output; retried next build (blocked: once unblocked)
         name = agent_id + OUTPUT_SUFFIX
         restorable = write and self.store and self.restore and agent_id not in self.caches.l4
         if restorable and self._restore_compose(agent_id, name, report):
@@ -1059,13 +1129,17 @@ class Engine:
             if agent is None:
                 return MISSING
             return agent.fp if key == "*" else agent.fps.get(key, MISSING)
+        # While an agent source does not load, a render that read the catalog where it belongs
+        # was blocked, never stored: nothing stored that read there is valid (``TrackedCatalog``).
         if kind == "catalog":
             if not rest:
-                return ws.catalog_fp
+                return None if ws.agent_errors else ws.catalog_fp
+            if rest in ws.agent_errors:
+                return None
             agent = ws.agents.get(rest)
             return agent.catalog_fp if agent else MISSING
         if node == g.RELATIONS:
-            return self._relations.fingerprint if self._relations else None
+            return self._relations.fingerprint if self._relations and not ws.agent_errors else None
         if node == g.TRAIT_KINDS:
             return self.trait_kinds_fp
         if kind == "trait":

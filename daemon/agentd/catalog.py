@@ -12,11 +12,12 @@ show that agent, while editing tags or handoffs re-renders every ``related()`` r
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, NoReturn
 
 from . import graph as g
-from .trace import MISSING, fingerprint, record
+from .exceptions import BlockedError, SourceError
+from .trace import MISSING, fingerprint, reads_so_far, record
 
 #: How many related peers ``related()`` returns by default.
 RELATED_LIMIT = 7
@@ -74,9 +75,17 @@ class Relations:
 class TrackedCatalog:
     """The catalog as templates see it: ``catalog[id]`` records that one entry; iterating records
     the membership and each entry handed out; ``related(id)`` records the relation structure and
-    each entry it returns."""
+    each entry it returns.
 
-    __slots__ = ("_entries", "_fps", "_members_fp", "_relations")
+    An agent whose source does not load (``broken``) has no entry, and a catalog without it is
+    not the one its author means: a render that reads where it belongs stops there with a
+    ``BlockedError`` instead of showing the catalog without it (its agent keeps its last good
+    output). Where it belongs: its own entry, and, since its id, tags and handoffs are unknown,
+    the catalog as a whole (iteration, ``in``, ``len``) and ``related()``. The rule depends only
+    on which sources are broken, never on what an earlier state held, so a clean build and an
+    incremental one stop the same renders at the same read."""
+
+    __slots__ = ("_entries", "_fps", "_members_fp", "_relations", "_broken")
 
     def __init__(
         self,
@@ -84,13 +93,21 @@ class TrackedCatalog:
         fps: Mapping[str, bytes],
         members_fp: bytes,
         relations: Relations,
+        broken: Mapping[str, SourceError] | None = None,
     ) -> None:
         self._entries = entries
         self._fps = fps
         self._members_fp = members_fp
         self._relations = relations
+        self._broken = broken or {}
+
+    def _block(self, node: str, blockers: Iterable[str]) -> NoReturn:
+        record(node, MISSING)  # an input of the stopped render: its change may unblock it
+        raise blocked_error(sorted(blockers), self._broken, reads=reads_so_far())
 
     def __getitem__(self, agent_id: str) -> Any:
+        if agent_id in self._broken:
+            self._block(g.catalog_node(agent_id), [agent_id])
         record(g.catalog_node(agent_id), self._fps.get(agent_id, MISSING))
         return self._entries[agent_id]
 
@@ -101,18 +118,59 @@ class TrackedCatalog:
             return default
 
     def related(self, agent_id: str, limit: int = RELATED_LIMIT) -> list[Any]:
+        if self._broken:
+            self._block(g.RELATIONS, self._broken)
         record(g.RELATIONS, self._relations.fingerprint)
         return [self[peer] for peer in self._relations.related(agent_id, limit)]
 
-    def __contains__(self, agent_id: object) -> bool:
+    def _members(self) -> None:
+        if self._broken:
+            self._block(g.CATALOG, self._broken)
         record(g.CATALOG, self._members_fp)
+
+    def __contains__(self, agent_id: object) -> bool:
+        self._members()
         return agent_id in self._entries
 
     def __iter__(self) -> Iterator[Any]:
-        record(g.CATALOG, self._members_fp)
+        self._members()
         for agent_id in sorted(self._entries):
             yield self[agent_id]
 
     def __len__(self) -> int:
-        record(g.CATALOG, self._members_fp)
+        self._members()
         return len(self._entries)
+
+
+def blocked_error(
+    blockers: Iterable[str],
+    broken: Mapping[str, SourceError],
+    readers: Iterable[str] = (),
+    reads: dict[str, bytes] | None = None,
+) -> BlockedError:
+    """The error of the renders waiting for ``blockers`` (agents whose sources do not load),
+    located at the first one's mistake: every reader of the same sources gets an identical
+    one (reported once), naming the ``readers`` in its context when known."""
+    ids = sorted(blockers)
+    errors = [broken[b] for b in ids]
+    where = " and ".join(e.location for e in errors)
+    names = ", ".join(repr(b) for b in ids)
+    if len(ids) == 1:
+        what = f"agent {names} does not load, and the agents that read it in the catalog"
+        until = "it does"
+    else:
+        what = f"agents {names} do not load, and the agents that read them in the catalog"
+        until = "they do"
+    what += f" keep their last good output until {until}"
+    error = BlockedError(f"blocked by {where}: {what}", errors[0].path, errors[0].line)
+    error.blockers = tuple(ids)
+    error.reads = reads or {}
+    shown = sorted(readers)
+    if shown:
+        more = f" and {len(shown) - READERS_SHOWN} more" if len(shown) > READERS_SHOWN else ""
+        error.context = "building " + ", ".join(repr(r) for r in shown[:READERS_SHOWN]) + more
+    return error
+
+
+#: How many blocked agents an error names (the rest are counted).
+READERS_SHOWN = 5

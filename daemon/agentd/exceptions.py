@@ -61,6 +61,19 @@ class DataError(SourceError):
     """An agent or trait source that is malformed or refers to something that does not exist."""
 
 
+class BlockedError(DataError):
+    """A render that read the catalog where an agent whose source does not load belongs: it
+    waits for that source (its agent keeps its last good output) rather than showing a catalog
+    without it. Located at the broken source, so every reader reports the same mistake."""
+
+    #: The agents whose sources do not load that this render waits for.
+    blockers: tuple[str, ...] = ()
+    #: What the render had read when it stopped (its inputs: any change may unblock it).
+    reads: dict[str, bytes] = {}  # (a default shared read-only: each error sets its own)
+    #: The section that stopped (None: the base template).
+    section: str | None = None
+
+
 class TemplateError(SourceError):
     """A template that does not compile, or fails while rendering (undefined variable, missing
     include, include cycle)."""

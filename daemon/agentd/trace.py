@@ -37,10 +37,12 @@ def fingerprint(value: Any) -> bytes:
 class Trace:
     """The inputs one render read: graph node id -> fingerprint at read time."""
 
-    __slots__ = ("reads",)
+    __slots__ = ("reads", "outer")
 
-    def __init__(self) -> None:
+    def __init__(self, outer: Trace | None = None) -> None:
         self.reads: dict[str, bytes] = {}
+        #: The trace of the render this one runs inside (a fragment's caller), if any.
+        self.outer = outer
 
     def merge(self, other: Trace) -> None:
         self.reads.update(other.reads)
@@ -55,10 +57,21 @@ def record(node: str, fp: bytes) -> None:
         trace.reads[node] = fp
 
 
+def reads_so_far() -> dict[str, bytes]:
+    """What the render under way has read up to now, its fragments' reads included: for a
+    render that stops early (it read a catalog entry that does not load), what decided it."""
+    reads: dict[str, bytes] = {}
+    trace = _current.get()
+    while trace is not None:
+        reads.update(trace.reads)
+        trace = trace.outer
+    return reads
+
+
 @contextmanager
 def tracing() -> Iterator[Trace]:
     """Collect the reads of the code inside the block into a fresh ``Trace``."""
-    trace = Trace()
+    trace = Trace(_current.get())
     token = _current.set(trace)
     try:
         yield trace

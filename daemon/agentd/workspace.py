@@ -337,6 +337,7 @@ class Workspace:
     def refresh(self, paths: Iterable[Path]) -> Delta:
         """Re-read ``paths`` (files or folders; deleted ones included) and report changes."""
         delta = Delta()
+        broken = set(self.agent_errors)
         candidates: set[Path] = set()
         known = self._raw
         for path in paths:
@@ -351,16 +352,28 @@ class Workspace:
             kind = self.classify(path)
             if kind is not None:
                 self._refresh_file(path, kind, delta)
+        self._broken_changed(broken, delta)
         return delta
 
     def replay(self, journal: dict[Path, bytes | None]) -> Delta:
         """Apply file contents read by another process's ``refresh`` (its ``journal``)."""
         delta = Delta()
+        broken = set(self.agent_errors)
         for path in sorted(journal):
             kind = self.classify(path)
             if kind is not None:
                 self._apply_file(path, kind, delta, journal[path])
+        self._broken_changed(broken, delta)
         return delta
+
+    def _broken_changed(self, before: set[str], delta: Delta) -> None:
+        """An agent source that stops or starts loading changes what reading the catalog does
+        for every reader (``TrackedCatalog`` stops a render that reads where a broken agent
+        belongs), even when it changes no entry: a new file that does not load, a broken one
+        deleted. Compared by ids, so any way a source comes to not load counts."""
+        if before != self.agent_errors.keys():
+            changed = before ^ self.agent_errors.keys()
+            delta.nodes.update([g.CATALOG, g.RELATIONS, *(g.catalog_node(a) for a in changed)])
 
     @staticmethod
     def _read(path: Path) -> bytes | None:
