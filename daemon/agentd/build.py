@@ -514,11 +514,14 @@ class Engine:
             self.findings.pop(agent_id, None)
 
     def available_sections(self) -> list[str]:
-        """Section ids an agent may enable: ``templates/sections/<id>.j2``, "_" partials aside."""
+        """Section ids an agent may enable: ``templates/sections/<id>.j2``, "_" partials aside.
+        A section template that does not load counts: its agents fail with its error (reported
+        once) rather than each with "unknown section"."""
         prefix = f"{SECTION_DIR}/"
+        ws = self.workspace
         return sorted(
             n[len(prefix) : -3]
-            for n in self.workspace.templates
+            for n in itertools.chain(ws.templates, ws.template_errors.keys() - ws.templates.keys())
             if n.startswith(prefix) and n.endswith(".j2") and not n[len(prefix) :].startswith("_")
         )
 

@@ -10,18 +10,23 @@ that loaded it are invalidated through the graph.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
+import sys
 import time
 import traceback
 import weakref
+from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, NoReturn
 
 import jinja2
 import jinja2.bccache
 import jinja2.meta
+import jinja2.parser
+import jinja2.runtime
 import orjson
 from jinja2 import nodes
 
@@ -45,8 +50,8 @@ class _Loader(jinja2.BaseLoader):
         source = self.workspace.templates.get(template)
         if source is None:
             error = self.workspace.template_errors.get(template)
-            if error is not None:
-                raise error
+            if error is not None:  # a copy: each render that meets it sets its own context
+                raise copy.copy(error)
             raise jinja2.TemplateNotFound(template)
         filename = str(self.workspace.config.templates_path / template)
         return source, filename, lambda: True
@@ -73,6 +78,47 @@ class _StoreBytecodeCache(jinja2.BytecodeCache):
         )
 
 
+#: Includes nested deeper than this end the render: a template that includes itself (directly
+#: or through others) would otherwise recurse to Python's limit, every level passing on each
+#: piece of text of the levels below it (quadratic): seconds per section, and memory.
+MAX_INCLUDE_DEPTH = 100
+#: Context variable holding the names included so far, outermost first.
+_INCLUDES = "__agentd_includes__"
+
+
+class _IncludeDepth(Exception):
+    """Includes nested past ``MAX_INCLUDE_DEPTH``: the renderer reports a cycle or too deep."""
+
+    def __init__(self, chain: tuple[str, ...]) -> None:
+        super().__init__(" -> ".join(chain))
+        self.chain = chain
+
+
+class _MissingMacro(jinja2.UndefinedError):
+    """A name an imported template does not define (``l.bullets`` after a rename)."""
+
+
+class _Template(jinja2.Template):
+    """Counts include nesting: an include (or an import with context) is the one way a context
+    is made from the including context's variables (``shared``), so the chain travels along
+    with them; a top-level render starts a new one."""
+
+    def new_context(
+        self,
+        vars: dict[str, Any] | None = None,
+        shared: bool = False,
+        locals: Mapping[str, Any] | None = None,
+    ) -> jinja2.runtime.Context:
+        if shared and vars is not None:
+            chain = (*vars.get(_INCLUDES, ()), self.name or "?")
+            if len(chain) > MAX_INCLUDE_DEPTH:
+                raise _IncludeDepth(chain)
+            # Through ``locals``, which Jinja applies to a copy: ``vars`` may be the including
+            # context's own dict.
+            locals = {**locals, _INCLUDES: chain} if locals else {_INCLUDES: chain}
+        return super().new_context(vars, shared, locals)
+
+
 class _Environment(jinja2.Environment):
     """Records every template load into the current trace, hits included.
 
@@ -83,6 +129,7 @@ class _Environment(jinja2.Environment):
     caches: Caches
     fingerprints: Mapping[str, bytes]
     last_ast: dict[str, nodes.Template]
+    template_class = _Template
 
     def _load_template(self, name: str, globals: Any) -> jinja2.Template:
         # Jinja's own cache key (jinja2/environment.py, Environment._load_template).
@@ -93,6 +140,13 @@ class _Environment(jinja2.Environment):
             self.caches.l1_counters.misses += 1
         record(g.template_node(name), self.fingerprints.get(name, MISSING))
         return super()._load_template(name, globals)
+
+    def handle_exception(self, source: str | None = None) -> NoReturn:
+        if isinstance(sys.exc_info()[1], RecursionError):
+            # As it is: Jinja's rewrite of a traceback ~1,000 frames deep costs more than the
+            # render, and the renderer reads the compiled frames itself (``_recursion_error``).
+            raise  # (called from Jinja's ``except`` block)
+        super().handle_exception(source)
 
     def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
         # Keep the AST of each compile so static references cost no second parse.
@@ -117,12 +171,29 @@ class _Environment(jinja2.Environment):
                 if attribute in _MAPPING_METHODS:  # agent.get("x", default), trait.items()
                     return getattr(obj, attribute)
                 return self.undefined(hint=f"{obj.label} has no key {attribute!r}", obj=obj, name=attribute)
-        return super().getattr(obj, attribute)
+        # Jinja's own steps (``Environment.getattr``), with a useful message for a macro missing
+        # from an imported template.
+        try:
+            return getattr(obj, attribute)
+        except AttributeError:
+            pass
+        try:
+            return obj[attribute]
+        except (TypeError, LookupError, AttributeError):
+            if isinstance(obj, jinja2.environment.TemplateModule):
+                return self.undefined(hint=_missing_macro(obj, attribute), obj=obj, name=attribute, exc=_MissingMacro)
+            return self.undefined(obj=obj, name=attribute)
 
     def getitem(self, obj: Any, argument: Any) -> Any:
         if isinstance(obj, TrackedMapping):
             return self.getattr(obj, argument)
         return super().getitem(obj, argument)
+
+
+def _missing_macro(module: jinja2.environment.TemplateModule, name: str) -> str:
+    macros = sorted(k for k, v in vars(module).items() if isinstance(v, jinja2.runtime.Macro))
+    defines = f"it defines: {', '.join(macros)}" if macros else "it defines no macros"
+    return f"{module.__name__} has no macro {name!r} ({defines})"
 
 
 _SLUG_DROP = re.compile(r"[^\w\- ]", re.UNICODE)
@@ -229,6 +300,9 @@ class Renderer:
             except TemplateError as exc:
                 self.compile_errors[name] = exc
                 continue
+            except RecursionError as exc:  # Jinja's parser, on expressions nested hundreds deep
+                self.compile_errors[name] = self._recursion_error(exc, name)
+                continue
             self.graph.set_template_refs(name, self._static_refs(name))
         self.caches.l1_entries = len(cache)
         self.caches.l1_bytes = sum(len(self.workspace.templates.get(k[1], "")) for k in cache.keys())
@@ -277,21 +351,31 @@ class Renderer:
     def render(self, name: str, context: dict[str, Any]) -> Rendered:
         """Render template ``name``; errors become ``TemplateError`` located in the template."""
         t0 = time.perf_counter()
+        error: TemplateError | None = None
         with tracing() as trace:
             try:
                 text = self.env.get_template(name).render(context)
             except AgentdError:
                 raise
-            except jinja2.TemplateSyntaxError as exc:
-                raise self._syntax_error(exc) from None
-            except RecursionError as exc:
-                raise self._cycle_error(exc) from None
             except Exception as exc:  # anything a template expression can raise
-                raise self._runtime_error(exc, name) from None
+                error = self._error(exc, name)
+        if error is not None:
+            # Raised outside the handler, so it does not hold the failed render's frames as
+            # its context (a RecursionError's are ~1,000 deep, each with its locals).
+            raise error
         self.timings.append((name, time.perf_counter() - t0))
         return Rendered(text.encode(), trace.reads)
 
     # -- errors ---------------------------------------------------------------------------
+    def _error(self, exc: Exception, name: str) -> TemplateError:
+        if isinstance(exc, jinja2.TemplateSyntaxError):
+            return self._syntax_error(exc)
+        if isinstance(exc, RecursionError):
+            return self._recursion_error(exc, name)
+        if isinstance(exc, _IncludeDepth):
+            return self._include_depth_error(exc, name)
+        return self._runtime_error(exc, name)
+
     def _rel(self, filename: str | None, name: str | None) -> tuple[str, str | None]:
         """(path relative to the root, template name) of a template file."""
         tdir = self.workspace.config.templates_path
@@ -306,11 +390,22 @@ class Renderer:
     def _line_of(self, name: str | None, line: int | None) -> str | None:
         return source_line(self.workspace.templates.get(name or "", ""), line)
 
+    def _located(self, name: str | None, line: int | None, what: str) -> TemplateError:
+        """An error at ``line`` of template ``name``."""
+        path = self._rel(None, name)[0]
+        return TemplateError(f"{path}: {what}", path, line, self._line_of(name, line))
+
     def _syntax_error(self, exc: jinja2.TemplateSyntaxError) -> TemplateError:
         path, name = self._rel(exc.filename, exc.name)
-        return TemplateError(
-            f"{path}: template syntax error: {exc.message}", path, exc.lineno, self._line_of(name, exc.lineno)
-        )
+        line, message = exc.lineno, _LEXER_OFFSET.sub("", exc.message or "")
+        source = self.workspace.templates.get(name or "")
+        unclosed = _unclosed_tag(self.env, source, name, line) if source is not None else None
+        if unclosed is not None:
+            # Jinja read on past the tag's end: the mistake is where the tag starts.
+            opener, closer = _TAG_ENDS[unclosed[1]]
+            message = f"{opener!r} on line {unclosed[0]} has no closing {closer!r} (at line {line}: {message})"
+            line = unclosed[0]
+        return TemplateError(f"{path}: template syntax error: {message}", path, line, self._line_of(name, line))
 
     def _template_frames(self, exc: BaseException) -> list[tuple[str, str | None, int]]:
         """(path, name, line) of each template frame in the traceback, outermost first. Jinja
@@ -331,28 +426,169 @@ class Renderer:
             what = f"none of the templates {', '.join(map(repr, exc.templates))} exists under templates/"
         elif isinstance(exc, jinja2.TemplateNotFound):
             what = f"template {exc.name!r} not found; expected a file templates/{exc.name}"
+        elif isinstance(exc, _MissingMacro):
+            what = str(exc.message)
         elif isinstance(exc, jinja2.UndefinedError):
             what = f"undefined variable: {exc.message}"
         else:
             what = f"{type(exc).__name__}: {exc}"
         return TemplateError(f"{path}: {what}", path, line, self._line_of(tname, line))
 
-    def _cycle_error(self, exc: RecursionError) -> TemplateError:
+    def _include_depth_error(self, exc: _IncludeDepth, name: str) -> TemplateError:
+        """Includes nested past the limit: a cycle when the template being included is
+        including itself already (reported at its include of the next one), else too deep."""
+        chain = exc.chain
         frames = self._template_frames(exc)
-        names = [n for _, n, _ in frames]
-        seen: dict[str | None, int] = {}
-        chain: list[str | None] = names
-        for i, n in enumerate(names):
-            if n in seen:
-                chain = names[seen[n] : i + 1]
+        if chain[-1] in chain[:-1]:
+            start = len(chain) - 2 - chain[-2::-1].index(chain[-1])
+            cycle = _canonical(list(chain[start:-1]))
+            # The innermost frame of the cycle's first template is running its include of the next.
+            line = next((f[2] for f in reversed(frames) if f[1] == cycle[0]), None)
+            return self._located(cycle[0], line, _cycle_words(cycle))
+        _, tname, line = frames[-1] if frames else (None, name, None)
+        shown = [*chain[:2], "...", *chain[-2:]]
+        return self._located(tname, line, f"includes nested more than {MAX_INCLUDE_DEPTH} deep: {' -> '.join(shown)}")
+
+    def _recursion_error(self, exc: RecursionError, name: str) -> TemplateError:
+        """Name what repeats at the bottom of the stack: a macro calling itself (or macros
+        calling each other), templates including, importing or extending each other, or,
+        when nothing repeats, nesting too deep."""
+        frames = _compiled_frames(exc, self.env)
+        if not frames:
+            return self._located(name, _parser_line(exc), "nested too deeply for Jinja to parse")
+        counts = Counter(f.key for f in frames)
+        key, repeats = counts.most_common(1)[0]
+        if repeats < 3:
+            # Where the nesting starts: how deep it got depends on the process's stack, and
+            # the error must be the same in every render (and worker) that meets it.
+            names = _collapse([f.name for f in frames])
+            what = f"templates nested too deeply for Python: {' -> '.join(names[:3])} -> ..."
+            return self._located(frames[0].name, frames[0].line, what)
+        positions = [i for i, f in enumerate(frames) if f.key == key]
+        turn = frames[positions[-2] : positions[-1]]  # one turn of the cycle
+        calls = [(f.macro, f) for f in turn if f.macro is not None]
+        if calls:
+            first = min(range(len(calls)), key=lambda i: calls[i][1].key)
+            calls = calls[first:] + calls[:first]
+            defined: dict[str, str] = {}  # each macro once, in call order: where it is defined
+            for macro, f in calls:
+                if macro not in defined:
+                    defined[macro] = f"{self._rel(None, f.name)[0]}:{self._macro_line(f.name, macro)}"
+            where = [f"{m!r} (defined at {d})" for m, d in defined.items()]
+            if len(where) == 1:
+                what = f"macro {where[0]} calls itself without end"
+            else:
+                what = f"macros call each other without end: {' -> '.join([*where, repr(calls[0][0])])}"
+            return self._located(calls[0][1].name, calls[0][1].line, what)
+        if all(f.code in ("root", "block") for f in turn):
+            cycle = _canonical(_collapse([f.name for f in turn]))
+            line = next(f.line for f in reversed(turn) if f.name == cycle[0])
+            return self._located(cycle[0], line, _cycle_words(cycle))
+        innermost = frames[-1]
+        return self._located(innermost.name, innermost.line, "recursion without end at this line")
+
+    def _macro_line(self, name: str, macro: str) -> int | None:
+        """The line of ``{% macro <macro>(...) %}`` in template ``name``."""
+        source = self.workspace.templates.get(name)
+        if source is None:
+            return None
+        # Jinja's parser itself: ``env.parse`` would leave this AST for the next compile.
+        ast = jinja2.parser.Parser(self.env, source, name).parse()
+        return next((n.lineno for n in ast.find_all(nodes.Macro) if n.name == macro), None)
+
+
+class _Frame(NamedTuple):
+    """A frame of compiled template code: its template, what runs (``root``, ``block``,
+    ``macro``, ...), the template line and, for a macro, its name."""
+
+    name: str
+    code: str
+    line: int
+    macro: str | None
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return (self.name, self.code, self.line)
+
+
+_MACRO_INVOKE = jinja2.runtime.Macro._invoke.__code__
+
+
+def _compiled_frames(exc: BaseException, env: jinja2.Environment) -> list[_Frame]:
+    """The template frames of a traceback Jinja did not rewrite, outermost first."""
+    frames: list[_Frame] = []
+    invoked: Any = None
+    for frame, lineno in traceback.walk_tb(exc.__traceback__):
+        template = frame.f_globals.get("__jinja_template__")
+        if not isinstance(template, jinja2.Template) or template.environment is not env:
+            if frame.f_code is _MACRO_INVOKE:  # the next frame runs this Macro's body
+                invoked = frame.f_locals.get("self")
+            continue
+        code = frame.f_code.co_name
+        macro = invoked.name if code == "macro" and isinstance(invoked, jinja2.runtime.Macro) else None
+        code = "block" if code.startswith("block_") else code
+        frames.append(_Frame(template.name or "?", code, template.get_corresponding_lineno(lineno), macro))
+        invoked = None
+    return frames
+
+
+def _parser_line(exc: BaseException) -> int | None:
+    """The line Jinja's parser was reading when it ran out of stack, if it was parsing."""
+    line = None
+    for frame, _ in traceback.walk_tb(exc.__traceback__):
+        if frame.f_code.co_filename == jinja2.parser.__file__:
+            parser = frame.f_locals.get("self")
+            if isinstance(parser, jinja2.parser.Parser):
+                line = parser.stream.current.lineno
+    return line
+
+
+def _collapse(names: list[str]) -> list[str]:
+    """Consecutive frames of one template as one step (a child's block inside its parent's
+    root, a macro called from its own template)."""
+    return [n for i, n in enumerate(names) if i == 0 or names[i - 1] != n]
+
+
+def _canonical(cycle: list[str]) -> list[str]:
+    """The cycle rotated to start at its smallest name: whichever template a render entered it
+    by, the error is the same (and reported once)."""
+    first = cycle.index(min(cycle))
+    return cycle[first:] + cycle[:first]
+
+
+def _cycle_words(cycle: list[str]) -> str:
+    if len(cycle) == 1:
+        return f"include cycle: {cycle[0]} includes itself"
+    return f"include cycle: {' -> '.join([*cycle, cycle[0]])}"
+
+
+#: ``{%`` / ``{{`` and what closes them.
+_TAG_ENDS = {"block_begin": ("{%", "%}"), "variable_begin": ("{{", "}}")}
+#: The character offset Jinja's lexer appends to its messages ("unexpected char '#' at 1268").
+_LEXER_OFFSET = re.compile(r" at \d+$")
+
+
+def _unclosed_tag(env: jinja2.Environment, source: str, name: str | None, error_line: int) -> tuple[int, str] | None:
+    """(line, token) of a ``{%`` or ``{{`` that starts before ``error_line`` and was still
+    open there, or that ran into another tag's opening: Jinja reads a tag missing its end on
+    into the next lines and fails at whatever it finds there."""
+    current: tuple[int, str] | None = None  # the tag being read
+    ran_into: tuple[int, str] | None = None  # the last tag that read another's "{%" or "{{"
+    previous = None
+    try:
+        for lineno, token, value in env.lexer.tokeniter(source, name):
+            if lineno > error_line:
                 break
-            seen[n] = i
-        first = frames[0] if frames else (self.workspace.config.templates_dir, None, None)
-        # Report at the include in the first template of the cycle.
-        start = next((f for f in frames if f[1] == chain[0]), first) if chain else first
-        return TemplateError(
-            f"{start[0]}: include cycle: {' -> '.join(str(n) for n in chain)}",
-            start[0],
-            start[2],
-            self._line_of(start[1], start[2]),
-        )
+            if token in _TAG_ENDS:
+                current = (lineno, token)
+            elif token in ("block_end", "variable_end"):
+                current = None
+            elif current is not None and token == "operator" and previous == "{" and value in ("{", "%"):
+                ran_into = current
+            previous = value if token == "operator" else None
+    except jinja2.TemplateSyntaxError:
+        pass  # where the lexer gave up: ``current`` is the tag it was reading
+    for tag in (current, ran_into):
+        if tag is not None and tag[0] < error_line:
+            return tag
+    return None

@@ -20,7 +20,7 @@ import yaml
 from . import graph as g
 from ._child import detach_signals
 from .config import Config
-from .exceptions import DataError, TemplateError
+from .exceptions import DataError, SourceError, TemplateError
 from .store import exact_json
 from .trace import MISSING, fingerprint
 
@@ -221,6 +221,28 @@ class ParseAhead:
             proc.terminate()
             proc.join()
         self._workers = []
+
+
+def decode_text(raw: bytes, rel: str, error: type[SourceError]) -> str:
+    """A source file's bytes as text, or ``error`` at the line and column of the first byte
+    that is not UTF-8 (a byte offset means nothing in an editor)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        bad, reason = exc.start, exc.reason
+    # (Raised outside the handler: the error is kept, and must not keep the file's bytes.)
+    start = raw.rfind(b"\n", 0, bad) + 1
+    line = raw.count(b"\n", 0, bad) + 1
+    column = len(raw[start:bad].decode("utf-8", "replace")) + 1
+    end = raw.find(b"\n", bad)
+    raise error(
+        f"{rel}: not UTF-8 text: byte 0x{raw[bad]:02x} at line {line}, column {column} ({reason}); "
+        "save the file as UTF-8",
+        rel,
+        line,
+        raw[start : end if end >= 0 else len(raw)].decode("utf-8", "replace"),
+        column=column,
+    )
 
 
 def source_line(text: str, line: int | None) -> str | None:
@@ -434,19 +456,14 @@ class Workspace:
         self.template_fps[name] = fp
         self.template_errors.pop(name, None)
         try:
-            self.templates[name] = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
+            self.templates[name] = decode_text(raw, self.rel(path), TemplateError)
+        except TemplateError as exc:  # the name stays known: renders that load it fail with this
             self.templates.pop(name, None)
-            self.template_errors[name] = TemplateError(
-                f"{self.rel(path)}: not UTF-8 text ({exc.reason} at byte {exc.start})", self.rel(path)
-            )
+            self.template_errors[name] = exc.with_traceback(None)
 
     def _decode_yaml(self, path: Path, raw: bytes) -> Any:
         rel = self.rel(path)
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise DataError(f"{rel}: not UTF-8 text ({exc.reason} at byte {exc.start})", rel) from None
+        text = decode_text(raw, rel, DataError)
         raw_fp = self._raw.get(path) or fingerprint(raw)
         found = self.prefetched.pop(raw_fp, None)
         if found is not None:  # parsed ahead (``ParseAhead``)
