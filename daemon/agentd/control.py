@@ -25,13 +25,14 @@ from typing import Any
 
 import orjson
 
+from . import statedir
 from .config import Config
 from .exceptions import AlreadyRunning, ControlError, RequestError
 
 PROTOCOL = 1
 #: sun_path is 108 bytes on Linux, NUL included.
 MAX_SOCKET_PATH = 107
-LOCK_FILE = ".agentd/watch.lock"
+LOCK_FILE = f"{statedir.STATE_DIR}/watch.lock"
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 
@@ -68,32 +69,47 @@ def socket_path(config: Config, environ: Mapping[str, str] | None = None) -> Pat
 # -- the workspace lock -------------------------------------------------------------------------
 class WorkspaceLock:
     """``flock`` on ``.agentd/watch.lock``: one daemon per workspace. The kernel drops the lock
-    when the process dies, so a crash never leaves it stuck."""
+    when the process dies, so a crash never leaves it stuck. When ``.agentd`` cannot hold it
+    (a file in the way, no permission), the workspace folder itself is locked instead and
+    ``fallback`` says why."""
 
     def __init__(self, root: Path) -> None:
+        self.root = root
         self.path = root / LOCK_FILE
+        self.fallback: str | None = None
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            statedir.ensure(self.root)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            # The folder is the fallback, not the rule: NFS emulates flock with POSIX locks, and
+            # an exclusive one needs a descriptor open for writing, which a folder cannot have.
+            self.fallback = str(exc)
+            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            holder = (os.read(fd, 64).decode(errors="replace").strip() if self.fallback is None else "") or "unknown"
             os.close(fd)
             raise AlreadyRunning(
-                f"another agentd watch (pid {holder}) is already running on {self.path.parent.parent}; "
+                f"another agentd watch (pid {holder}) is already running on {self.root}; "
                 "stop it first, or ask it with `agentd status`"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError as exc:
+            os.close(fd)
+            raise ControlError(f"cannot lock {self.path if self.fallback is None else self.root}: {exc}") from None
+        if self.fallback is None:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
 
     def release(self) -> None:
         if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, 0)
+            if self.fallback is None:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, 0)
             os.close(self._fd)
             self._fd = None
 

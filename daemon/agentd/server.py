@@ -95,6 +95,8 @@ class Server:
 
     async def serve(self) -> int:
         self.lock.acquire()  # before anything else: a second daemon must not touch the socket
+        if self.lock.fallback:
+            self.log.warning("watch.lock_fallback", path=str(self.lock.path), reason=self.lock.fallback)
         try:
             self._install_signal_handlers()
             await self.startup()
