@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -308,8 +309,15 @@ class Daemon:
 
 
 @contextlib.asynccontextmanager
-async def run_daemon(root: Path, *args: str, env: dict[str, str] | None = None) -> AsyncIterator[Daemon]:
-    """Start ``agentd watch`` on ``root``, wait until it is ready, stop it (SIGTERM) on exit."""
+async def run_daemon(
+    root: Path, *args: str, env: dict[str, str] | None = None, nofile: int | None = None
+) -> AsyncIterator[Daemon]:
+    """Start ``agentd watch`` on ``root``, wait until it is ready, stop it (SIGTERM) on exit.
+    ``nofile``: the daemon's file-descriptor limit (RLIMIT_NOFILE)."""
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -324,6 +332,7 @@ async def run_daemon(root: Path, *args: str, env: dict[str, str] | None = None) 
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
         env={**os.environ, **(env or {})},
+        preexec_fn=None if nofile is None else limit,
     )
     daemon = Daemon(proc, root)
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
@@ -15,8 +16,8 @@ import orjson
 import pytest
 
 from agentd.config import Config
-from agentd.control import MAX_SOCKET_PATH, socket_path
-from conftest import run_cli, run_daemon, slow_down
+from agentd.control import MAX_SOCKET_PATH, ControlServer, socket_path
+from conftest import clean_build, read_outputs, run_cli, run_daemon, set_config, slow_down
 
 
 async def ask(path: Path, *lines: bytes, timeout: float = 10) -> list[dict]:
@@ -277,3 +278,113 @@ async def test_sigterm_removes_the_socket(tiny: Path) -> None:
         assert not path.exists()
     async with run_daemon(tiny):  # the lock was released: a new daemon starts
         assert path.exists()
+
+
+class _Log:
+    """The event names an in-process server logs."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def warning(self, event: str, **fields: object) -> None:
+        self.events.append(event)
+
+    info = exception = warning
+
+
+async def _pong(request: dict) -> dict:
+    return {"pong": True}
+
+
+async def _served(path: Path, tries: int = 200) -> dict:
+    """A ping's reply once the server has a free slot (a client that left frees its slot when
+    the server has seen it go)."""
+    for _ in range(tries):
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        writer.write(b'{"command": "ping"}\n')
+        with contextlib.suppress(ConnectionError):  # a refused client may find it closed: the reply is there
+            await writer.drain()
+        reply = orjson.loads(await asyncio.wait_for(reader.readline(), 10))
+        writer.close()
+        if reply["ok"]:
+            return reply
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"never served: {reply}")
+
+
+async def test_clients_beyond_the_cap_get_a_busy_reply(tmp_path: Path) -> None:
+    """Past max_clients, a new client gets one `busy` error line and is closed; the connected
+    clients keep working, and a slot that frees up serves the next client."""
+    path = tmp_path / "s.sock"
+    server = ControlServer(path, _pong, 65536, _Log(), max_clients=2)
+    await server.start()
+    try:
+        held = [await asyncio.open_unix_connection(str(path)) for _ in range(2)]
+        for reader, writer in held:
+            writer.write(b'{"command": "ping"}\n')
+            assert orjson.loads(await asyncio.wait_for(reader.readline(), 10))["ok"]
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        reply = orjson.loads(await asyncio.wait_for(reader.readline(), 10))
+        assert reply["ok"] is False and reply["error"]["code"] == "busy" and "2 clients" in reply["error"]["message"]
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # closed
+        writer.close()
+        reader, writer = held[0]
+        writer.write(b'{"command": "ping"}\n')
+        assert orjson.loads(await asyncio.wait_for(reader.readline(), 10))["ok"]
+        writer.close()
+        assert (await _served(path))["result"] == {"pong": True}
+        held[1][1].close()
+    finally:
+        await server.close()
+
+
+async def test_idle_clients_are_disconnected(tmp_path: Path) -> None:
+    """A client silent for client_idle_timeout gets an `idle_timeout` line and is closed, which
+    frees its slot for the next client."""
+    path = tmp_path / "s.sock"
+    server = ControlServer(path, _pong, 65536, _Log(), max_clients=1, idle_timeout=0.2)
+    await server.start()
+    try:
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        reply = orjson.loads(await asyncio.wait_for(reader.readline(), 10))
+        assert reply["ok"] is False and reply["error"]["code"] == "idle_timeout"
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+        assert (await _served(path))["ok"]
+    finally:
+        await server.close()
+
+
+async def test_running_out_of_descriptors_is_survived(tiny: Path, tmp_path: Path) -> None:
+    """Idle clients that take every descriptor the daemon may open: the failing accept is
+    logged once (no flood), an edit meanwhile is reported as an error naming the cause and the
+    daemon keeps running; once the clients leave it serves the socket again and the next edit
+    builds outputs equal to a clean build."""
+    set_config(tiny, "max_clients = 1000")  # no cap below the descriptor limit
+    path = tmp_path / "s.sock"
+    async with run_daemon(tiny, "--jobs", "1", "--socket", str(path), nofile=40) as d:
+        clients = []
+        for _ in range(60):
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            client.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                client.connect(str(path))
+            clients.append(client)
+        await d.wait_for(lambda e: e.get("event") == "socket.accept_failed")
+        alpha = tiny / "agents/alpha.yaml"
+        alpha.write_text(alpha.read_text().replace("[a1, a2]", "[a1, a2, a3]"))
+        await d.wait_for(
+            lambda e: e.get("event") == "build.error" and "Too many open files" in str(e.get("message")),
+            start=len(d.events),
+        )
+        await asyncio.sleep(1)  # the accept loop retries meanwhile (and the failed build is retried)
+        assert d.proc.returncode is None
+        assert len(d.named("socket.accept_failed")) == 1
+        assert len(d.raw) < 40, "\n".join(d.raw[-20:])
+        for client in clients:
+            client.close()
+        assert (await ask(path, b'{"command": "ping"}\n'))[0]["ok"]
+        alpha.write_text(alpha.read_text().replace("[a1, a2, a3]", "[a1, a2, a4]"))
+        await d.wait_for(lambda e: e.get("event") == "build.finished" and e["errors"] == 0, start=len(d.events))
+        assert d.proc.returncode is None
+    assert read_outputs(tiny) == clean_build(tiny, tmp_path / "oracle")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
+import stat
 from pathlib import Path
 
 import orjson
@@ -308,3 +310,138 @@ def test_queued_renders_do_not_wait_for_another_writer(tmp_path: Path) -> None:
     assert other.execute("SELECT count(*) FROM deps").fetchone()[0] == 6
     other.close()
     store.close()
+
+
+def _warnings_engine(root: Path, warnings: list[str], reasons: list[str] | None = None) -> Engine:
+    """An engine whose store's warnings (event names; their reasons in ``reasons``) go to
+    ``warnings``; no worker processes (which would reopen the store's connection)."""
+    config = Config.load(root)
+
+    def warn(event: str, reason: str = "", **_: object) -> None:
+        warnings.append(event)
+        if reasons is not None:
+            reasons.append(reason)
+
+    return Engine(config, Store(root, render_stamp(config), warn=warn), jobs=1)
+
+
+def test_store_is_private_whatever_the_umask(tiny: Path) -> None:
+    """Under umask 000, .agentd/ is created 0700 and the store with its -wal and -shm files
+    0600; a folder and files found wider (an earlier agentd, another umask) are tightened the
+    next time agentd opens the store, set-aside copies included."""
+    folder = tiny / ".agentd"
+    old = os.umask(0)
+    try:
+        e = engine(tiny)
+        e.build()
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+        assert modes == {"cache.sqlite3": 0o600, "cache.sqlite3-wal": 0o600, "cache.sqlite3-shm": 0o600}
+        assert e.store is not None
+        e.store.close()
+    finally:
+        os.umask(old)
+    folder.chmod(0o755)
+    (tiny / STORE_FILE).chmod(0o644)
+    copy = folder / "cache.sqlite3.corrupt-20250101-000000"
+    copy.write_bytes(b"an earlier copy")
+    copy.chmod(0o644)
+    engine(tiny).build()
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert {stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()} == {0o600}
+
+
+def test_full_disk_keeps_the_store(tiny: Path, tmp_path: Path) -> None:
+    """A full disk (SQLITE_FULL, which is what SQLite makes of ENOSPC) is not damage: over
+    several builds the store stays where it is and nothing is set aside; each build warns once,
+    goes on without caching and writes outputs equal to a clean build. With space again, the
+    store caches as before."""
+    engine(tiny).build()
+    inode = (tiny / STORE_FILE).stat().st_ino
+    alpha = tiny / "agents/alpha.yaml"
+    original = alpha.read_text()
+    for round_ in range(3):  # a rendered description bigger than a page: the store must grow
+        alpha.write_text(original.replace("First agent.", f"First agent {round_}. " + "word " * 8000))
+        warnings: list[str] = []
+        e = _warnings_engine(tiny, warnings)
+        assert e.store is not None
+        db = e.store._connect()
+        db.execute(f"PRAGMA max_page_count={db.execute('PRAGMA page_count').fetchone()[0]}")  # no room to grow
+        report = e.build()
+        assert report.ok and "alpha/summary" in report.sections_rendered
+        assert warnings == ["cache.unavailable"]
+        e.store.close()
+        assert read_outputs(tiny) == clean_build(tiny, tmp_path / f"oracle{round_}")
+    assert (tiny / STORE_FILE).stat().st_ino == inode
+    assert [p.name for p in (tiny / ".agentd").iterdir() if ".corrupt-" in p.name or ".foreign-" in p.name] == []
+    warnings = []
+    _warnings_engine(tiny, warnings).build()  # space again: stored...
+    assert _warnings_engine(tiny, warnings).build().sections_rendered == []  # ...and restored
+    assert warnings == []
+
+
+def test_only_the_newest_set_aside_copy_is_kept(tiny: Path) -> None:
+    """Setting a damaged store aside deletes the copy set aside before: a store that keeps
+    breaking never fills the disk."""
+    folder = tiny / ".agentd"
+    warnings: list[str] = []
+    e = _warnings_engine(tiny, warnings)
+    e.build()
+    (folder / "cache.sqlite3.corrupt-20250101-000000").write_bytes(b"set aside by an earlier run")
+    for damage in (b"first damage", b"second damage"):
+        assert e.store is not None
+        e.store.close()  # its last connection: the WAL is checkpointed into the file, and removed
+        (tiny / STORE_FILE).write_bytes(damage * 1024)
+        e = _warnings_engine(tiny, warnings)
+        assert e.build().ok
+    assert warnings == ["cache.set_aside", "cache.set_aside"]
+    (copy,) = [p for p in folder.iterdir() if ".corrupt-" in p.name]
+    assert copy.read_bytes().startswith(b"second damage")
+    assert engine(tiny).build().sections_rendered == []  # the new store works
+
+
+def test_foreign_sqlite_file_is_set_aside(tiny: Path, tmp_path: Path) -> None:
+    """A SQLite database agentd did not write, found at .agentd/cache.sqlite3, is moved aside
+    unchanged with a warning (never adopted); the build works and caches in a new store."""
+    db = tiny / STORE_FILE
+    db.parent.mkdir()
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE notes (text TEXT)")
+    conn.execute("INSERT INTO notes VALUES ('mine')")
+    conn.commit()
+    conn.close()
+    before = db.read_bytes()
+    warnings: list[str] = []
+    reasons: list[str] = []
+    e = _warnings_engine(tiny, warnings, reasons)
+    assert e.build().ok
+    assert warnings == ["cache.set_aside"] and reasons == ["not an agentd store: tables notes, no agentd format record"]
+    (aside,) = db.parent.glob("cache.sqlite3.foreign-*")
+    assert aside.read_bytes() == before
+    assert read_outputs(tiny) == clean_build(tiny, tmp_path / "oracle")
+    assert e.store is not None
+    e.store.close()
+    assert _warnings_engine(tiny, warnings).build().sections_rendered == []  # the new store works
+    assert warnings == ["cache.set_aside"]
+
+
+async def test_agentd_path_that_is_a_file(tiny: Path, tmp_path: Path) -> None:
+    """A `.agentd` that is a file costs the persistent cache, never the build: `agentd build`
+    warns once, naming the path and why, and succeeds; the daemon starts (locking the workspace
+    folder instead), builds edits, and the file is left as it was."""
+    (tiny / ".agentd").write_text("not agentd's\n")
+    result = run_cli("build", cwd=tiny)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("warning:") == 1 and "Traceback" not in result.stderr
+    assert "cache.unavailable" in result.stderr and f"{tiny}/.agentd" in result.stderr
+    assert "exists and is not a folder" in result.stderr
+    async with run_daemon(tiny) as d:
+        assert [e["reason"] for e in d.named("watch.lock_fallback")] == [
+            f"[Errno 20] exists and is not a folder: '{tiny}/.agentd'"
+        ]
+        alpha = tiny / "agents/alpha.yaml"
+        alpha.write_text(alpha.read_text().replace("[a1, a2]", "[a1]"))
+        assert (await d.next_build())["errors"] == 0
+        assert len(d.named("cache.unavailable")) == 1
+    assert read_outputs(tiny) == clean_build(tiny, tmp_path / "oracle")
+    assert (tiny / ".agentd").read_text() == "not agentd's\n"

@@ -244,6 +244,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AgentdError as exc:
         print(f"agentd: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except OSError as exc:  # the environment (no file descriptors, a full disk), not a source
+        print(f"agentd: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
 

@@ -70,6 +70,10 @@ class Config:
     hit_rate_layers: tuple[str, ...] = ("L1", "L3")
     #: Longest request line the status socket accepts (bytes).
     max_request_bytes: int = 65536
+    #: Clients the status socket serves at once; the next one gets a ``busy`` reply.
+    max_clients: int = 64
+    #: Seconds a status-socket client may stay silent before it is disconnected.
+    client_idle_timeout: float = 60.0
     #: ``agentd check`` (``[check]`` in agentd.toml): output line range, sections every agent
     #: must enable, front matter keys, rules switched off, and the JSON Schemas sources are
     #: validated against (empty: the built-in ones, which match the shipped templates).
@@ -128,6 +132,8 @@ _NUMBERS: dict[str, tuple[type, float]] = {
     "hit_rate_floor": (float, 0),
     "hit_rate_window": (int, 1),
     "max_request_bytes": (int, 256),
+    "max_clients": (int, 1),
+    "client_idle_timeout": (float, 0.1),
     "memory_budget_mb": (int, 0),
     "check_min_lines": (int, 0),
     "check_max_lines": (int, 0),

@@ -5,6 +5,10 @@ One request object per line (``{"command": "stats"}``), one reply per request:
 {"code": ..., "message": ...}}``; an ``id`` in the request is echoed back. Modelled on
 watchman's JSON protocol. Only the daemon's own user may talk to it: the folder is 0700, the
 socket 0600 (bound under umask 077) and peers of another uid are refused (``SO_PEERCRED``).
+A bounded number of clients is served at once (the next one gets a ``busy`` reply and is
+closed) and a client silent for ``client_idle_timeout`` is closed, so clients can never take
+the daemon's file descriptors; if the process runs out of them anyway, accepting waits (logged
+once a minute at most) until some are free.
 """
 
 from __future__ import annotations
@@ -19,19 +23,27 @@ import socket
 import stat
 import struct
 import tempfile
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from . import statedir
 from .config import Config
 from .exceptions import AlreadyRunning, ControlError, RequestError
 
 PROTOCOL = 1
 #: sun_path is 108 bytes on Linux, NUL included.
 MAX_SOCKET_PATH = 107
-LOCK_FILE = ".agentd/watch.lock"
+LOCK_FILE = f"{statedir.STATE_DIR}/watch.lock"
+#: Pending connections the kernel queues while the daemon is not accepting.
+BACKLOG = 128
+#: How long accepting waits after running out of file descriptors before trying again.
+ACCEPT_RETRY_S = 0.5
+#: A failing accept is logged at most this often (a shortage comes and goes as clients leave).
+ACCEPT_LOG_EVERY_S = 60.0
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 
@@ -68,32 +80,47 @@ def socket_path(config: Config, environ: Mapping[str, str] | None = None) -> Pat
 # -- the workspace lock -------------------------------------------------------------------------
 class WorkspaceLock:
     """``flock`` on ``.agentd/watch.lock``: one daemon per workspace. The kernel drops the lock
-    when the process dies, so a crash never leaves it stuck."""
+    when the process dies, so a crash never leaves it stuck. When ``.agentd`` cannot hold it
+    (a file in the way, no permission), the workspace folder itself is locked instead and
+    ``fallback`` says why."""
 
     def __init__(self, root: Path) -> None:
+        self.root = root
         self.path = root / LOCK_FILE
+        self.fallback: str | None = None
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            statedir.ensure(self.root)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            # The folder is the fallback, not the rule: NFS emulates flock with POSIX locks, and
+            # an exclusive one needs a descriptor open for writing, which a folder cannot have.
+            self.fallback = str(exc)
+            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            holder = (os.read(fd, 64).decode(errors="replace").strip() if self.fallback is None else "") or "unknown"
             os.close(fd)
             raise AlreadyRunning(
-                f"another agentd watch (pid {holder}) is already running on {self.path.parent.parent}; "
+                f"another agentd watch (pid {holder}) is already running on {self.root}; "
                 "stop it first, or ask it with `agentd status`"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError as exc:
+            os.close(fd)
+            raise ControlError(f"cannot lock {self.path if self.fallback is None else self.root}: {exc}") from None
+        if self.fallback is None:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
 
     def release(self) -> None:
         if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, 0)
+            if self.fallback is None:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, 0)
             os.close(self._fd)
             self._fd = None
 
@@ -179,37 +206,103 @@ def parse_request(line: bytes) -> dict[str, Any]:
 
 class ControlServer:
     """Serves one handler over the socket; each client is served in its own task, so a slow
-    command (``rebuild``, ``verify``) never stalls the others."""
+    command (``rebuild``, ``verify``) never stalls the others. Accepting is its own loop, not
+    ``asyncio.start_unix_server``: when descriptors run out, asyncio's loop logs a traceback
+    for every failed accept and re-arms itself once per failure, flooding the log."""
 
-    def __init__(self, path: Path, handler: Handler, max_request_bytes: int, log: Any) -> None:
+    def __init__(
+        self,
+        path: Path,
+        handler: Handler,
+        max_request_bytes: int,
+        log: Any,
+        max_clients: int = 64,
+        idle_timeout: float = 60.0,
+    ) -> None:
         self.path = path
         self.handler = handler
         self.limit = max_request_bytes
         self.log = log
+        self.max_clients = max_clients
+        self.idle_timeout = idle_timeout
         self.stale_replaced = False
-        self._server: asyncio.base_events.Server | None = None
+        self._listener: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        self._clients: set[asyncio.Task[None]] = set()
         self._inode: int | None = None
 
     async def start(self) -> None:
         _check_folder(self.path.parent)
         self.stale_replaced = _clear_stale(self.path)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         old = os.umask(0o077)
         try:
-            self._server = await asyncio.start_unix_server(self._serve, path=str(self.path), limit=self.limit)
+            listener.bind(str(self.path))
+        except BaseException:
+            listener.close()
+            raise
         finally:
             os.umask(old)
+        listener.listen(BACKLOG)
+        listener.setblocking(False)
         os.chmod(self.path, 0o600)
         self._inode = self.path.stat().st_ino
+        self._listener = listener
+        self._accepting = asyncio.create_task(self._accept_loop(listener), name="socket-accept")
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._server.wait_closed(), 2)
+        if self._accepting is not None:
+            self._accepting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accepting
+        if self._listener is not None:
+            self._listener.close()
+        for task in list(self._clients):
+            task.cancel()
+        if self._clients:
+            await asyncio.wait(self._clients, timeout=2)
         # Only remove the socket if it is still ours (not one a successor bound since).
         with contextlib.suppress(FileNotFoundError):
             if self._inode is not None and self.path.stat().st_ino == self._inode:
                 self.path.unlink()
+
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        """Accept clients for as long as the server runs. Out of descriptors (or any other
+        accept error), it logs (once a minute at most), waits and tries again: the pending
+        clients stay queued in the kernel until a descriptor is free."""
+        loop = asyncio.get_running_loop()
+        logged_at, unlogged = -ACCEPT_LOG_EVERY_S, 0
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(listener)
+            except OSError as exc:
+                if time.monotonic() - logged_at < ACCEPT_LOG_EVERY_S:
+                    unlogged += 1
+                else:
+                    self.log.warning(
+                        "socket.accept_failed",
+                        error=str(exc),
+                        clients=len(self._clients),
+                        retry_s=ACCEPT_RETRY_S,
+                        failures_since_last_logged=unlogged,
+                    )
+                    logged_at, unlogged = time.monotonic(), 0
+                await asyncio.sleep(ACCEPT_RETRY_S)
+                continue
+            if len(self._clients) >= self.max_clients:
+                _refuse(conn, self.max_clients)
+                continue
+            task = asyncio.create_task(self._client(conn))
+            self._clients.add(task)
+            task.add_done_callback(self._clients.discard)
+
+    async def _client(self, conn: socket.socket) -> None:
+        try:
+            reader, writer = await asyncio.open_unix_connection(sock=conn, limit=self.limit)
+        except OSError:
+            conn.close()
+            return
+        await self._serve(reader, writer)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -217,22 +310,35 @@ class ControlServer:
             if uid is not None and uid != os.getuid():
                 self.log.warning("socket.refused", peer_uid=uid)
                 writer.write(error_reply("forbidden", f"peer uid {uid} is not this daemon's uid {os.getuid()}"))
-                await writer.drain()
+                await self._drain(writer)
                 return
             while True:
-                line = await self._read_line(reader, writer)
+                try:
+                    async with asyncio.timeout(self.idle_timeout):
+                        line = await self._read_line(reader, writer)
+                except TimeoutError:
+                    writer.write(error_reply("idle_timeout", f"no request for {self.idle_timeout:g} s; closing"))
+                    return
                 if line is None:
                     return
                 if not line.strip():
                     continue
                 writer.write(await self._answer(line))
-                await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError):
+                await self._drain(writer)
+        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
             pass
         finally:
             writer.close()
             with contextlib.suppress(Exception):
-                await writer.wait_closed()
+                async with asyncio.timeout(1):
+                    await writer.wait_closed()
+            writer.transport.abort()  # a peer that reads nothing must not keep its descriptor
+
+    async def _drain(self, writer: asyncio.StreamWriter) -> None:
+        """Wait for a reply to leave, for at most the idle timeout (a client that sends
+        requests and never reads replies is closed)."""
+        async with asyncio.timeout(self.idle_timeout):
+            await writer.drain()
 
     async def _read_line(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes | None:
         """The next request line; an over-long one is answered with an error and skipped."""
@@ -245,7 +351,7 @@ class ControlServer:
             except asyncio.LimitOverrunError as exc:
                 await self._discard_line(reader, exc.consumed)
                 writer.write(error_reply("too_large", f"request line longer than {self.limit} bytes"))
-                await writer.drain()
+                await self._drain(writer)
 
     @staticmethod
     async def _discard_line(reader: asyncio.StreamReader, consumed: int) -> None:
@@ -269,6 +375,14 @@ class ControlServer:
         except Exception as exc:  # a bug must cost one reply, never the daemon
             self.log.exception("socket.internal_error")
             return error_reply("internal", f"{type(exc).__name__}: {exc}", request_id)
+
+
+def _refuse(conn: socket.socket, cap: int) -> None:
+    """One line to a client over the cap, then close: a plain non-blocking send (a few dozen
+    bytes into an empty socket buffer), so a refusal holds its descriptor for no time."""
+    with conn, contextlib.suppress(OSError):
+        conn.setblocking(False)
+        conn.send(error_reply("busy", f"the daemon is serving {cap} clients already (max_clients); try again"))
 
 
 # -- the client ---------------------------------------------------------------------------------

@@ -79,6 +79,11 @@ class TemplateError(SourceError):
     include, include cycle)."""
 
 
+class BuildFailed(AgentdError):
+    """A build its environment stopped (no file descriptors left, a full disk): no source is
+    at fault, and the outputs stay as they were."""
+
+
 class OutputError(AgentdError):
     """An output that cannot be written without losing a user's file."""
 

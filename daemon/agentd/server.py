@@ -26,7 +26,7 @@ from .build import OUTPUT_SUFFIX, BuildReport, Engine, Plan
 from .check import Finding, ScanMemory, check_output
 from .config import Config
 from .control import ControlServer, WorkspaceLock, socket_path
-from .exceptions import ConfigError, RequestError, WriteError
+from .exceptions import BuildFailed, ConfigError, RequestError, WriteError
 from .log import get_logger
 from .notify import Notifier
 from .output import MANIFEST
@@ -39,6 +39,9 @@ COMMANDS = ("ping", "status", "stats", "rebuild", "affected", "verify")
 
 #: A settle never holds a build back longer than this, however busy the disk is.
 MAX_SETTLE_S = 2.0
+
+#: A build the environment stopped is retried after 1 s, then twice as long each time, up to this.
+MAX_RETRY_S = 30.0
 
 #: Lists in a log line beyond this length are cut (a cold build of 1,000 agents renders 9,000
 #: sections; the counts are logged in full).
@@ -99,7 +102,14 @@ class Server:
         self.lock = WorkspaceLock(config.root)
         self.socket_path = socket_path(config)
         self.log = get_logger()
-        self.control = ControlServer(self.socket_path, self.handle_request, config.max_request_bytes, self.log)
+        self.control = ControlServer(
+            self.socket_path,
+            self.handle_request,
+            config.max_request_bytes,
+            self.log,
+            max_clients=config.max_clients,
+            idle_timeout=config.client_idle_timeout,
+        )
         self.last_report: BuildReport | None = None
         self._build_lock = asyncio.Lock()
         self._ready = False
@@ -111,6 +121,10 @@ class Server:
         self._watchers: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
         self._builds_since_gc = 0
+        #: The last build was stopped by the environment (see ``_build_failed``).
+        self._engine_failed = False
+        self._retry_s = 0.0
+        self._retrying = False
 
     @staticmethod
     def _new_engine(config: Config) -> Engine:
@@ -139,6 +153,8 @@ class Server:
 
     async def serve(self) -> int:
         self.lock.acquire()  # before anything else: a second daemon must not touch the socket
+        if self.lock.fallback:
+            self.log.warning("watch.lock_fallback", path=str(self.lock.path), reason=self.lock.fallback)
         try:
             self._install_signal_handlers()
             await self.startup()
@@ -347,20 +363,57 @@ class Server:
             build_id = self.engine.new_build_id()
             with structlog.contextvars.bound_contextvars(build_id=build_id):
                 self.log.info("build.started", changed=sorted(self.engine.workspace.rel(p) for p in paths or ()))
-                report = await asyncio.to_thread(self.engine.build, paths, build_id=build_id)
-                self._freeze_heap()
-                if self._ready:  # a pool lost to a dead worker or a rebuild: start it again now
-                    self._start_workers()
+                try:
+                    report = await asyncio.to_thread(self._run_build, paths, build_id)
+                except OSError as exc:
+                    report = self._build_failed(exc, build_id)
+                else:
+                    self._freeze_heap()
+                    if self._ready:  # a pool lost to a dead worker or a rebuild: start it again now
+                        self._start_workers()
+                    self._known_dirs = self.engine.known_dirs()
                 self.last_report = report
                 self.retry.record(any(isinstance(e, WriteError) for e in report.errors))
                 self._watch_output()
-                self._known_dirs = self.engine.known_dirs()
                 self.monitor.record_build(report, [f for fs in self.engine.findings.values() for f in fs])
                 self.monitor.record_watch(self.pending.batches_seen, self.pending.events_seen)
                 self._log_report(report)
             if self._ready:  # before READY=1 the READY message itself carries the status
                 self.notifier.status(self.monitor.one_line())
             return report
+
+    def _run_build(self, paths: set[Path] | None, build_id: str) -> BuildReport:
+        """In the build thread. An engine a build failed in may have stopped half-way through
+        its bookkeeping: the next build starts from a fresh one (renders come from the store)."""
+        if self._engine_failed:
+            self._replace_engine(self.config)
+            paths = None
+        report = self.engine.build(paths, build_id=build_id)
+        self._engine_failed = False
+        self._retry_s = 0.0
+        return report
+
+    def _build_failed(self, exc: OSError, build_id: str) -> BuildReport:
+        """A build the environment stopped (no file descriptors left, a full disk): reported as
+        the build's error, outputs left as they were, and retried until the resource is back
+        (no edit needed), at growing intervals so a lasting shortage logs a few lines."""
+        self._engine_failed = True
+        self._retry_s = min(self._retry_s * 2 or 1.0, MAX_RETRY_S)
+        error = BuildFailed(f"build stopped: {exc}; outputs are kept as they were; retrying in {self._retry_s:g} s")
+        if not self._retrying:
+            self._retrying = True
+            self._spawn(self._retry_build())
+        return BuildReport(build_id=build_id, started=time.time(), errors=[error])
+
+    async def _retry_build(self) -> None:
+        try:
+            while self._engine_failed and not self.should_exit.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.should_exit.wait(), self._retry_s)
+                if not self.should_exit.is_set() and self._engine_failed:
+                    await self._build(None)
+        finally:
+            self._retrying = False
 
     def _start_workers(self) -> None:
         self.engine.start_pool()

@@ -16,8 +16,12 @@ entries at N = 1,000 stay one indexed file instead of a directory fan-out, and a
 is one file to set aside.
 
 Every blob carries its own checksum: a corrupt row is a miss; a corrupt or truncated database
-is set aside (``*.corrupt-<time>``) with a warning and rebuilt; a store an earlier agentd wrote
-in another format is replaced. Never a crash, never wrong output. Each unit keeps its newest
+is set aside (``*.corrupt-<time>``) with a warning and rebuilt, and so is a SQLite file agentd
+did not write (``*.foreign-<time>``: never adopted); only the newest set-aside copy is kept. A
+store an earlier agentd wrote in another format is replaced. Anything else SQLite or the OS
+reports (a full disk, an I/O error, an ``.agentd`` that cannot be created) says nothing about
+what the store holds: it is kept, the build goes on without it (one warning) and the next
+build tries it again. Never a crash, never wrong output. Each unit keeps its newest
 KEEP_VERSIONS renders (each write drops the older ones of the units it wrote), so the store's
 size follows the workspace, not its history.
 """
@@ -36,12 +40,12 @@ from typing import Any
 
 import orjson
 
-from . import __version__
+from . import __version__, statedir
 from .cache import Rendered
 from .config import Config
 from .trace import fingerprint
 
-STORE_FILE = ".agentd/cache.sqlite3"
+STORE_FILE = f"{statedir.STATE_DIR}/cache.sqlite3"
 #: 2: blobs and aux rows name their unit / slot, so that superseded versions can be dropped.
 #: 3: a composition's layout names its skeleton and every gap in order (``compose.Layout``).
 #: 4: a blob's data is its last column. SQLite keeps a 60 KB row's tail in a chain of overflow
@@ -50,6 +54,8 @@ STORE_FILE = ".agentd/cache.sqlite3"
 #: 17.5 -> 7.5 ms.
 FORMAT = "4"
 _META = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
+#: Every table an agentd store has had (format 1 had no ``deps`` and ``aux``).
+_TABLES = frozenset({"meta", "deps", "blobs", "aux"})
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS deps (unit TEXT PRIMARY KEY, reads BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS blobs (key BLOB PRIMARY KEY, unit TEXT NOT NULL, digest BLOB NOT NULL,
@@ -76,6 +82,27 @@ _TRIM = (
 
 class _OtherFormat(sqlite3.DatabaseError):
     """The store was written by an agentd with another schema."""
+
+
+class _Foreign(sqlite3.DatabaseError):
+    """A SQLite database agentd did not write: set aside, never adopted (adopting it would
+    write agentd's tables into someone else's file)."""
+
+
+#: SQLite's primary result codes that say the file itself is damaged or not a database. Any
+#: other error (SQLITE_FULL for a full disk, SQLITE_IOERR_* for a failed write, SQLITE_CANTOPEN,
+#: SQLITE_READONLY) is about the disk, not the store's contents.
+_DAMAGE = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
+
+
+def _damaged(exc: sqlite3.DatabaseError) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in _DAMAGE
+
+
+def _reason(exc: BaseException) -> str:
+    name = getattr(exc, "sqlite_errorname", None)
+    return f"{exc} ({name})" if name else str(exc)
 
 
 def exact_json(value: Any) -> bytes | None:
@@ -136,6 +163,21 @@ def render_stamp(config: Config) -> bytes:
     )
 
 
+def _format(db: sqlite3.Connection, tables: set[str]) -> str | None:
+    """The store format recorded in ``meta``; FORMAT for an empty database (a new store)."""
+    if not tables:
+        return FORMAT
+    if "meta" not in tables:
+        return None
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key='format'").fetchone()
+    except sqlite3.OperationalError as exc:
+        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_ERROR:
+            return None  # a table named meta without agentd's columns
+        raise
+    return None if row is None else str(row[0])
+
+
 def open_store(config: Config, warn: Callable[..., Any] | None = None) -> Store | None:
     # The stamp when first needed: importing Jinja2 for its version took ~16 ms before a cold
     # build could start parsing in other processes (it is imported later, while they parse).
@@ -147,6 +189,7 @@ class Store:
     store: the cache is an optimisation, never a reason to fail a build."""
 
     def __init__(self, root: Path, stamp: bytes | Callable[[], bytes], warn: Callable[..., Any] | None = None) -> None:
+        self.root = root
         self.path = root / STORE_FILE
         self._stamp = stamp
         self._warn = warn or (lambda *a, **k: None)
@@ -156,6 +199,11 @@ class Store:
         self.hits = 0
         self.misses = 0
         self.corrupt_rows = 0
+        #: Unusable for a reason other than damage (full disk, I/O error, no folder): every call
+        #: is a miss or a dropped write until the next ``flush(wait=True)``, the end of a build.
+        self._paused = False
+        #: A warning was given and no write has succeeded since: one warning per episode.
+        self._warned = False
 
     @property
     def stamp(self) -> bytes:
@@ -167,17 +215,27 @@ class Store:
     # -- connection ---------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
         if self._db is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            statedir.ensure(self.root)
+            statedir.create_private(self.path)
             try:
                 self._db = self._open()
             except _OtherFormat as exc:  # an earlier agentd's store: nothing in it can match
                 self._remove()
                 self._warn("cache.reset", path=str(self.path), reason=str(exc))
-                self._db = self._open()
+                self._db = self._reopen()
+            except _Foreign as exc:
+                self._set_aside(exc, "foreign")
+                self._db = self._reopen()
             except sqlite3.DatabaseError as exc:
-                self._set_aside(exc)
-                self._db = self._open()
+                if not _damaged(exc):
+                    raise
+                self._set_aside(exc, "corrupt")
+                self._db = self._reopen()
         return self._db
+
+    def _reopen(self) -> sqlite3.Connection:
+        statedir.create_private(self.path)
+        return self._open()
 
     def _open(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=_TIMEOUT_S, isolation_level=None, check_same_thread=False)
@@ -186,6 +244,14 @@ class Store:
             # ~60 KB, and a transaction of 500 of them took 37-43 instead of 53-59 ms (SQLite's
             # own microbenchmark here: 4, 8, 16, 32, 64 KB; 16 KB wrote fastest at the same size).
             db.execute("PRAGMA page_size=16384")
+            # What the file is, before anything writes to it (WAL mode rewrites its header).
+            tables = {n for (n,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            tables = {n for n in tables if not n.startswith("sqlite_")}
+            found = _format(db, tables)
+            if found is None or not tables <= _TABLES:
+                raise _Foreign(f"not an agentd store: tables {', '.join(sorted(tables))}, no agentd format record")
+            if found != FORMAT:
+                raise _OtherFormat(f"written in store format {found}, this agentd reads format {FORMAT}")
             db.execute("PRAGMA journal_mode=WAL")
             # No fsync, not even at checkpoints (NORMAL fsyncs there): a cold build writes ~50 MB
             # of renders at N = 100, and those fsyncs cost ~120 ms of it (measured: cold build
@@ -194,13 +260,13 @@ class Store:
             # crash or power loss may damage it, and damage is caught (row checksums, a
             # malformed file set aside) and only costs renders, never output.
             db.execute("PRAGMA synchronous=OFF")
-            db.execute(_META)
-            row = db.execute("SELECT value FROM meta WHERE key='format'").fetchone()
-            if row is not None and row[0] != FORMAT:
-                raise _OtherFormat(f"written in store format {row[0]}, this agentd reads format {FORMAT}")
-            db.executescript(_SCHEMA)
-            if row is None:
-                db.execute("INSERT OR REPLACE INTO meta VALUES ('format', ?)", (FORMAT,))
+            if not tables >= _TABLES:
+                # One transaction: a store is either empty or complete with its format record
+                # (IMMEDIATE: another process creating it at the same time waits, then no-ops).
+                db.executescript(
+                    f"BEGIN IMMEDIATE; {_META};{_SCHEMA}"
+                    f"INSERT OR IGNORE INTO meta VALUES ('format', '{FORMAT}'); COMMIT;"
+                )
         except BaseException:
             db.close()
             raise
@@ -215,27 +281,55 @@ class Store:
     def _remove(self) -> None:
         self._drop_connection()
         for suffix in ("", "-wal", "-shm"):
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
                 Path(f"{self.path}{suffix}").unlink()
 
-    def _set_aside(self, exc: BaseException) -> None:
-        """Move a damaged store out of the way (kept for inspection) and start a new one."""
+    def _set_aside(self, exc: BaseException, kind: str) -> None:
+        """Move a damaged or foreign store out of the way (kept for inspection: the newest one
+        only, so a store that keeps breaking never fills the disk) and start a new one."""
         self._drop_connection()
-        stamp = time.strftime("%Y%m%d-%H%M%S")
+        folder, name = self.path.parent, self.path.name
+        for old in folder.glob(f"{name}.*-*"):
+            if old.name.startswith((f"{name}.corrupt-", f"{name}.foreign-")):
+                with contextlib.suppress(OSError):
+                    old.unlink()
+        aside = f"{self.path}.{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
         for suffix in ("", "-wal", "-shm"):
             source = Path(f"{self.path}{suffix}")
             if source.exists():
                 with contextlib.suppress(OSError):
-                    os.replace(source, f"{self.path}.corrupt-{stamp}{suffix}")
-        self._warn("cache.set_aside", path=str(self.path), reason=str(exc))
+                    os.replace(source, f"{aside}{suffix}")
+        self._warn("cache.set_aside", path=str(self.path), reason=_reason(exc), moved_to=aside)
+
+    def _pause(self, exc: BaseException) -> None:
+        """Go on without the store until the end of this build (see ``_paused``): it is kept as
+        it is. A full disk is not damage; setting the store aside would not free any space."""
+        self._paused = True
+        self._pending, self._pending_aux = [], {}
+        if not self._warned:
+            self._warned = True
+            self._warn(
+                "cache.unavailable",
+                path=str(self.path),
+                reason=_reason(exc),
+                effect="building without the persistent cache (the store is kept as it is)",
+            )
 
     def _guard(self, action: Callable[[sqlite3.Connection], Any], default: Any) -> Any:
+        if self._paused:
+            return default
         try:
             return action(self._connect())
+        except OSError as exc:  # .agentd or the store file cannot be made
+            self._pause(exc)
+            return default
         except sqlite3.DatabaseError as exc:
             if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
                 return default  # another writer holds it for longer than our timeout: skip once
-            self._set_aside(exc)
+            if _damaged(exc):
+                self._set_aside(exc, "corrupt")
+            else:
+                self._pause(exc)
             return default
 
     def abandon(self) -> None:
@@ -322,6 +416,8 @@ class Store:
         processes share the store, and one waiting for another's transaction is not rendering
         (measured in a cold ``--jobs 2`` build at N = 100: 15-25 ms of waiting per flush). Past
         4x FLUSH_EVERY it waits, to bound memory."""
+        if self._paused:
+            return
         self._pending.append((unit, input_key(self.stamp, unit, rendered.reads), rendered))
         if len(self._pending) >= self.FLUSH_EVERY:
             self.flush(wait=len(self._pending) >= 4 * self.FLUSH_EVERY)
@@ -346,6 +442,8 @@ class Store:
     def put_aux(self, kind: bytes, key: bytes, data: bytes, slot: str) -> None:
         """Queue derived data; ``slot`` names what it derives from (a file), whose older
         versions it supersedes."""
+        if self._paused:
+            return
         self._pending_aux[self._aux_key(kind, key)] = (f"{kind.decode()}:{slot}", data)
 
     def get_parsed(self, raw_fp: bytes) -> Any:
@@ -368,7 +466,11 @@ class Store:
 
     def flush(self, wait: bool = True) -> None:
         """Write the queued renders in one transaction. ``wait=False``: only if the store is
-        not locked by another writer right now (else they stay queued)."""
+        not locked by another writer right now (else they stay queued). A waiting flush ends a
+        build (or a worker's batch): after it, a paused store is tried again."""
+        if self._paused:
+            self._paused = not wait
+            return
         if not self._pending and not self._pending_aux:
             return
         pending, aux = self._pending, self._pending_aux
@@ -400,6 +502,7 @@ class Store:
                     sql = _TRIM.format(table=table, column=column)
                     db.executemany(sql, [(name, KEEP_VERSIONS) for name in sorted(names)])
                 db.execute("COMMIT")
+                self._warned = False  # written again: the next failure is news
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
                     db.execute("ROLLBACK")
