@@ -34,7 +34,7 @@ from .cache import Layer
 from .config import Config
 from .exceptions import TemplateError
 from .render import anchor
-from .workspace import TRAITS_DIR, YAML_SUFFIXES, _Loader, node_at, position
+from .workspace import TRAITS_DIR, YAML_SUFFIXES, AliasBomb, _Loader, node_at, parse_yaml, position, yaml_problem
 
 if TYPE_CHECKING:  # imported where sources are validated: the daemon's output gates never need it
     import jsonschema
@@ -51,6 +51,7 @@ RULES: dict[str, tuple[str, str]] = {
     "yaml-syntax": ("error", "a source is not valid YAML"),
     "yaml-tag": ("error", "a source uses a tag the safe loader refuses (objects, code)"),
     "duplicate-key": ("error", "a mapping repeats a key (YAML would silently keep the last)"),
+    "yaml-alias": ("error", "aliases expand a source past agentd's budget (an alias bomb), or make it recursive"),
     "schema": ("error", "a source breaks the workspace contract (required keys, types, allowed values)"),
     "unknown-section": ("error", "an agent enables a section that has no template"),
     "unknown-trait": ("error", "an agent lists a trait that does not exist"),
@@ -491,13 +492,16 @@ class Checker:
         rel = path.relative_to(self.root).as_posix()
         text = path.read_text(encoding="utf-8", errors="replace")
         try:
+            # Loaded first: it refuses an alias bomb, which every walk below would expand.
+            data = parse_yaml(text, allow_duplicate_keys=True)  # ``_duplicates`` finds them all
             root = yaml.compose(text, Loader=_Loader)
-            data = yaml.load(text, Loader=_Loader)
+        except AliasBomb as exc:
+            return [_yaml_finding(rel, exc.problem_mark, "yaml-alias", str(exc.problem))]
         except yaml.constructor.ConstructorError as exc:
             message = f"{exc.problem}: sources are data, loaded with the safe loader only"
             return [_yaml_finding(rel, exc.problem_mark, "yaml-tag", message)]
         except yaml.MarkedYAMLError as exc:
-            return [_yaml_finding(rel, exc.problem_mark or exc.context_mark, "yaml-syntax", str(exc.problem or exc))]
+            return [_yaml_finding(rel, exc.problem_mark or exc.context_mark, "yaml-syntax", yaml_problem(exc, text))]
         out = list(_duplicates(rel, root))
         if not isinstance(data, dict):
             return [

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -83,21 +84,168 @@ class Delta:
         self.membership |= other.membership
 
 
-def load_yaml(text: str, path: str) -> Any:
-    """Parse YAML with the safe loader only (data is data, never objects or code)."""
+#: Aliases may expand a document to this many values (nodes), or to as many as it has
+#: characters when that is more: a document without aliases always fits. PyYAML builds one
+#: shared object per anchor, so the expansion is not paid while parsing but later, by every
+#: walk of the value (fingerprinting, the JSON the store keeps, rendering): 9 levels of 10
+#: aliases in 400 bytes are 10^9 values there. Go's yaml.v3 and SnakeYAML bound the same way.
+MAX_EXPANDED_NODES = 100_000
+_ANCHOR = re.compile(r"&([0-9A-Za-z_-]+)")  # the names libyaml and PyYAML accept
+_ALIAS = re.compile(r"\*([0-9A-Za-z_-]+)")
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class AliasBomb(yaml.MarkedYAMLError):
+    """A document whose aliases expand past the budget, or that contains itself."""
+
+
+class DuplicateKey(yaml.MarkedYAMLError):
+    """A mapping that repeats a key: YAML keeps the last value and drops the first silently."""
+
+    def __init__(self, key: str, first_line: int, mark: yaml.Mark) -> None:
+        super().__init__(problem=f"duplicate key {key!r}", problem_mark=mark)
+        self.key = key
+        self.first_line = first_line
+
+
+class _StrictLoader(_Loader):  # type: ignore[misc]
+    """The safe loader, refusing duplicate keys. The check rides on ``flatten_mapping``,
+    which the constructor calls once for every mapping before building it."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        #: Mappings that had ``<<`` merge keys: flattened, they hold the merged keys next to
+        #: their own, and a second flatten (as the source of another merge) must not count
+        #: an override as a repeat.
+        self._merged: set[int] = set()
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        if id(node) not in self._merged:
+            try:  # the common case, in one set: no key text repeats and no merge
+                keys = {key.value for key, _value in node.value}
+                plain = len(keys) == len(node.value) and "<<" not in keys
+            except TypeError:  # a collection as a key
+                plain = False
+            if not plain:
+                self._check_keys(node)
+        super().flatten_mapping(node)
+
+    def _check_keys(self, node: yaml.MappingNode) -> None:
+        seen: dict[tuple[str, str], yaml.Node] = {}
+        for key_node, _value in node.value:
+            if key_node.tag == _MERGE_TAG:
+                self._merged.add(id(node))
+            elif isinstance(key_node, yaml.ScalarNode):  # the same text and tag: the same key
+                first = seen.setdefault((key_node.tag, key_node.value), key_node)
+                if first is not key_node:
+                    raise DuplicateKey(key_node.value, first.start_mark.line + 1, key_node.start_mark)
+
+
+def parse_yaml(text: str, allow_duplicate_keys: bool = False) -> Any:
+    """Parse YAML with the safe loader only (data is data, never objects or code), refusing a
+    document whose aliases expand it past the budget (``AliasBomb``) and, unless
+    ``allow_duplicate_keys``, one that repeats a key (``DuplicateKey``). Raises ``yaml.YAMLError``."""
+    loader = (_Loader if allow_duplicate_keys else _StrictLoader)(text)
     try:
-        return yaml.load(text, Loader=_Loader)
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        # Aliases expand only when a name is both anchored and aliased: most files need no walk.
+        anchors = set(_ANCHOR.findall(text))
+        if anchors and not anchors.isdisjoint(_ALIAS.findall(text)):
+            _check_expansion(node, text, max(MAX_EXPANDED_NODES, len(text)))
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _check_expansion(root: yaml.Node, text: str, budget: int) -> None:
+    """Count the values ``root`` holds once every alias is expanded (each shared node once, so
+    this costs the document's size, not the expansion's) and refuse past ``budget``."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()  # on the current path: reaching one again is a cycle
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        known = sizes.get(key)
+        if known is not None:
+            return known
+        if key in open_nodes:
+            raise AliasBomb(
+                problem="an alias refers to a collection that contains it; a source must be "
+                "a tree of values, not a recursive structure",
+                problem_mark=_alias_mark(node, text),
+            )
+        total = 1
+        if isinstance(node, yaml.SequenceNode | yaml.MappingNode):
+            open_nodes.add(key)
+            children = node.value if isinstance(node, yaml.SequenceNode) else [n for kv in node.value for n in kv]
+            for child in children:
+                total += size(child)
+            open_nodes.discard(key)
+        if total > budget:
+            raise AliasBomb(
+                problem=f"aliases expand this document past {budget:,} values (each *alias repeats "
+                "everything its &anchor holds); agentd refuses it to protect its memory: write "
+                "the values out or repeat them less",
+                problem_mark=_alias_mark(node, text),
+            )
+        sizes[key] = total
+        return total
+
+    try:
+        size(root)
+    except RecursionError:
+        raise AliasBomb(
+            problem="collections nested too deeply to count its aliases", problem_mark=root.start_mark
+        ) from None
+
+
+def _alias_mark(node: yaml.Node, text: str) -> yaml.Mark:
+    """The first alias inside ``node``'s text (where the expansion happens), else its start."""
+    start, end = node.start_mark, node.end_mark
+    found = _ALIAS.search(text, start.index + 1, max(end.index, start.index + 1))
+    if found is None:
+        return start
+    line = text.count("\n", 0, found.start())
+    column = found.start() - (text.rfind("\n", 0, found.start()) + 1)
+    return yaml.Mark(start.name, found.start(), line, column, None, 0)
+
+
+TAB_MESSAGE = "tab characters are not allowed for indentation in YAML; use spaces"
+
+
+def yaml_problem(exc: yaml.MarkedYAMLError, text: str) -> str:
+    """What is wrong, in a template author's words: a tab where YAML expects indentation is
+    reported by libyaml as "found character that cannot start any token"."""
+    mark = exc.problem_mark or exc.context_mark
+    problem = exc.problem or ""
+    if isinstance(exc, yaml.scanner.ScannerError) and mark is not None:
+        line = source_line(text, mark.line + 1) or ""
+        indent = line[: len(line) - len(line.lstrip(" \t"))]
+        at_tab = line[mark.column : mark.column + 1] == "\t"
+        if at_tab or "tab character" in problem or ("\t" in indent and "cannot start any token" in problem):
+            return TAB_MESSAGE
+    if isinstance(exc, DuplicateKey):
+        return f"duplicate key {exc.key!r} (first defined on line {exc.first_line}); YAML would keep only the last"
+    return exc.problem or "invalid YAML"
+
+
+def load_yaml(text: str, path: str) -> Any:
+    """``parse_yaml`` with duplicate keys refused; a ``DataError`` at the mistake's line."""
+    try:
+        return parse_yaml(text)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None
-        problem = exc.problem or "invalid YAML"
-        context = f" ({exc.context})" if exc.context else ""
+        problem = yaml_problem(exc, text)
+        if isinstance(exc, DuplicateKey | AliasBomb) or problem == TAB_MESSAGE:
+            message = f"{path}: {problem}"
+        else:
+            context = f" ({exc.context})" if exc.context else ""
+            message = f"{path}: malformed YAML: {problem}{context}"
         raise DataError(
-            f"{path}: malformed YAML: {problem}{context}",
-            path,
-            line,
-            source_line(text, line),
-            column=mark.column + 1 if mark else None,
+            message, path, line, source_line(text, line), column=mark.column + 1 if mark else None
         ) from None
     except yaml.YAMLError as exc:
         raise DataError(f"{path}: malformed YAML: {exc}", path) from None
