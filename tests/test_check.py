@@ -203,6 +203,19 @@ def test_yaml_alias(tiny: Path) -> None:
     assert message.startswith("aliases expand this document past 100,000 values")
 
 
+def test_unreadable_source(tiny: Path, tmp_path: Path) -> None:
+    """A link out of templates/ and agents/ is reported, and nothing of its target is read."""
+    secret = tmp_path / "secret.yaml"
+    secret.write_text("name: agentd-test-secret\n")
+    (tiny / "agents/traits/safety/leak.yaml").symlink_to(secret)
+    findings = run_checker(tiny)
+    assert "agentd-test-secret" not in repr(findings)
+    message = f"a symbolic link to the file {secret}, outside templates/ and agents/; agentd reads nothing outside them"
+    assert [f for f in findings if f[3] == "unreadable-source"] == [
+        ("agents/traits/safety/leak.yaml", 1, 1, "unreadable-source", message)
+    ]
+
+
 def test_schema_violations(tiny: Path) -> None:
     """Wrong values, wrong types, missing and unknown keys are each located with a key path."""
     replace(tiny / "agents/alpha.yaml", "skills: [a1, a2]", "skills: [a1, 2]\nlevel: guru\ncolour: red")

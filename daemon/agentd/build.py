@@ -34,7 +34,7 @@ from .pool import Composed, ComposeSpec, Pool, Result, Task, WorkerLost
 from .render import Renderer, anchor, section_title
 from .store import Store
 from .trace import MISSING, TrackedMapping, TrackedValue, fingerprint
-from .workspace import AgentSource, Delta, ParseAhead, Workspace, locate, source_line
+from .workspace import AgentSource, Delta, ParseAhead, Read, Workspace, locate, source_line
 
 BASE_TEMPLATE = "base/agent-base.j2"
 SECTION_DIR = "sections"
@@ -239,7 +239,7 @@ class Engine:
         self._resolve(delta, old_sections)
         return old_sections, self._catalog(delta)
 
-    def replay(self, journal: dict[Path, bytes | None]) -> TrackedCatalog:
+    def replay(self, journal: dict[Path, Read]) -> TrackedCatalog:
         """In a worker process: reach the parent's state from the files it read since."""
         delta = self.workspace.replay(journal)
         self.renderer.compile(delta.templates)
@@ -332,6 +332,7 @@ class Engine:
         errors += (e for n, e in self.renderer.compile_errors.items() if n not in self.workspace.template_errors)
         errors += self.workspace.trait_errors.values()
         errors += self.workspace.agent_errors.values()
+        errors += self.workspace.folder_errors.values()
         for agent_id in sorted(self.agent_errors):
             errors += self.agent_errors[agent_id]
         return dedupe_errors(errors)
@@ -498,11 +499,7 @@ class Engine:
         return Plan(agent, metas, {m["id"]: fingerprint(m) for m in metas}, resolved)
 
     def _fail(self, agent: AgentSource, keys: list[str | int], message: str) -> None:
-        root = self.config.root
-        try:
-            text = (root / agent.path).read_text(encoding="utf-8")
-        except OSError:
-            text = ""
+        text = self.workspace.source_text(agent.path)
         line = locate(text, keys)
         raise DataError(f"{agent.path}: {message}", agent.path, line, source_line(text, line))
 
@@ -1065,6 +1062,8 @@ class Engine:
         """Remove outputs of agents that are gone: walks the manifest (O(agents)), so only
         when the set of agents changed since the last walk."""
         ws = self.workspace
+        if self.config.agents_path in ws.unlisted:  # which agents exist is unknown: keep all
+            return
         agent_set = (ws.catalog_fp, tuple(sorted(ws.agent_errors)))
         if agent_set == self._agent_set_checked:
             return
