@@ -13,7 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -226,11 +226,24 @@ def corpus_copy(tmp_path_factory: pytest.TempPathFactory) -> Callable[[], Path]:
     return make
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run the real ``agentd`` command line in a subprocess."""
+def unprivileged() -> list[str]:
+    """A command prefix under which file modes apply: root reads a chmod 000 file anyway, so
+    as root agentd runs without the capabilities that let it (``setpriv`` of util-linux)."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv: file modes do not apply")
+    return [setpriv, "--bounding-set=-dac_override,-dac_read_search"]
+
+
+def run_cli(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, prefix: Sequence[str] = ()
+) -> subprocess.CompletedProcess[str]:
+    """Run the real ``agentd`` command line in a subprocess (``prefix``: a command to run it under)."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "agentd", *args],
+        [*prefix, sys.executable, "-m", "agentd", *args],
         cwd=cwd,
         env=full_env,
         capture_output=True,
@@ -310,15 +323,21 @@ class Daemon:
 
 @contextlib.asynccontextmanager
 async def run_daemon(
-    root: Path, *args: str, env: dict[str, str] | None = None, nofile: int | None = None
+    root: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    nofile: int | None = None,
+    prefix: Sequence[str] = (),
 ) -> AsyncIterator[Daemon]:
     """Start ``agentd watch`` on ``root``, wait until it is ready, stop it (SIGTERM) on exit.
-    ``nofile``: the daemon's file-descriptor limit (RLIMIT_NOFILE)."""
+    ``nofile``: the daemon's file-descriptor limit (RLIMIT_NOFILE); ``prefix``: a command to
+    run it under (``setpriv`` ...)."""
 
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
     proc = await asyncio.create_subprocess_exec(
+        *prefix,
         sys.executable,
         "-m",
         "agentd",

@@ -184,6 +184,38 @@ def test_duplicate_key(tiny: Path) -> None:
     ]
 
 
+def run_checker(root: Path) -> list[tuple[str, int, int, str, str]]:
+    """``agentd check`` in-process: (path, line, column, rule, message) of each finding."""
+    from agentd.check import Checker
+
+    return [(f.path, f.line, f.column, f.rule, f.message) for f in Checker(Config.load(root)).run()]
+
+
+def test_yaml_alias(tiny: Path) -> None:
+    """Aliases that expand a source past the budget are refused at the first alias of the
+    collection that crosses it, before any walk of the value could expand them."""
+    levels = "abcdef"  # 10^6 values
+    lines = ["a: &a [" + ",".join(["1"] * 10) + "]"]
+    lines += [f"{n}: &{n} [" + ",".join([f"*{p}"] * 10) + "]" for p, n in zip(levels, levels[1:], strict=False)]
+    (tiny / "agents/bomb.yaml").write_text("\n".join(lines) + "\n")
+    [(path, line, column, message)] = [(p, ln, c, m) for p, ln, c, r, m in run_checker(tiny) if r == "yaml-alias"]
+    assert (path, line, column) == ("agents/bomb.yaml", 5, 8)
+    assert message.startswith("aliases expand this document past 100,000 values")
+
+
+def test_unreadable_source(tiny: Path, tmp_path: Path) -> None:
+    """A link out of templates/ and agents/ is reported, and nothing of its target is read."""
+    secret = tmp_path / "secret.yaml"
+    secret.write_text("name: agentd-test-secret\n")
+    (tiny / "agents/traits/safety/leak.yaml").symlink_to(secret)
+    findings = run_checker(tiny)
+    assert "agentd-test-secret" not in repr(findings)
+    message = f"a symbolic link to the file {secret}, outside templates/ and agents/; agentd reads nothing outside them"
+    assert [f for f in findings if f[3] == "unreadable-source"] == [
+        ("agents/traits/safety/leak.yaml", 1, 1, "unreadable-source", message)
+    ]
+
+
 def test_schema_violations(tiny: Path) -> None:
     """Wrong values, wrong types, missing and unknown keys are each located with a key path."""
     replace(tiny / "agents/alpha.yaml", "skills: [a1, a2]", "skills: [a1, 2]\nlevel: guru\ncolour: red")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from agentd.output import MANIFEST
-from conftest import EDIT_KINDS, clean_build, read_outputs, run_daemon, set_config, slow_down
+from conftest import EDIT_KINDS, clean_build, read_outputs, run_daemon, set_config, slow_down, unprivileged
 
 
 def replace(path: Path, old: str, new: str) -> None:
@@ -340,6 +340,40 @@ async def test_template_folder_deleted_and_recreated(tiny: Path, tmp_path: Path)
         shutil.copytree(saved, tiny / "templates/fragments")
         await d.wait_for(lambda e: e.get("event") == "build.finished" and e["errors"] == 0, start=len(d.events))
         await d.quiet(0.4)
+    assert read_outputs(tiny) == clean_build(tiny, tmp_path / "oracle")
+
+
+async def test_unreadable_source_and_folder_are_built_once_readable(tiny: Path, tmp_path: Path) -> None:
+    """A source and a folder the daemon may not read are errors of their own ("permission
+    denied") and the daemon keeps running; chmod back (an attribute change) builds them, edits
+    inside the folder are seen from then on, and a folder's error goes with the folder."""
+    prefix = unprivileged()
+    beta, safety = tiny / "agents/beta.yaml", tiny / "agents/traits/safety"
+    beta.chmod(0)
+    safety.chmod(0)
+    try:
+        async with run_daemon(tiny, prefix=prefix) as d:
+            messages = {e["message"] for e in d.named("build.error")}
+            assert "agents/beta.yaml: cannot read: permission denied" in messages
+            assert (
+                "agents/traits/safety: cannot list this folder: permission denied; the sources in it are left out"
+                in messages
+            )
+            beta.chmod(0o644)
+            safety.chmod(0o755)
+            await d.wait_for(lambda e: e.get("event") == "build.finished" and e["errors"] == 0, start=len(d.events))
+            replace(safety / "careful.yaml", "Look before", "Always look before")
+            await d.wait_for(lambda e: "alpha.md" in e.get("written", ()), start=len(d.events))
+            # A folder's own error (here a link out of the workspace) goes with the folder.
+            (safety / "out").symlink_to(tmp_path, target_is_directory=True)
+            await d.wait_for(lambda e: e.get("event") == "build.finished" and e["errors"] == 1, start=len(d.events))
+            (safety / "out").unlink()
+            await d.wait_for(lambda e: e.get("event") == "build.finished" and e["errors"] == 0, start=len(d.events))
+            await d.quiet(0.3)
+    finally:
+        beta.chmod(0o644)
+        safety.chmod(0o755)
+    assert "Always look before" in (tiny / "out/alpha.md").read_text()
     assert read_outputs(tiny) == clean_build(tiny, tmp_path / "oracle")
 
 

@@ -35,7 +35,7 @@ from .pool import Composed, ComposeSpec, Pool, Result, Task, WorkerLost
 from .render import Renderer, anchor, section_title
 from .store import Store
 from .trace import MISSING, TrackedMapping, TrackedValue, fingerprint
-from .workspace import AgentSource, Delta, ParseAhead, Workspace, locate, source_line
+from .workspace import AgentSource, Delta, ParseAhead, Read, Workspace, locate, source_line
 
 BASE_TEMPLATE = "base/agent-base.j2"
 SECTION_DIR = "sections"
@@ -254,7 +254,7 @@ class Engine:
         self._resolve(delta, old_sections)
         return old_sections, self._catalog(delta)
 
-    def replay(self, journal: dict[Path, bytes | None]) -> TrackedCatalog:
+    def replay(self, journal: dict[Path, Read]) -> TrackedCatalog:
         """In a worker process: reach the parent's state from the files it read since."""
         delta = self.workspace.replay(journal)
         self.renderer.compile(delta.templates)
@@ -375,6 +375,7 @@ class Engine:
         errors += self.workspace.trait_errors.values()
         errors += self.workspace.agent_errors.values()
         errors += self._blocked_errors()
+        errors += self.workspace.folder_errors.values()
         for agent_id in sorted(self.agent_errors):
             errors += (e for e in self.agent_errors[agent_id] if not isinstance(e, BlockedError))
         errors += self.write_errors.values()
@@ -579,11 +580,7 @@ class Engine:
         return Plan(agent, metas, {m["id"]: fingerprint(m) for m in metas}, resolved)
 
     def _fail(self, agent: AgentSource, keys: list[str | int], message: str) -> None:
-        root = self.config.root
-        try:
-            text = (root / agent.path).read_text(encoding="utf-8")
-        except OSError:
-            text = ""
+        text = self.workspace.source_text(agent.path)
         line = locate(text, keys)
         raise DataError(f"{agent.path}: {message}", agent.path, line, source_line(text, line))
 
@@ -1170,6 +1167,8 @@ class Engine:
         """Remove outputs of agents that are gone: walks the manifest (O(agents)), so only
         when the set of agents changed since the last walk."""
         ws = self.workspace
+        if self.config.agents_path in ws.unlisted:  # which agents exist is unknown: keep all
+            return
         agent_set = (ws.catalog_fp, tuple(sorted(ws.agent_errors)))
         if agent_set == self._agent_set_checked:
             return

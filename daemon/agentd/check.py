@@ -32,9 +32,9 @@ from jinja2 import nodes
 from .build import BASE_TEMPLATE, OUTPUT_SUFFIX, Engine, Plan
 from .cache import Layer
 from .config import Config
-from .exceptions import TemplateError
+from .exceptions import SourceError, TemplateError
 from .render import anchor
-from .workspace import TRAITS_DIR, YAML_SUFFIXES, _Loader, node_at, position
+from .workspace import AliasBomb, Unreadable, Workspace, _Loader, node_at, parse_yaml, position, yaml_problem
 
 if TYPE_CHECKING:  # imported where sources are validated: the daemon's output gates never need it
     import jsonschema
@@ -51,6 +51,8 @@ RULES: dict[str, tuple[str, str]] = {
     "yaml-syntax": ("error", "a source is not valid YAML"),
     "yaml-tag": ("error", "a source uses a tag the safe loader refuses (objects, code)"),
     "duplicate-key": ("error", "a mapping repeats a key (YAML would silently keep the last)"),
+    "yaml-alias": ("error", "aliases expand a source past agentd's budget (an alias bomb), or make it recursive"),
+    "unreadable-source": ("error", "a source or folder agentd cannot or must not read (permissions, a link outside)"),
     "schema": ("error", "a source breaks the workspace contract (required keys, types, allowed values)"),
     "unknown-section": ("error", "an agent enables a section that has no template"),
     "unknown-trait": ("error", "an agent lists a trait that does not exist"),
@@ -376,7 +378,10 @@ class Checker:
         refs = nx.DiGraph()
         ref_lines: dict[tuple[str, str], int] = {}
         compile_errors = {**engine.renderer.compile_errors, **ws.template_errors}
+        unread = _unread(ws)  # reported by ``_sources``
         for _name, error in sorted(compile_errors.items()):
+            if error.path in unread:
+                continue
             message = error.message.split(": ", 1)[-1].removeprefix("template syntax error: ")
             out.append(finding(error.path, error.line, 1, "template-syntax", message))
         for name in sorted(set(ws.templates) - set(compile_errors)):
@@ -403,6 +408,8 @@ class Checker:
         out += self._cycles(refs, ref_lines)
         out += self._unreachable(engine, refs)
         for error in errors:
+            if _error_path(error) in unread:
+                continue
             if isinstance(error, TemplateError) and error.path.startswith(self.config.templates_dir):
                 if any(f.rule == "template-syntax" and f.path == error.path for f in out):
                     continue
@@ -470,14 +477,16 @@ class Checker:
 
     # -- sources ------------------------------------------------------------------------------
     def _sources(self, engine: Engine) -> list[Finding]:
-        adir = self.config.agents_path
-        out: list[Finding] = []
+        """Every source the build read (never through a link out of the workspace), and every
+        one or every folder it could not read."""
+        ws = engine.workspace
+        out = [finding(rel, 1, 1, "unreadable-source", why) for rel, why in _unread(ws).items()]
         sections = set(engine.available_sections())
-        traits = set(engine.workspace.traits) | set(engine.workspace.trait_errors)
-        for path in sorted(p for p in adir.glob("*") if p.suffix in YAML_SUFFIXES):
-            out += self._source(path, "agent", sections, traits)
-        for path in sorted(p for p in adir.glob(f"{TRAITS_DIR}/*/*") if p.suffix in YAML_SUFFIXES):
-            out += self._source(path, "trait", sections, traits)
+        traits = set(ws.traits) | set(ws.trait_errors)
+        for path in sorted(ws.files()):
+            kind = ws.classify(path)
+            if kind is not None and kind[0] != "template" and path not in ws.unreadable:
+                out += self._source(ws, path, kind[0], sections, traits)
         return out
 
     def _schema(self, kind: str) -> jsonschema.protocols.Validator:
@@ -487,17 +496,26 @@ class Checker:
 
         return jsonschema.Draft202012Validator(schema)
 
-    def _source(self, path: Path, kind: str, sections: set[str], traits: set[str]) -> list[Finding]:
-        rel = path.relative_to(self.root).as_posix()
-        text = path.read_text(encoding="utf-8", errors="replace")
+    def _source(self, ws: Workspace, path: Path, kind: str, sections: set[str], traits: set[str]) -> list[Finding]:
+        rel = ws.rel(path)
         try:
+            raw = ws.read_source(path)
+        except Unreadable as exc:
+            return [finding(rel, 1, 1, "unreadable-source", str(exc))]
+        if raw is None:
+            return []
+        text = raw.decode("utf-8", errors="replace")
+        try:
+            # Loaded first: it refuses an alias bomb, which every walk below would expand.
+            data = parse_yaml(text, allow_duplicate_keys=True)  # ``_duplicates`` finds them all
             root = yaml.compose(text, Loader=_Loader)
-            data = yaml.load(text, Loader=_Loader)
+        except AliasBomb as exc:
+            return [_yaml_finding(rel, exc.problem_mark, "yaml-alias", str(exc.problem))]
         except yaml.constructor.ConstructorError as exc:
             message = f"{exc.problem}: sources are data, loaded with the safe loader only"
             return [_yaml_finding(rel, exc.problem_mark, "yaml-tag", message)]
         except yaml.MarkedYAMLError as exc:
-            return [_yaml_finding(rel, exc.problem_mark or exc.context_mark, "yaml-syntax", str(exc.problem or exc))]
+            return [_yaml_finding(rel, exc.problem_mark or exc.context_mark, "yaml-syntax", yaml_problem(exc, text))]
         out = list(_duplicates(rel, root))
         if not isinstance(data, dict):
             return [
@@ -515,6 +533,17 @@ class Checker:
                     message = f"sections: {required!r} is required by [check] required_sections but not enabled"
                     out.append(finding(rel, line, col, "required-section", message))
         return out
+
+
+def _unread(ws: Workspace) -> dict[str, str]:
+    """Workspace path -> why agentd could not read it: sources, folders, folder links."""
+    unread = {ws.rel(path): why for path, why in ws.unreadable.items()}
+    unread.update({error.path: error.message.split(": ", 1)[-1] for error in ws.folder_errors.values()})
+    return unread
+
+
+def _error_path(error: Any) -> str | None:
+    return error.path if isinstance(error, SourceError) else None
 
 
 def _assigned(ast: nodes.Template) -> set[str]:

@@ -56,6 +56,7 @@ from .output import OutputChanged, WriteOutcome
 
 if TYPE_CHECKING:
     from .build import Engine
+    from .workspace import Read
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +151,7 @@ class Pool:
         return len(self._procs)
 
     def render(
-        self, journal: dict[Path, bytes | None], tasks: list[Task], finish_early: bool = False
+        self, journal: dict[Path, Read], tasks: list[Task], finish_early: bool = False
     ) -> Iterator[tuple[Result, dict[str, Counters]]]:
         """Render ``tasks`` after bringing every worker up to ``journal``; yield each agent's
         result as it arrives. Raises ``WorkerLost`` (after which the pool is unusable); a caller
@@ -186,7 +187,7 @@ class Pool:
         except (EOFError, OSError, BrokenPipeError) as exc:
             raise WorkerLost(str(exc) or type(exc).__name__) from exc
 
-    def sync(self, journal: dict[Path, bytes | None]) -> None:
+    def sync(self, journal: dict[Path, Read]) -> None:
         """Send every worker the files the daemon re-read since their last batch, to replay
         (``Engine.replay``) before their next chunk. Raises ``WorkerLost``."""
         if not journal:

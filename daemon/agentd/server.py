@@ -295,7 +295,8 @@ class Server:
         task.add_done_callback(self._background.discard)
 
     def _is_known_dir(self, path: Path) -> bool:
-        return path in self._known_dirs
+        # A folder with an error of its own (unreadable, a link out) holds no file read.
+        return path in self._known_dirs or path in self.engine.workspace.folder_errors
 
     async def _settle(self) -> None:
         """Hold a batch that deletes or touches many files until the disk is quiet for
@@ -318,6 +319,10 @@ class Server:
             await self._start_watchers(root_too=False)
             await self._build(None)
         elif batch.paths or restored:
+            if not batch.paths.isdisjoint(self.engine.workspace.unlisted):
+                # A folder that could not be listed has no watch inside (watchfiles skipped
+                # it): it changed (readable again?), so watch anew before reading it.
+                await self._start_watchers(root_too=False)
             await self._build(batch.paths)
 
     async def _restore_outputs(self, batch: Batch) -> list[str]:

@@ -105,6 +105,8 @@ class Pending:
 
 
 def _watch(config: Config, paths: list[Path], watch_filter: Any, stop: asyncio.Event, recursive: bool) -> Any:
+    # A folder it may not list would stop watchfiles at once (PermissionError); the workspace
+    # reports that folder instead, and the daemon watches anew once it changes.
     return awatch(
         *paths,
         watch_filter=watch_filter,
@@ -112,6 +114,7 @@ def _watch(config: Config, paths: list[Path], watch_filter: Any, stop: asyncio.E
         step=config.step_ms,
         stop_event=stop,
         recursive=recursive,
+        ignore_permission_denied=True,
     )
 
 

@@ -9,8 +9,12 @@ invalidate exactly their readers.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import hashlib
 import os
-from collections.abc import Iterable
+import re
+import stat
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -83,21 +87,168 @@ class Delta:
         self.membership |= other.membership
 
 
-def load_yaml(text: str, path: str) -> Any:
-    """Parse YAML with the safe loader only (data is data, never objects or code)."""
+#: Aliases may expand a document to this many values (nodes), or to as many as it has
+#: characters when that is more: a document without aliases always fits. PyYAML builds one
+#: shared object per anchor, so the expansion is not paid while parsing but later, by every
+#: walk of the value (fingerprinting, the JSON the store keeps, rendering): 9 levels of 10
+#: aliases in 400 bytes are 10^9 values there. Go's yaml.v3 and SnakeYAML bound the same way.
+MAX_EXPANDED_NODES = 100_000
+_ANCHOR = re.compile(r"&([0-9A-Za-z_-]+)")  # the names libyaml and PyYAML accept
+_ALIAS = re.compile(r"\*([0-9A-Za-z_-]+)")
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class AliasBomb(yaml.MarkedYAMLError):
+    """A document whose aliases expand past the budget, or that contains itself."""
+
+
+class DuplicateKey(yaml.MarkedYAMLError):
+    """A mapping that repeats a key: YAML keeps the last value and drops the first silently."""
+
+    def __init__(self, key: str, first_line: int, mark: yaml.Mark) -> None:
+        super().__init__(problem=f"duplicate key {key!r}", problem_mark=mark)
+        self.key = key
+        self.first_line = first_line
+
+
+class _StrictLoader(_Loader):  # type: ignore[misc]
+    """The safe loader, refusing duplicate keys. The check rides on ``flatten_mapping``,
+    which the constructor calls once for every mapping before building it."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        #: Mappings that had ``<<`` merge keys: flattened, they hold the merged keys next to
+        #: their own, and a second flatten (as the source of another merge) must not count
+        #: an override as a repeat.
+        self._merged: set[int] = set()
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        if id(node) not in self._merged:
+            try:  # the common case, in one set: no key text repeats and no merge
+                keys = {key.value for key, _value in node.value}
+                plain = len(keys) == len(node.value) and "<<" not in keys
+            except TypeError:  # a collection as a key
+                plain = False
+            if not plain:
+                self._check_keys(node)
+        super().flatten_mapping(node)
+
+    def _check_keys(self, node: yaml.MappingNode) -> None:
+        seen: dict[tuple[str, str], yaml.Node] = {}
+        for key_node, _value in node.value:
+            if key_node.tag == _MERGE_TAG:
+                self._merged.add(id(node))
+            elif isinstance(key_node, yaml.ScalarNode):  # the same text and tag: the same key
+                first = seen.setdefault((key_node.tag, key_node.value), key_node)
+                if first is not key_node:
+                    raise DuplicateKey(key_node.value, first.start_mark.line + 1, key_node.start_mark)
+
+
+def parse_yaml(text: str, allow_duplicate_keys: bool = False) -> Any:
+    """Parse YAML with the safe loader only (data is data, never objects or code), refusing a
+    document whose aliases expand it past the budget (``AliasBomb``) and, unless
+    ``allow_duplicate_keys``, one that repeats a key (``DuplicateKey``). Raises ``yaml.YAMLError``."""
+    loader = (_Loader if allow_duplicate_keys else _StrictLoader)(text)
     try:
-        return yaml.load(text, Loader=_Loader)
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        # Aliases expand only when a name is both anchored and aliased: most files need no walk.
+        anchors = set(_ANCHOR.findall(text))
+        if anchors and not anchors.isdisjoint(_ALIAS.findall(text)):
+            _check_expansion(node, text, max(MAX_EXPANDED_NODES, len(text)))
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _check_expansion(root: yaml.Node, text: str, budget: int) -> None:
+    """Count the values ``root`` holds once every alias is expanded (each shared node once, so
+    this costs the document's size, not the expansion's) and refuse past ``budget``."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()  # on the current path: reaching one again is a cycle
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        known = sizes.get(key)
+        if known is not None:
+            return known
+        if key in open_nodes:
+            raise AliasBomb(
+                problem="an alias refers to a collection that contains it; a source must be "
+                "a tree of values, not a recursive structure",
+                problem_mark=_alias_mark(node, text),
+            )
+        total = 1
+        if isinstance(node, yaml.SequenceNode | yaml.MappingNode):
+            open_nodes.add(key)
+            children = node.value if isinstance(node, yaml.SequenceNode) else [n for kv in node.value for n in kv]
+            for child in children:
+                total += size(child)
+            open_nodes.discard(key)
+        if total > budget:
+            raise AliasBomb(
+                problem=f"aliases expand this document past {budget:,} values (each *alias repeats "
+                "everything its &anchor holds); agentd refuses it to protect its memory: write "
+                "the values out or repeat them less",
+                problem_mark=_alias_mark(node, text),
+            )
+        sizes[key] = total
+        return total
+
+    try:
+        size(root)
+    except RecursionError:
+        raise AliasBomb(
+            problem="collections nested too deeply to count its aliases", problem_mark=root.start_mark
+        ) from None
+
+
+def _alias_mark(node: yaml.Node, text: str) -> yaml.Mark:
+    """The first alias inside ``node``'s text (where the expansion happens), else its start."""
+    start, end = node.start_mark, node.end_mark
+    found = _ALIAS.search(text, start.index + 1, max(end.index, start.index + 1))
+    if found is None:
+        return start
+    line = text.count("\n", 0, found.start())
+    column = found.start() - (text.rfind("\n", 0, found.start()) + 1)
+    return yaml.Mark(start.name, found.start(), line, column, None, 0)
+
+
+TAB_MESSAGE = "tab characters are not allowed for indentation in YAML; use spaces"
+
+
+def yaml_problem(exc: yaml.MarkedYAMLError, text: str) -> str:
+    """What is wrong, in a template author's words: a tab where YAML expects indentation is
+    reported by libyaml as "found character that cannot start any token"."""
+    mark = exc.problem_mark or exc.context_mark
+    problem = exc.problem or ""
+    if isinstance(exc, yaml.scanner.ScannerError) and mark is not None:
+        line = source_line(text, mark.line + 1) or ""
+        indent = line[: len(line) - len(line.lstrip(" \t"))]
+        at_tab = line[mark.column : mark.column + 1] == "\t"
+        if at_tab or "tab character" in problem or ("\t" in indent and "cannot start any token" in problem):
+            return TAB_MESSAGE
+    if isinstance(exc, DuplicateKey):
+        return f"duplicate key {exc.key!r} (first defined on line {exc.first_line}); YAML would keep only the last"
+    return exc.problem or "invalid YAML"
+
+
+def load_yaml(text: str, path: str) -> Any:
+    """``parse_yaml`` with duplicate keys refused; a ``DataError`` at the mistake's line."""
+    try:
+        return parse_yaml(text)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None
-        problem = exc.problem or "invalid YAML"
-        context = f" ({exc.context})" if exc.context else ""
+        problem = yaml_problem(exc, text)
+        if isinstance(exc, DuplicateKey | AliasBomb) or problem == TAB_MESSAGE:
+            message = f"{path}: {problem}"
+        else:
+            context = f" ({exc.context})" if exc.context else ""
+            message = f"{path}: malformed YAML: {problem}{context}"
         raise DataError(
-            f"{path}: malformed YAML: {problem}{context}",
-            path,
-            line,
-            source_line(text, line),
-            column=mark.column + 1 if mark else None,
+            message, path, line, source_line(text, line), column=mark.column + 1 if mark else None
         ) from None
     except yaml.YAMLError as exc:
         raise DataError(f"{path}: malformed YAML: {exc}", path) from None
@@ -119,11 +270,14 @@ class ParseAhead:
     #: Forking pays off from this many sources to parse.
     MIN_FILES = 16
 
-    def __init__(self, items: list[tuple[str, Path, bytes | None]], workers: int) -> None:
+    def __init__(
+        self, items: list[tuple[str, Path, bytes | None]], workers: int, read: Callable[[Path], bytes | None]
+    ) -> None:
         import multiprocessing
 
         context = multiprocessing.get_context("fork")
         self._items = items
+        self._read = read  # ``Workspace.read_source``: nothing outside the workspace is read
         self._next = context.Value("q", 0)  # the next source to parse, for whoever is free
         self._workers: list[tuple[multiprocessing.connection.Connection, multiprocessing.process.BaseProcess]] = []
         try:
@@ -150,18 +304,21 @@ class ParseAhead:
         paths = workspace.agent_paths()
         items: list[tuple[str, Path, bytes | None]]
         if store is not None and store.path.exists():
-            items = [
-                (workspace.rel(path), path, raw)
-                for path in paths
-                if (raw := workspace._read(path)) is not None and not store.has_parsed(fingerprint(raw))
-            ]
+            items = []
+            for path in paths:
+                try:
+                    raw = workspace.read_source(path)
+                except Unreadable:  # the workspace reads it again and reports why not
+                    continue
+                if raw is not None and not store.has_parsed(fingerprint(raw)):
+                    items.append((workspace.rel(path), path, raw))
             store.close()  # never carry an open SQLite connection across fork()
         else:  # nothing stored to skip: whichever process parses a source reads it
             items = [(workspace.rel(path), path, None) for path in paths]
         if len(items) < cls.MIN_FILES:
             return None
         try:
-            return cls(items, jobs - 1)
+            return cls(items, jobs - 1, workspace.read_source)
         except OSError:  # no processes to be had: the workspace parses them in-process
             return None
 
@@ -178,7 +335,9 @@ class ParseAhead:
                 return out
             rel, path, raw = self._items[index]
             try:
-                raw = path.read_bytes() if raw is None else raw
+                raw = self._read(path) if raw is None else raw
+                if raw is None:
+                    continue
                 value = load_yaml(raw.decode("utf-8"), rel)
             except Exception:  # the workspace reads and parses it again, and reports why not
                 continue
@@ -243,6 +402,49 @@ def decode_text(raw: bytes, rel: str, error: type[SourceError]) -> str:
         raw[start : end if end >= 0 else len(raw)].decode("utf-8", "replace"),
         column=column,
     )
+
+
+#: Opening a source never blocks (a FIFO named x.yaml) nor adopts a terminal.
+_OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+
+
+class Unreadable(Exception):
+    """A source agentd cannot or must not read; the message says why, in a user's words."""
+
+
+#: A file as one read saw it: its bytes, why it could not be read, or None (no such file).
+Read = bytes | Unreadable | None
+
+
+def _unreadable_fp(reason: str) -> bytes:
+    """What ``Workspace._raw`` keeps of a file it could not read (never a content's fingerprint:
+    another domain of the hash), so that it is read again once it changes."""
+    return hashlib.blake2b(reason.encode(), digest_size=16, person=b"agentd:unread").digest()
+
+
+def _read_fd(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _real_path(fd: int, path: Path) -> str:
+    """Where the open file ``fd`` really is: every link on the way resolved, by the kernel,
+    for the file actually opened (no window for a link to be swapped in)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:  # no /proc: resolve the name instead
+        return os.path.realpath(path)
+
+
+def _cannot_read(exc: OSError) -> None:
+    """Nothing for a file that is not there (any more); otherwise why it cannot be read."""
+    if isinstance(exc, FileNotFoundError | NotADirectoryError | IsADirectoryError):
+        return
+    if isinstance(exc, PermissionError):
+        raise Unreadable("cannot read: permission denied") from None
+    raise Unreadable(f"cannot read: {(exc.strerror or str(exc)).lower()}") from None
 
 
 def source_line(text: str, line: int | None) -> str | None:
@@ -316,7 +518,18 @@ class Workspace:
         self.prefetched: dict[bytes, tuple[Any, bytes | None]] = {}
         #: When set, every file (re-)read is recorded here: path -> bytes (None: gone). Worker
         #: processes replay it to reach exactly this state (``pool.py``).
-        self.journal: dict[Path, bytes | None] | None = None
+        self.journal: dict[Path, Read] | None = None
+        #: Sources that could not be read -> why (their errors are the agent's, trait's or
+        #: template's own); folders that could not be listed, and links to folders outside the
+        #: workspace: errors of their own, no source to pin them on.
+        self.unreadable: dict[Path, str] = {}
+        self.folder_errors: dict[Path, SourceError] = {}
+        self.unlisted: set[Path] = set()  # folders that could not be listed
+        #: Sources that are symbolic links -> their targets (workspace paths), and back: an
+        #: edit of a target is reported for the target only, and its links must follow.
+        self._links: dict[Path, Path] = {}
+        self._linked: dict[Path, set[Path]] = {}
+        self._roots = self._real_roots()
 
     # -- paths ----------------------------------------------------------------------------
     def rel(self, path: Path) -> str:
@@ -346,14 +559,166 @@ class Workspace:
         return list(self._raw)
 
     def _disk_files(self, top: Path) -> set[Path]:
-        if top.is_file():
+        """Every file under ``top`` (or ``top`` itself). Links to folders are not followed
+        (a link out of the workspace is reported); folders that cannot be listed are."""
+        self._forget_folders(top)
+        try:
+            mode = os.stat(top).st_mode
+        except OSError:
+            return set()
+        if not stat.S_ISDIR(mode):
             return {top}
+        if top not in self._root_paths and os.path.realpath(top) != self._expected(top):
+            self._folder_link(top)  # a link to a folder, or inside one
+            return set()
         found: set[Path] = set()
-        if top.is_dir():
-            for dirpath, dirnames, filenames in os.walk(top):
-                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-                found.update(Path(dirpath, f) for f in filenames)
+        for dirpath, dirnames, filenames in os.walk(top, onerror=self._unlistable):
+            kept = []
+            for name in dirnames:
+                if not name.startswith("."):
+                    sub = os.path.join(dirpath, name)
+                    if os.path.islink(sub):
+                        self._folder_link(Path(sub))
+                    else:
+                        kept.append(name)
+            dirnames[:] = kept
+            found.update(Path(dirpath, f) for f in filenames)
         return found
+
+    # -- reading: never outside the workspace -----------------------------------------------
+    @property
+    def _root_paths(self) -> tuple[Path, Path]:
+        return self.config.templates_path, self.config.agents_path
+
+    def _real_roots(self) -> list[tuple[str, str]]:
+        """templates/ and agents/ as configured and as they really are (each may be a link)."""
+        return [(str(p), os.path.realpath(p)) for p in self._root_paths]
+
+    def _expected(self, path: Path) -> str | None:
+        """The real path of a workspace path when no link lies on its way below the roots."""
+        text = str(path)
+        for lexical, real in self._roots:
+            if text == lexical or text.startswith(lexical + os.sep):
+                return real + text[len(lexical) :]
+        return None
+
+    def _inside(self, real: str) -> str | None:
+        """The workspace path of a real path inside templates/ or agents/ (else None)."""
+        for lexical, root in self._roots:
+            if real == root or real.startswith(root + os.sep):
+                return lexical + real[len(root) :]
+        return None
+
+    def _outside(self, real: str, what: str) -> str:
+        dirs = f"{self.config.templates_dir}/ and {self.config.agents_dir}/"
+        return f"a symbolic link to {what} {real}, outside {dirs}; agentd reads nothing outside them"
+
+    def read_source(self, path: Path) -> bytes | None:
+        """A source's bytes; None when there is no such file (gone, a folder, a dangling link,
+        or reached through a link to a folder: not followed). Raises ``Unreadable`` for one
+        agentd cannot or must not read: a link out of templates/ and agents/ (whose target it
+        does not even open), no permission, not a regular file."""
+        found = self._open_source(path)
+        return found[0] if found is not None else None
+
+    def _open_source(self, path: Path) -> tuple[bytes, str | None] | None:
+        """``read_source``, plus the target (a workspace path) when the file is a link."""
+        try:
+            fd = os.open(path, _OPEN_FLAGS | os.O_NOFOLLOW)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:  # the file itself is a symbolic link
+                return self._open_link(path)
+            _cannot_read(exc)
+            return None
+        try:
+            st = os.fstat(fd)
+            # A plain file's real path is the one expected unless a folder link is on the
+            # way (or it was renamed or deleted since): one readlink, no walk of the path.
+            if stat.S_ISDIR(st.st_mode) or _real_path(fd, path) != self._expected(path):
+                return None
+            if not stat.S_ISREG(st.st_mode):
+                raise Unreadable("cannot read: not a regular file")
+            return _read_fd(fd), None
+        except OSError as exc:
+            _cannot_read(exc)
+            return None
+        finally:
+            os.close(fd)
+
+    def _open_link(self, path: Path) -> tuple[bytes, str | None] | None:
+        """A source that is a symbolic link: read when it leads to a file inside templates/ or
+        agents/; a target outside them is not even opened (it may be a device or a FIFO)."""
+        if os.path.realpath(path.parent) != self._expected(path.parent):
+            return None  # inside a linked folder: not followed
+        real = os.path.realpath(path)
+        target = self._inside(real)
+        if target is None:
+            if not os.path.lexists(real) or os.path.isdir(real):
+                return None  # dangling, as any missing file; a folder: the walk reports it
+            raise Unreadable(self._outside(real, "the file"))
+        try:
+            fd = os.open(real, _OPEN_FLAGS | os.O_NOFOLLOW)
+        except OSError as exc:
+            _cannot_read(exc)
+            return None
+        try:
+            st = os.fstat(fd)
+            # A folder, or a link swapped in on the way since it was resolved: nothing to read.
+            if stat.S_ISDIR(st.st_mode) or _real_path(fd, Path(real)) != real:
+                return None
+            if not stat.S_ISREG(st.st_mode):
+                raise Unreadable("cannot read: not a regular file")
+            return _read_fd(fd), target
+        except OSError as exc:
+            _cannot_read(exc)
+            return None
+        finally:
+            os.close(fd)
+
+    def source_text(self, rel: str) -> str:
+        """A source's text on disk now, "" when it cannot be read (to locate an error in it)."""
+        try:
+            raw = self.read_source(self.root / rel)
+        except Unreadable:
+            return ""
+        return raw.decode("utf-8", errors="replace") if raw is not None else ""
+
+    def _folder_error(self, path: Path, message: str) -> None:
+        rel = self.rel(path)
+        kind = TemplateError if path.is_relative_to(self.config.templates_path) else DataError
+        self.folder_errors[path] = kind(f"{rel}: {message}", rel)
+
+    def _folder_link(self, path: Path) -> None:
+        """A link to a folder is not followed; one leading out of the workspace is an error
+        (a link inside, as ever, is ignored)."""
+        real = os.path.realpath(path)
+        if os.path.islink(path) and self._inside(real) is None:
+            self._folder_error(path, self._outside(real, "the folder"))
+
+    def _unlistable(self, exc: OSError) -> None:
+        if isinstance(exc, FileNotFoundError | NotADirectoryError) or exc.filename is None:
+            return  # gone meanwhile
+        path = Path(exc.filename)
+        self.unlisted.add(path)
+        why = "permission denied" if isinstance(exc, PermissionError) else (exc.strerror or str(exc)).lower()
+        self._folder_error(path, f"cannot list this folder: {why}; the sources in it are left out")
+
+    def _forget_folders(self, top: Path) -> None:
+        """Before ``top`` is listed again."""
+        if self.folder_errors:
+            for path in [p for p in self.folder_errors if p.is_relative_to(top)]:
+                del self.folder_errors[path]
+                self.unlisted.discard(path)
+
+    def _set_link(self, path: Path, target: str | None) -> None:
+        old = self._links.pop(path, None)
+        if old is not None:
+            self._linked[old].discard(path)
+            if not self._linked[old]:
+                del self._linked[old]
+        if target is not None:
+            self._links[path] = Path(target)
+            self._linked.setdefault(Path(target), set()).add(path)
 
     # -- loading --------------------------------------------------------------------------
     def refresh(self, paths: Iterable[Path]) -> Delta:
@@ -364,12 +729,22 @@ class Workspace:
         known = self._raw
         for path in paths:
             path = Path(os.path.abspath(path))
-            if path in known or path.is_file():
+            if path in self._root_paths:
+                self._roots = self._real_roots()
+            try:
+                mode = os.stat(path).st_mode
+            except OSError:
+                mode = 0
+            if path in known or (mode and not stat.S_ISDIR(mode)):
                 candidates.add(path)
-                continue
+                if not stat.S_ISDIR(mode):
+                    continue
             # A folder (or something that was one): everything under it, on disk and known.
             candidates |= self._disk_files(path)
             candidates |= {p for p in known if p.is_relative_to(path)}
+        if self._linked:  # a link's target changed: so did the link
+            for path in list(candidates):
+                candidates |= self._linked.get(path, set())
         for path in sorted(candidates):
             kind = self.classify(path)
             if kind is not None:
@@ -377,7 +752,7 @@ class Workspace:
         self._broken_changed(broken, delta)
         return delta
 
-    def replay(self, journal: dict[Path, bytes | None]) -> Delta:
+    def replay(self, journal: dict[Path, Read]) -> Delta:
         """Apply file contents read by another process's ``refresh`` (its ``journal``)."""
         delta = Delta()
         broken = set(self.agent_errors)
@@ -397,29 +772,33 @@ class Workspace:
             changed = before ^ self.agent_errors.keys()
             delta.nodes.update([g.CATALOG, g.RELATIONS, *(g.catalog_node(a) for a in changed)])
 
-    @staticmethod
-    def _read(path: Path) -> bytes | None:
-        try:
-            return path.read_bytes()
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            return None
-
     def agent_paths(self) -> list[Path]:
         """Every agent and trait source on disk (for parsing ahead)."""
         return [p for p in sorted(self._disk_files(self.config.agents_path)) if self.classify(p) is not None]
 
     def _refresh_file(self, path: Path, kind: tuple[str, str], delta: Delta) -> None:
-        raw = self._read(path)
+        raw: Read
+        try:
+            raw, target = self._open_source(path) or (None, None)
+        except Unreadable as exc:
+            raw, target = Unreadable(str(exc)), None
+        self._set_link(path, target)
         if self.journal is not None:
             self.journal[path] = raw
         self._apply_file(path, kind, delta, raw)
 
-    def _apply_file(self, path: Path, kind: tuple[str, str], delta: Delta, raw: bytes | None) -> None:
+    def _apply_file(self, path: Path, kind: tuple[str, str], delta: Delta, raw: Read) -> None:
+        if self.unreadable:
+            self.unreadable.pop(path, None)
         if raw is None:
             if self._raw.pop(path, None) is not None:
                 self._forget(kind, path, delta)
             return
-        fp = fingerprint(raw)
+        if isinstance(raw, Unreadable):
+            self.unreadable[path] = str(raw)
+            fp = _unreadable_fp(str(raw))
+        else:
+            fp = fingerprint(raw)
         if self._raw.get(path) == fp:
             return
         is_new = path not in self._raw
@@ -450,19 +829,25 @@ class Workspace:
             self._set_trait(name, None, delta)
             self.trait_errors.pop(name, None)
 
-    def _load_template(self, name: str, path: Path, raw: bytes, fp: bytes, delta: Delta) -> None:
+    def _load_template(self, name: str, path: Path, raw: bytes | Unreadable, fp: bytes, delta: Delta) -> None:
         delta.templates.add(name)
         delta.nodes.add(g.template_node(name))
         self.template_fps[name] = fp
         self.template_errors.pop(name, None)
+        if isinstance(raw, Unreadable):
+            self.templates.pop(name, None)
+            self.template_errors[name] = TemplateError(f"{self.rel(path)}: {raw}", self.rel(path))
+            return
         try:
             self.templates[name] = decode_text(raw, self.rel(path), TemplateError)
         except TemplateError as exc:  # the name stays known: renders that load it fail with this
             self.templates.pop(name, None)
             self.template_errors[name] = exc.with_traceback(None)
 
-    def _decode_yaml(self, path: Path, raw: bytes) -> Any:
+    def _decode_yaml(self, path: Path, raw: bytes | Unreadable) -> Any:
         rel = self.rel(path)
+        if isinstance(raw, Unreadable):
+            raise DataError(f"{rel}: {raw}", rel)
         text = decode_text(raw, rel, DataError)
         raw_fp = self._raw.get(path) or fingerprint(raw)
         found = self.prefetched.pop(raw_fp, None)
@@ -497,7 +882,7 @@ class Workspace:
             )
         return data
 
-    def _load_agent(self, agent_id: str, path: Path, raw: bytes, delta: Delta) -> None:
+    def _load_agent(self, agent_id: str, path: Path, raw: bytes | Unreadable, delta: Delta) -> None:
         try:
             data = self._decode_yaml(path, raw)
         except DataError as exc:
@@ -542,7 +927,7 @@ class Workspace:
         if (old is None) != (new is None) or {"tags", "handoffs"} & set(changed):
             delta.nodes.add(g.RELATIONS)
 
-    def _load_trait(self, ref: str, path: Path, raw: bytes, delta: Delta) -> None:
+    def _load_trait(self, ref: str, path: Path, raw: bytes | Unreadable, delta: Delta) -> None:
         try:
             data = self._decode_yaml(path, raw)
         except DataError as exc:

@@ -1,0 +1,150 @@
+"""Reading the workspace: nothing outside templates/ and agents/, YAML that cannot blow up or
+drop a value silently, and a source that cannot be read as an error of that source, not of the
+build."""
+
+from __future__ import annotations
+
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+from agentd.build import Engine
+from agentd.config import Config
+from agentd.store import open_store
+from conftest import clean_build, read_outputs, run_cli, unprivileged
+
+SECRET = "agentd-test-secret-7f3a"
+
+
+def edit(path: Path, old: str, new: str) -> Path:
+    text = path.read_text()
+    assert old in text, (path, old)
+    path.write_text(text.replace(old, new))
+    return path
+
+
+def build(root: Path) -> list[str]:
+    """A build as ``agentd build`` runs it (persistent store included); its errors, printed."""
+    config = Config.load(root)
+    engine = Engine(config, open_store(config))
+    try:
+        return [str(error) for error in engine.build().errors]
+    finally:
+        engine.close()
+        if engine.store:
+            engine.store.close()
+
+
+def test_a_link_out_of_the_workspace_is_an_error_and_its_target_is_never_read(tiny: Path, tmp_path: Path) -> None:
+    """A link to a file or a folder outside templates/ and agents/ is an error naming the link;
+    nothing of the target reaches an output, an error or the store, and the rest builds."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "agent.yaml").write_text(f"name: {SECRET}\ndescription: d\nskills: [{SECRET}]\nsections: [summary]\n")
+    (outside / "pw.j2").write_text(f"{SECRET}\n")
+    (tiny / "agents/leak.yaml").symlink_to(outside / "agent.yaml")
+    (tiny / "templates/fragments/pw.j2").symlink_to(outside / "pw.j2")
+    (tiny / "templates/ext").symlink_to(outside, target_is_directory=True)
+    errors = build(tiny)
+    why = "outside templates/ and agents/; agentd reads nothing outside them"
+    assert sorted(e.splitlines()[0] for e in errors) == [
+        f"agents/leak.yaml: a symbolic link to the file {outside / 'agent.yaml'}, {why}",
+        f"templates/ext: a symbolic link to the folder {outside}, {why}",
+        f"templates/fragments/pw.j2: a symbolic link to the file {outside / 'pw.j2'}, {why}",
+    ]
+    assert SECRET not in "".join(errors)
+    assert sorted(read_outputs(tiny)) == ["alpha.md", "beta.md"]
+    written = [p for d in ("out", ".agentd") for p in (tiny / d).rglob("*") if p.is_file()]
+    assert written and not [p for p in written if SECRET.encode() in p.read_bytes()]
+
+
+def test_a_link_inside_the_workspace_works_and_follows_its_target(tiny: Path, tmp_path: Path) -> None:
+    """A link to a file inside templates/ or agents/ reads as that file, and an edit of the
+    target (which inotify reports for the target alone) rebuilds the link's readers too."""
+    (tiny / "agents/gamma.yaml").symlink_to("beta.yaml")
+    (tiny / "templates/fragments/bullets.j2").symlink_to("list-item.j2")
+    edit(tiny / "templates/sections/summary.j2", "fragments/list-item.j2", "fragments/bullets.j2")
+    engine = Engine(Config.load(tiny), jobs=1)
+    report = engine.build()
+    assert report.ok, report.errors
+    assert "- b1\n" in (tiny / "out/gamma.md").read_text()
+    target = edit(tiny / "agents/beta.yaml", "skills: [b1]", "skills: [b2]")
+    template = edit(tiny / "templates/fragments/list-item.j2", "- {{ i }}", "* {{ i }}")
+    report = engine.build([target, template])
+    assert report.ok, report.errors
+    assert "* b2\n" in (tiny / "out/gamma.md").read_text()
+    assert read_outputs(tiny) == clean_build(tiny, tmp_path / "oracle")
+
+
+def _one_gib_of_memory() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+
+def test_an_alias_bomb_is_refused_at_its_line_and_the_rest_builds(tiny: Path) -> None:
+    """Nine levels of ten aliases (~400 bytes, 10^9 values expanded) are an error at the first
+    alias past the budget, in a build capped at 1 GiB of memory; the other agents build."""
+    levels = "abcdefghi"
+    lines = ["name: Bomb", "description: d", "skills: [x]", "a: &a [" + ",".join(['"lol"'] * 10) + "]"]
+    lines += [f"{n}: &{n} [" + ",".join([f"*{p}"] * 10) + "]" for p, n in zip(levels, levels[1:], strict=False)]
+    (tiny / "agents/bomb.yaml").write_text("\n".join(lines) + "\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "agentd", "build"],
+        cwd=tiny,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=_one_gib_of_memory,
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "error: agents/bomb.yaml: aliases expand this document past 100,000 values" in result.stderr
+    assert 'File "agents/bomb.yaml", line 8\n    e: &e [*d,*d,' in result.stderr
+    assert sorted(read_outputs(tiny)) == ["alpha.md", "beta.md"]
+
+
+def test_tab_indentation_and_a_duplicate_key_are_errors_at_their_line(tiny: Path) -> None:
+    """A tab used as indentation says so; a repeated key (YAML would drop the first value
+    silently) is an error at the repeat, naming the line of the first."""
+    edit(tiny / "agents/alpha.yaml", "skills: [a1, a2]", "skills:\n\t- a1\n\t- a2")
+    edit(tiny / "agents/traits/safety/careful.yaml", "level: high", "level: high\nrule: Leap.")
+    errors = {e.split(":", 1)[0]: e.splitlines() for e in build(tiny)}
+    assert errors["agents/alpha.yaml"][:2] == [
+        "agents/alpha.yaml: tab characters are not allowed for indentation in YAML; use spaces",
+        '  File "agents/alpha.yaml", line 4',
+    ]
+    careful = "agents/traits/safety/careful.yaml"
+    assert errors[careful] == [
+        f"{careful}: duplicate key 'rule' (first defined on line 2); YAML would keep only the last",
+        f'  File "{careful}", line 4',
+        "    rule: Leap.",
+    ]
+
+
+def test_an_unreadable_source_or_folder_is_an_error_of_its_own(tiny: Path) -> None:
+    """chmod 000 on a source or a folder fails that file or folder ("permission denied"), not
+    the build: no traceback, exit 1, the rest is written; while agents/ itself cannot be
+    listed, no output is removed as if its agent had been deleted."""
+    prefix = unprivileged()
+    trait = tiny / "agents/traits/safety/unused.yaml"
+    trait.write_text("name: Unused\nrule: r\n")
+    folder = tiny / "templates/extra"
+    folder.mkdir()
+    (folder / "x.j2").write_text("x\n")
+    trait.chmod(0)
+    folder.chmod(0)
+    try:
+        result = run_cli("build", cwd=tiny, prefix=prefix)
+        assert result.returncode == 1, result.stderr
+        assert "Traceback" not in result.stderr
+        assert "error: agents/traits/safety/unused.yaml: cannot read: permission denied" in result.stderr
+        assert "error: templates/extra: cannot list this folder: permission denied" in result.stderr
+        assert sorted(read_outputs(tiny)) == ["alpha.md", "beta.md"]
+        (tiny / "agents").chmod(0)
+        result = run_cli("build", cwd=tiny, prefix=prefix)
+        assert result.returncode == 1, result.stderr
+        assert "error: agents: cannot list this folder: permission denied" in result.stderr
+        assert "Traceback" not in result.stderr
+    finally:
+        for path in (tiny / "agents", folder, trait):
+            path.chmod(0o755)
+    assert sorted(read_outputs(tiny)) == ["alpha.md", "beta.md"]
