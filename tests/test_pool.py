@@ -172,7 +172,7 @@ def test_parse_ahead_processes_die_with_a_killed_parent(tmp_path: Path) -> None:
         "from pathlib import Path\n"
         "from agentd.workspace import ParseAhead\n"
         "big = b'notes: ' + b'x' * 100_000 + b'\\n'\n"  # 4 of them: more than a pipe holds
-        "ParseAhead([(f'agents/a{i}.yaml', Path('a.yaml'), big) for i in range(4)], 1)\n"
+        "ParseAhead([(f'agents/a{i}.yaml', Path('a.yaml'), big) for i in range(4)], 1, Path.read_bytes)\n"
         "print('started', flush=True)\n"
         "time.sleep(600)\n"
     )

@@ -43,13 +43,14 @@ def test_a_link_out_of_the_workspace_is_an_error_and_its_target_is_never_read(ti
     outside.mkdir()
     (outside / "agent.yaml").write_text(f"name: {SECRET}\ndescription: d\nskills: [{SECRET}]\nsections: [summary]\n")
     (outside / "pw.j2").write_text(f"{SECRET}\n")
-    (tiny / "agents/leak.yaml").symlink_to(outside / "agent.yaml")
+    # a trait no agent uses: an agent that does not load would hold back its catalog readers
+    (tiny / "agents/traits/safety/leak.yaml").symlink_to(outside / "agent.yaml")
     (tiny / "templates/fragments/pw.j2").symlink_to(outside / "pw.j2")
     (tiny / "templates/ext").symlink_to(outside, target_is_directory=True)
     errors = build(tiny)
     why = "outside templates/ and agents/; agentd reads nothing outside them"
     assert sorted(e.splitlines()[0] for e in errors) == [
-        f"agents/leak.yaml: a symbolic link to the file {outside / 'agent.yaml'}, {why}",
+        f"agents/traits/safety/leak.yaml: a symbolic link to the file {outside / 'agent.yaml'}, {why}",
         f"templates/ext: a symbolic link to the folder {outside}, {why}",
         f"templates/fragments/pw.j2: a symbolic link to the file {outside / 'pw.j2'}, {why}",
     ]
@@ -87,7 +88,7 @@ def test_an_alias_bomb_is_refused_at_its_line_and_the_rest_builds(tiny: Path) ->
     levels = "abcdefghi"
     lines = ["name: Bomb", "description: d", "skills: [x]", "a: &a [" + ",".join(['"lol"'] * 10) + "]"]
     lines += [f"{n}: &{n} [" + ",".join([f"*{p}"] * 10) + "]" for p, n in zip(levels, levels[1:], strict=False)]
-    (tiny / "agents/bomb.yaml").write_text("\n".join(lines) + "\n")
+    (tiny / "agents/traits/safety/bomb.yaml").write_text("\n".join(lines) + "\n")  # used by none
     result = subprocess.run(
         [sys.executable, "-m", "agentd", "build"],
         cwd=tiny,
@@ -97,8 +98,9 @@ def test_an_alias_bomb_is_refused_at_its_line_and_the_rest_builds(tiny: Path) ->
         preexec_fn=_one_gib_of_memory,
     )
     assert result.returncode == 1, result.stderr[-2000:]
-    assert "error: agents/bomb.yaml: aliases expand this document past 100,000 values" in result.stderr
-    assert 'File "agents/bomb.yaml", line 8\n    e: &e [*d,*d,' in result.stderr
+    bomb = "agents/traits/safety/bomb.yaml"
+    assert f"error: {bomb}: aliases expand this document past 100,000 values" in result.stderr
+    assert f'File "{bomb}", line 8\n    e: &e [*d,*d,' in result.stderr
     assert sorted(read_outputs(tiny)) == ["alpha.md", "beta.md"]
 
 

@@ -239,11 +239,9 @@ class Server:
         if root_too:
             root = watch_root(self.config, self.pending, self.should_exit)
             self._watchers.append(asyncio.create_task(self._guard(root), name="watch-root"))
-        # Let the watchers reach their first await: their inotify watches are then in place.
-        for _ in range(3):
-            await asyncio.sleep(0)
+        await _let_watchers_start()
 
-    def _watch_output(self) -> None:
+    async def _watch_output(self) -> None:
         """Watch ``out/`` for agentd's files deleted behind its back, once a build has made it
         (again: a watch ends with its folder; ``watch_output``)."""
         out = self.config.output_path
@@ -262,6 +260,7 @@ class Server:
         task = asyncio.create_task(self._guard_output(watch), name="watch-output")
         self._watchers = [t for t in self._watchers if not t.done()] + [task]
         self._out_watch = (out, task)
+        await _let_watchers_start()  # before "ready": a deletion right after it is seen
 
     async def _guard_output(self, coro: Any) -> None:
         """A watch of ``out/`` that could not start is logged; if ``out/`` went away meanwhile,
@@ -379,7 +378,7 @@ class Server:
                     self._known_dirs = self.engine.known_dirs()
                 self.last_report = report
                 self.retry.record(any(isinstance(e, WriteError) for e in report.errors))
-                self._watch_output()
+                await self._watch_output()
                 self.monitor.record_build(report, [f for fs in self.engine.findings.values() for f in fs])
                 self.monitor.record_watch(self.pending.batches_seen, self.pending.events_seen)
                 self._log_report(report)
@@ -556,6 +555,13 @@ class Server:
 
     async def _cmd_verify(self, request: dict[str, Any]) -> Any:
         return await self.verify()
+
+
+async def _let_watchers_start() -> None:
+    """Let new watcher tasks reach their first await: their inotify watches are then in place
+    (``awatch`` sets them up before it first waits)."""
+    for _ in range(3):
+        await asyncio.sleep(0)
 
 
 async def _first(*events: asyncio.Event, timeout: float | None = None) -> None:
