@@ -445,3 +445,20 @@ async def test_agentd_path_that_is_a_file(tiny: Path, tmp_path: Path) -> None:
         assert len(d.named("cache.unavailable")) == 1
     assert read_outputs(tiny) == clean_build(tiny, tmp_path / "oracle")
     assert (tiny / ".agentd").read_text() == "not agentd's\n"
+
+
+def test_a_parse_stored_before_stricter_checks_is_parsed_again(tiny: Path) -> None:
+    """A source's parse stored by an agentd that did not refuse duplicate keys yet is not
+    trusted: the duplicate is reported as if nothing were stored."""
+    import yaml
+
+    source = tiny / "agents/alpha.yaml"
+    source.write_text(source.read_text() + "skills: [again]\n")
+    raw = source.read_bytes()
+    old = engine(tiny)
+    assert old.store is not None
+    old.store.put_aux(b"yaml", fingerprint(raw), orjson.dumps(yaml.safe_load(raw)), "agents/alpha.yaml")
+    old.store.flush()
+    old.store.close()
+    report = engine(tiny).build(write=False)
+    assert any("duplicate key 'skills'" in str(e) for e in report.errors), report.errors

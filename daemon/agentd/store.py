@@ -66,6 +66,9 @@ CREATE INDEX IF NOT EXISTS blobs_digest ON blobs (digest);
 CREATE INDEX IF NOT EXISTS blobs_unit ON blobs (unit);
 CREATE INDEX IF NOT EXISTS aux_slot ON aux (slot);
 """
+#: What a stored parse has been checked for: bumped when parsing refuses more (2: duplicate
+#: keys, alias expansion), so a parse stored before is never taken as passing the new checks.
+_PARSE_RULES = b"\0rules-2"
 #: Versions kept per render unit (a section, a composition) and per aux slot (a source file's
 #: parse, a template's bytecode): the current one and the one before, so an undo is served
 #: from the store. Older ones are superseded for good; without this the store grew by every
@@ -448,12 +451,12 @@ class Store:
 
     def get_parsed(self, raw_fp: bytes) -> Any:
         """A source's parsed YAML, by the fingerprint of its bytes."""
-        data = self.get_aux(b"yaml", raw_fp)
+        data = self.get_aux(b"yaml", raw_fp + _PARSE_RULES)
         return orjson.loads(data) if data is not None else None
 
     def has_parsed(self, raw_fp: bytes) -> bool:
         """Whether a parse of these bytes is stored (without loading it)."""
-        full = self._aux_key(b"yaml", raw_fp)
+        full = self._aux_key(b"yaml", raw_fp + _PARSE_RULES)
 
         def run(db: sqlite3.Connection) -> bool:
             return db.execute("SELECT 1 FROM aux WHERE key=?", (full,)).fetchone() is not None
@@ -462,7 +465,7 @@ class Store:
 
     def put_parsed(self, raw_fp: bytes, dumped: bytes, path: str) -> None:
         """Keep a parse of ``path``: ``dumped`` from ``exact_json``."""
-        self.put_aux(b"yaml", raw_fp, dumped, path)
+        self.put_aux(b"yaml", raw_fp + _PARSE_RULES, dumped, path)
 
     def flush(self, wait: bool = True) -> None:
         """Write the queued renders in one transaction. ``wait=False``: only if the store is
