@@ -6,7 +6,11 @@ import ctypes
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
 
 
 def _prctl() -> Callable[..., int] | None:
@@ -23,7 +27,7 @@ _PRCTL = _prctl()
 _PR_SET_PDEATHSIG = 1
 
 
-def detach_signals(parent: int) -> None:
+def detach_signals(parent: int, parent_ends: Iterable[Connection] = ()) -> None:
     """The parent decides when its helpers stop: a Ctrl-C reaches the whole process group, and
     a signal here must not be relayed to the parent's event loop through the wakeup fd the
     child inherited (``signal.set_wakeup_fd``). SIGTERM still ends the child at once.
@@ -32,7 +36,9 @@ def detach_signals(parent: int) -> None:
     killed by SIGKILL closes no pipe in an orderly way, and a helper blocked writing to one,
     or busy rendering, would go on for ever. The kernel kills the child when the thread that
     forked it exits (``PR_SET_PDEATHSIG``; agentd forks from threads that live as long as the
-    process); a parent already gone before that was set is seen in ``getppid``."""
+    process); a parent already gone before that was set is seen in ``getppid``. The pipe ends
+    the child inherited but only the parent reads (``parent_ends``) are closed, so a parent's
+    death is EOF or EPIPE here, never a write blocked for ever."""
     signal.set_wakeup_fd(-1)
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
@@ -41,3 +47,5 @@ def detach_signals(parent: int) -> None:
         _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:
         os._exit(1)
+    for end in parent_ends:
+        end.close()

@@ -273,9 +273,7 @@ def _serve(
     parent: int,
 ) -> None:
     """A worker's loop: sync, render chunks, finish the batch when idle, exit on ``None`` or EOF."""
-    detach_signals(parent)
-    for end in parent_ends:
-        end.close()  # so that when the parent dies, every worker sees EOF and exits
+    detach_signals(parent, parent_ends)  # when the parent dies, every worker sees EOF and exits
     if engine.store is not None:
         engine.store.abandon()
         engine.store.FLUSH_EVERY = WORKER_FLUSH_EVERY

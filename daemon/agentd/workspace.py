@@ -350,9 +350,7 @@ class ParseAhead:
         parent_ends: list[multiprocessing.connection.Connection],
         parent: int,
     ) -> None:
-        detach_signals(parent)
-        for end in parent_ends:
-            end.close()  # the reading ends are the parent's alone: its death is EPIPE here
+        detach_signals(parent, parent_ends)
         try:
             conn.send(self._take(worker=True))
         except OSError:  # the parent is gone (or stopped us): nobody wants the result
@@ -436,6 +434,23 @@ def _real_path(fd: int, path: Path) -> str:
         return os.readlink(f"/proc/self/fd/{fd}")
     except OSError:  # no /proc: resolve the name instead
         return os.path.realpath(path)
+
+
+def _read_opened(fd: int, path: Path, expected: str | None) -> bytes | None:
+    """The bytes of the file opened as ``fd`` (closed here), when it is a regular file whose
+    real path is ``expected``; None for a folder or a file found elsewhere."""
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode) or _real_path(fd, path) != expected:
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            raise Unreadable("cannot read: not a regular file")
+        return _read_fd(fd)
+    except OSError as exc:
+        _cannot_read(exc)
+        return None
+    finally:
+        os.close(fd)
 
 
 def _cannot_read(exc: OSError) -> None:
@@ -630,20 +645,10 @@ class Workspace:
                 return self._open_link(path)
             _cannot_read(exc)
             return None
-        try:
-            st = os.fstat(fd)
-            # A plain file's real path is the one expected unless a folder link is on the
-            # way (or it was renamed or deleted since): one readlink, no walk of the path.
-            if stat.S_ISDIR(st.st_mode) or _real_path(fd, path) != self._expected(path):
-                return None
-            if not stat.S_ISREG(st.st_mode):
-                raise Unreadable("cannot read: not a regular file")
-            return _read_fd(fd), None
-        except OSError as exc:
-            _cannot_read(exc)
-            return None
-        finally:
-            os.close(fd)
+        # A plain file's real path is the one expected unless a folder link is on the way (or
+        # it was renamed or deleted since): one readlink, no walk of the path.
+        data = _read_opened(fd, path, self._expected(path))
+        return None if data is None else (data, None)
 
     def _open_link(self, path: Path) -> tuple[bytes, str | None] | None:
         """A source that is a symbolic link: read when it leads to a file inside templates/ or
@@ -661,19 +666,9 @@ class Workspace:
         except OSError as exc:
             _cannot_read(exc)
             return None
-        try:
-            st = os.fstat(fd)
-            # A folder, or a link swapped in on the way since it was resolved: nothing to read.
-            if stat.S_ISDIR(st.st_mode) or _real_path(fd, Path(real)) != real:
-                return None
-            if not stat.S_ISREG(st.st_mode):
-                raise Unreadable("cannot read: not a regular file")
-            return _read_fd(fd), target
-        except OSError as exc:
-            _cannot_read(exc)
-            return None
-        finally:
-            os.close(fd)
+        # A link swapped in on the way since it was resolved: nothing to read.
+        data = _read_opened(fd, Path(real), real)
+        return None if data is None else (data, target)
 
     def source_text(self, rel: str) -> str:
         """A source's text on disk now, "" when it cannot be read (to locate an error in it)."""
