@@ -153,10 +153,10 @@ def test_templates_cannot_reach_outside_templates(tiny: Path) -> None:
 
 
 def test_yaml_syntax(tiny: Path) -> None:
-    """Malformed YAML is located by line and column."""
+    """Malformed YAML is located by line and column: an unclosed "[" where it opens."""
     replace(tiny / "agents/alpha.yaml", "skills: [a1, a2]", "skills: [a1, a2")
     _, findings = check(tiny)
-    assert [(p, line) for p, line, _, _ in where(findings, "yaml-syntax")] == [("agents/alpha.yaml", 4)]
+    assert [(p, line) for p, line, _, _ in where(findings, "yaml-syntax")] == [("agents/alpha.yaml", 3)]
 
 
 def test_unsafe_yaml_tag_is_refused_and_not_run(tiny: Path, tmp_path: Path) -> None:

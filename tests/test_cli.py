@@ -79,9 +79,9 @@ def _replace(path: Path, old: str, new: str) -> None:
             "skills: [a1, a2]",
             "skills: [a1, a2",
             [
-                "agents/alpha.yaml: malformed YAML",
-                'File "agents/alpha.yaml", line 4',
-                "blocked by agents/alpha.yaml:4: agent 'alpha' does not load",  # beta lists its peers
+                "agents/alpha.yaml: malformed YAML: '[' on line 3 has no closing ']'",
+                'File "agents/alpha.yaml", line 3',  # where the "[" opens, not where libyaml gave up
+                "blocked by agents/alpha.yaml:3: agent 'alpha' does not load",  # beta lists its peers
             ],
         ),
         (

@@ -150,3 +150,19 @@ def test_an_unreadable_source_or_folder_is_an_error_of_its_own(tiny: Path) -> No
         for path in (tiny / "agents", folder, trait):
             path.chmod(0o755)
     assert sorted(read_outputs(tiny)) == ["alpha.md", "beta.md"]
+
+
+def test_an_unclosed_bracket_or_quote_is_reported_where_it_opens(tiny: Path) -> None:
+    """libyaml gives up lines after an unclosed "[" or quote; the error points at the opening."""
+    edit(tiny / "agents/alpha.yaml", "name: Alpha", "name: [Alpha")
+    edit(tiny / "agents/traits/safety/careful.yaml", "rule: Look", 'rule: "Look')
+    errors = {e.split(":", 1)[0]: e.splitlines() for e in build(tiny)}
+    assert errors["agents/alpha.yaml"][:3] == [
+        "agents/alpha.yaml: malformed YAML: '[' on line 1 has no closing ']' "
+        "(at line 2: did not find expected ',' or ']')",
+        '  File "agents/alpha.yaml", line 1',
+        "    name: [Alpha",
+    ]
+    careful = "agents/traits/safety/careful.yaml"
+    assert errors[careful][0].startswith(f"{careful}: malformed YAML: the quoted text that starts on line 2 is not")
+    assert errors[careful][1] == f'  File "{careful}", line 2'

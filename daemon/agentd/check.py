@@ -34,7 +34,7 @@ from .cache import Layer
 from .config import Config
 from .exceptions import SourceError, TemplateError
 from .render import anchor
-from .workspace import AliasBomb, Unreadable, Workspace, _Loader, node_at, parse_yaml, position, yaml_problem
+from .workspace import AliasBomb, Unreadable, Workspace, _Loader, node_at, parse_yaml, position, yaml_mark, yaml_problem
 
 if TYPE_CHECKING:  # imported where sources are validated: the daemon's output gates never need it
     import jsonschema
@@ -515,7 +515,8 @@ class Checker:
             message = f"{exc.problem}: sources are data, loaded with the safe loader only"
             return [_yaml_finding(rel, exc.problem_mark, "yaml-tag", message)]
         except yaml.MarkedYAMLError as exc:
-            return [_yaml_finding(rel, exc.problem_mark or exc.context_mark, "yaml-syntax", yaml_problem(exc, text))]
+            mark, unclosed = yaml_mark(exc)
+            return [_yaml_finding(rel, mark, "yaml-syntax", unclosed or yaml_problem(exc, text))]
         out = list(_duplicates(rel, root))
         if not isinstance(data, dict):
             return [

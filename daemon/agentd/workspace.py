@@ -234,16 +234,37 @@ def yaml_problem(exc: yaml.MarkedYAMLError, text: str) -> str:
     return exc.problem or "invalid YAML"
 
 
+#: What libyaml was still reading when it gave up at a later line: the mistake is where that
+#: starts (an unclosed "[", "{" or quote), as with a Jinja tag missing its end.
+_UNCLOSED = {
+    "while parsing a flow sequence": "'[' on line {line} has no closing ']'",
+    "while parsing a flow mapping": "'{{' on line {line} has no closing '}}'",
+    "while scanning a quoted scalar": "the quoted text that starts on line {line} is not closed",
+}
+
+
+def yaml_mark(exc: yaml.MarkedYAMLError) -> tuple[Any, str | None]:
+    """Where the mistake is, and, when that is an unclosed bracket or quote found lines later,
+    what to say about it."""
+    start, end = exc.context_mark, exc.problem_mark
+    unclosed = _UNCLOSED.get(exc.context or "")
+    if unclosed and start is not None and end is not None and start.line < end.line:
+        return start, unclosed.format(line=start.line + 1) + f" (at line {end.line + 1}: {exc.problem})"
+    return end or start, None
+
+
 def load_yaml(text: str, path: str) -> Any:
     """``parse_yaml`` with duplicate keys refused; a ``DataError`` at the mistake's line."""
     try:
         return parse_yaml(text)
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
+        mark, unclosed = yaml_mark(exc)
         line = mark.line + 1 if mark else None
         problem = yaml_problem(exc, text)
         if isinstance(exc, DuplicateKey | AliasBomb) or problem == TAB_MESSAGE:
             message = f"{path}: {problem}"
+        elif unclosed:
+            message = f"{path}: malformed YAML: {unclosed}"
         else:
             context = f" ({exc.context})" if exc.context else ""
             message = f"{path}: malformed YAML: {problem}{context}"
