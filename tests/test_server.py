@@ -251,7 +251,7 @@ async def test_changes_during_a_rebuild_cause_one_follow_up(tiny: Path, tmp_path
             "{{ agent.nope }}",
             "templates/sections/summary.j2:3",
         ),
-        ("agents/alpha.yaml", "skills: [a1, a2]", "skills: [a1, a2", "agents/alpha.yaml:4"),
+        ("agents/alpha.yaml", "skills: [a1, a2]", "skills: [a1, a2", "agents/alpha.yaml:3"),
         (
             "templates/sections/summary.j2",
             '"fragments/list-item.j2"',
