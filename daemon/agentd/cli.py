@@ -321,37 +321,40 @@ def _cmd_watch(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_status(config: Config, args: argparse.Namespace) -> int:
+    if not args.watch:
+        return _status_once(config, args)
+    code = 130  # interrupted before the first answer
+    try:
+        while True:
+            code = _status_once(config, args)
+            time.sleep(max(0.1, args.interval))
+    except KeyboardInterrupt:  # Ctrl-C is how --watch ends, wherever in a refresh it lands
+        return code
+
+
+def _status_once(config: Config, args: argparse.Namespace) -> int:
     from .control import request, socket_path
     from .status import render_table
 
     path = socket_path(config)
-    code = EXIT_NO_DAEMON
-    while True:
-        try:
-            stats = request(path, "stats", timeout=5)
-        except (OSError, ValueError) as exc:
-            where = "set by --socket/AGENTD_SOCKET" if config.socket else f"derived from the workspace {config.root}"
-            print(
-                f"agentd: no daemon answers at {path} ({where}): {getattr(exc, 'strerror', None) or exc}\n"
-                f"start one with: agentd watch --root {config.root}",
-                file=sys.stderr,
-            )
-            code = EXIT_NO_DAEMON
-        else:
-            code = EXIT_FAILED if stats["errors"] else EXIT_OK
-            if args.json:
-                sys.stdout.write(orjson.dumps(stats, option=orjson.OPT_INDENT_2).decode() + "\n")
-            else:
-                if args.watch:
-                    sys.stdout.write("\x1b[H\x1b[2J")  # home + clear, like watch(1)
-                print(render_table(stats))
-            sys.stdout.flush()
-        if not args.watch:
-            return code
-        try:
-            time.sleep(max(0.1, args.interval))
-        except KeyboardInterrupt:
-            return code
+    try:
+        stats = request(path, "stats", timeout=5)
+    except (OSError, ValueError) as exc:
+        where = "set by --socket/AGENTD_SOCKET" if config.socket else f"derived from the workspace {config.root}"
+        print(
+            f"agentd: no daemon answers at {path} ({where}): {getattr(exc, 'strerror', None) or exc}\n"
+            f"start one with: agentd watch --root {config.root}",
+            file=sys.stderr,
+        )
+        return EXIT_NO_DAEMON
+    if args.json:
+        sys.stdout.write(orjson.dumps(stats, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        if args.watch:
+            sys.stdout.write("\x1b[H\x1b[2J")  # home + clear, like watch(1)
+        print(render_table(stats))
+    sys.stdout.flush()
+    return EXIT_FAILED if stats["errors"] else EXIT_OK
 
 
 def _warn(event: str, **fields: Any) -> None:
