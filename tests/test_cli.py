@@ -35,11 +35,40 @@ def test_root_defaults_to_current_directory(tiny: Path) -> None:
     assert result.returncode == 0 and (tiny / "out/alpha.md").exists()
 
 
+def test_a_subfolder_finds_its_workspace(tiny: Path) -> None:
+    """From agents/ (or deeper), build walks up to the workspace and writes its out/."""
+    result = run_cli("build", cwd=tiny / "agents" / "traits")
+    assert result.returncode == 0, result.stderr
+    assert (tiny / "out/alpha.md").exists() and not (tiny / "agents/out").exists()
+
+
+def test_agentd_toml_marks_a_workspace_with_other_folder_names(tmp_path: Path, tiny: Path) -> None:
+    """A folder holding agentd.toml is a workspace even when its templates live elsewhere."""
+    (tiny / "templates").rename(tiny / "tpl")
+    set_config(tiny, 'templates_dir = "tpl"')
+    (tiny / "tpl" / "deep").mkdir()
+    result = run_cli("build", cwd=tiny / "tpl" / "deep")
+    assert result.returncode == 0, result.stderr
+    assert (tiny / "out/alpha.md").exists()
+
+
+def test_global_options_go_before_or_after_the_command(tmp_path: Path, tiny: Path) -> None:
+    """--root/-C, -q and --color are accepted before the subcommand as well as after it."""
+    before = run_cli("-C", str(tiny), "-q", "--color", "never", "build", cwd=tmp_path)
+    assert before.returncode == 0, before.stderr
+    assert before.stdout == "" and (tiny / "out/alpha.md").exists()
+    after = run_cli("build", "--root", str(tiny), cwd=tmp_path)
+    assert after.returncode == 0 and "2 unchanged" in after.stdout
+    assert run_cli("--root", str(tiny), "-q", "-v", "build").returncode == 2
+
+
 def test_not_a_workspace_is_a_usage_error(tmp_path: Path) -> None:
     """A folder without templates/ and agents/ exits 2 with a message saying what is missing."""
     result = run_cli("build", "--root", str(tmp_path))
     assert result.returncode == 2
     assert "templates" in result.stderr and "agentd workspace" in result.stderr
+    found_none = run_cli("build", cwd=tmp_path)
+    assert found_none.returncode == 2 and "agentd init" in found_none.stderr
 
 
 def test_unknown_flag_is_a_usage_error(tiny: Path) -> None:

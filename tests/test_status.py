@@ -16,17 +16,18 @@ from conftest import run_cli, run_daemon
 
 
 def test_no_daemon_exits_3_saying_where_it_looked(tiny: Path) -> None:
-    """Without a daemon, status exits 3 and names the socket it tried."""
-    result = run_cli("status", cwd=tiny)
+    """Without a daemon, status (run from agents/) exits 3, names the workspace's socket and
+    suggests a command that starts a daemon for that workspace."""
+    result = run_cli("status", cwd=tiny / "agents")
     assert result.returncode == 3
     assert str(socket_path(Config.load(tiny))) in result.stderr
-    assert "agentd watch --root" in result.stderr
+    assert f"agentd --root {tiny} watch" in result.stderr
 
 
 async def test_healthy_daemon_table(tiny: Path) -> None:
-    """A healthy daemon's status is a readable table and exits 0."""
+    """A healthy daemon's status is a readable table and exits 0, asked from a subfolder."""
     async with run_daemon(tiny):
-        result = await asyncio.to_thread(run_cli, "status", cwd=tiny)
+        result = await asyncio.to_thread(run_cli, "status", cwd=tiny / "agents" / "traits")
         assert result.returncode == 0, result.stderr
         out = result.stdout
         assert "state       idle" in out

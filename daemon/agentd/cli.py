@@ -8,16 +8,19 @@ daemon already runs on this workspace (``watch``).
 from __future__ import annotations
 
 import argparse
+import functools
+import os
+import shlex
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO, cast
 
 import orjson
 
 from . import __version__
-from .config import Config
+from .config import CONFIG_FILE, Config, find_root
 from .exceptions import AgentdError, AlreadyRunning, ConfigError, ControlError
 
 # The engine (networkx, Jinja2: ~130 ms of imports) is imported where a command needs it, so
@@ -63,12 +66,51 @@ def _jobs(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _global_options(parser: argparse.ArgumentParser, default: Any) -> None:
+    """Options every command takes, before or after its name (``agentd -C ws build -q``).
+
+    The top-level parser gives the real defaults; each subcommand's copy defaults to SUPPRESS
+    so that leaving an option out after the name keeps what was given before it."""
+
+    def given(value: Any) -> Any:
+        return default if default is argparse.SUPPRESS else value
+
+    parser.add_argument(
+        "--root",
+        "-C",
+        metavar="DIR",
+        default=given(None),
+        help="workspace root (default: the nearest folder, from the current one up, holding "
+        "agentd.toml or both templates/ and agents/)",
+    )
+    parser.add_argument(
+        "--quiet", "-q", action="store_true", default=given(False), help="print only errors and warnings"
+    )
+    parser.add_argument(
+        "--verbose", "-v", action="store_true", default=given(False), help="more detail (watch: debug log lines)"
+    )
+    parser.add_argument(
+        "--color",
+        choices=("auto", "always", "never"),
+        default=given("auto"),
+        help="colour console output: auto (on a terminal), always, never (default: auto)",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
-    root_help = "workspace root holding templates/ and agents/ (default: the current directory)"
     socket_help = "status socket (default: $XDG_RUNTIME_DIR/agentd/<workspace>.sock; env AGENTD_SOCKET)"
     p = _Parser(prog="agentd", description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"agentd {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    _global_options(p, None)
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, argparse.SUPPRESS)
+    sub = p.add_subparsers(
+        dest="command",
+        required=True,
+        metavar="COMMAND",
+        # a factory, not a class: argparse only calls it (typeshed asks for a type)
+        parser_class=cast(type[_Parser], functools.partial(_Parser, parents=[common])),
+    )
 
     b = sub.add_parser(
         "build",
@@ -79,9 +121,7 @@ def _parser() -> argparse.ArgumentParser:
         "Exit 0 on success, 1 when any agent failed (the others are still written), 2 on a "
         "usage or configuration error.",
     )
-    b.add_argument("--root", default=".", help=root_help)
     b.add_argument("--output-dir", help="output folder, relative to the root (default: out)")
-    b.add_argument("--quiet", "-q", action="store_true", help="print only errors")
     _jobs(b)
     _no_cache(b)
 
@@ -93,7 +133,6 @@ def _parser() -> argparse.ArgumentParser:
         "rebuild (console on a terminal, JSON lines otherwise) on stderr. SIGINT/SIGTERM finish "
         "the build in flight and exit 0; SIGUSR1 runs `verify` and logs the result.",
     )
-    w.add_argument("--root", default=".", help=root_help)
     w.add_argument("--output-dir", help="output folder, relative to the root (default: out)")
     w.add_argument(
         "--debounce",
@@ -123,7 +162,6 @@ def _parser() -> argparse.ArgumentParser:
         "deletes it (the next build renders everything).",
     )
     ca.add_argument("action", choices=("stats", "clear"), help="what to do")
-    ca.add_argument("--root", default=".", help=root_help)
     ca.add_argument("--json", action="store_true", help="print JSON (stats)")
 
     st = sub.add_parser(
@@ -133,7 +171,6 @@ def _parser() -> argparse.ArgumentParser:
         "rates, slowest templates, alerts and errors. Exit 0 when healthy, 1 when the daemon "
         "reports errors, 3 when no daemon answers.",
     )
-    st.add_argument("--root", default=".", help=root_help)
     st.add_argument("--socket", metavar="PATH", help=socket_help)
     st.add_argument("--json", action="store_true", help="print the raw `stats` reply as JSON")
     st.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
@@ -146,7 +183,6 @@ def _parser() -> argparse.ArgumentParser:
         "enable and start the instance for the workspace (agentd@<escaped path>.service).",
     )
     sv.add_argument("action", choices=("install",), help="what to do")
-    sv.add_argument("--root", default=".", help=root_help)
     sv.add_argument("--no-start", action="store_true", help="only write the unit; print the commands that start it")
     sv.add_argument("--print", action="store_true", dest="print_unit", help="print the unit instead of installing it")
 
@@ -160,7 +196,6 @@ def _parser() -> argparse.ArgumentParser:
         "build needed, out/ is never written. Exit 0 clean, 1 on errors (or warnings with "
         "--strict), 2 on a usage error. Rules are configured under [check] in agentd.toml.",
     )
-    ch.add_argument("--root", default=".", help=root_help)
     ch.add_argument("--format", choices=("text", "json"), default="text", help="output format (default: text)")
     ch.add_argument("--strict", action="store_true", help="warnings fail too")
 
@@ -170,7 +205,6 @@ def _parser() -> argparse.ArgumentParser:
         description="Run a clean build into a temporary folder and compare it with out/. Exit 0 "
         "when identical, 1 listing the files that differ, are missing or are stale.",
     )
-    v.add_argument("--root", default=".", help=root_help)
     v.add_argument("--output-dir", help="output folder, relative to the root (default: out)")
     v.add_argument("--json", action="store_true", help="print JSON instead of text")
 
@@ -186,7 +220,6 @@ def _parser() -> argparse.ArgumentParser:
         "naive full rebuild, and per-layer hit rates over two editing sessions. Prints a table; --output "
         "writes JSON.",
     )
-    be.add_argument("--root", default=".", help="workspace the synthetic ones are derived from (default: .)")
     be.add_argument("--agents", default="10,100,1000", help="comma-separated workspace sizes (default: 10,100,1000)")
     be.add_argument("--trials", type=int, default=20, help="saves per edit kind (default: 20)")
     be.add_argument("--quick", action="store_true", help="N=10 and 6 trials: a smoke run well under a minute")
@@ -199,7 +232,6 @@ def _parser() -> argparse.ArgumentParser:
         "graph: static template references (jinja2.meta) plus what every render actually loaded "
         "and read.",
     )
-    gr.add_argument("--root", default=".", help=root_help)
     gr.add_argument("--format", choices=("dot", "json"), default="dot", help="output format (default: dot)")
 
     af = sub.add_parser(
@@ -209,19 +241,25 @@ def _parser() -> argparse.ArgumentParser:
         "and sections a change to the given files would re-render.",
     )
     af.add_argument("paths", nargs="+", metavar="PATH", help="template, agent or trait files")
-    af.add_argument("--root", default=".", help=root_help)
     af.add_argument("--json", action="store_true", help="print JSON instead of text")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.quiet and args.verbose:
+        parser.error("--quiet and --verbose contradict each other; give one")
+    if args.color == "auto" and os.environ.get("NO_COLOR"):  # https://no-color.org
+        args.color = "never"
     try:
         overrides = {
             k: getattr(args, k, None)
             for k in ("output_dir", "debounce_ms", "step_ms", "log_format", "log_level", "socket", "cache", "jobs")
         }
-        config = Config.load(args.root, overrides)
+        if overrides["log_level"] is None and (args.quiet or args.verbose):
+            overrides["log_level"] = "warning" if args.quiet else "debug"
+        config = Config.load(_root(args), overrides)
         handler = {
             "build": _cmd_build,
             "watch": _cmd_watch,
@@ -251,10 +289,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def _root(args: argparse.Namespace) -> Path:
+    """``--root``, else the workspace the current directory is in, found the way git finds its
+    repository; else the current directory, which ``_check_workspace`` then explains."""
+    if args.root is not None:
+        return Path(args.root)
+    here = Path.cwd()
+    return find_root(here) or here
+
+
 def _check_workspace(config: Config) -> None:
     for path, what in ((config.templates_path, "templates"), (config.agents_path, "agents")):
         if not path.is_dir():
-            raise ConfigError(f"{path} is not a directory: is {config.root} an agentd workspace? (expected {what}/)")
+            raise ConfigError(
+                f"{config.root} is not an agentd workspace: {path} is not a directory (expected {what}/). "
+                f"Without --root, agentd looks from the current folder up for {CONFIG_FILE} or both "
+                f"templates/ and agents/; `agentd init` creates a workspace"
+            )
 
 
 def print_errors(report: BuildReport, stream: TextIO) -> None:
@@ -314,7 +365,7 @@ def _cmd_watch(config: Config, args: argparse.Namespace) -> int:
     from .server import Server
 
     _check_workspace(config)
-    log.configure(config.log_format, config.log_level)
+    log.configure(config.log_format, config.log_level, color=args.color)
     keep = ("output_dir", "debounce_ms", "step_ms", "socket", "cache", "jobs")
     overrides = {k: v for k, v in vars(args).items() if k in keep and v is not None}
     return Server(config, overrides).run()
@@ -343,7 +394,7 @@ def _status_once(config: Config, args: argparse.Namespace) -> int:
         where = "set by --socket/AGENTD_SOCKET" if config.socket else f"derived from the workspace {config.root}"
         print(
             f"agentd: no daemon answers at {path} ({where}): {getattr(exc, 'strerror', None) or exc}\n"
-            f"start one with: agentd watch --root {config.root}",
+            f"start one with: agentd --root {shlex.quote(str(config.root))} watch",
             file=sys.stderr,
         )
         return EXIT_NO_DAEMON
@@ -429,7 +480,7 @@ def _cmd_check(config: Config, args: argparse.Namespace) -> int:
         print(f"  {f.format()}")
     if findings:
         print(f"\n{errors} error(s), {warnings} warning(s) in {len({f.path for f in findings})} file(s)")
-    else:
+    elif not args.quiet:
         print("agentd check: no findings")
     return EXIT_FAILED if failed else EXIT_OK
 
@@ -470,7 +521,8 @@ def _cmd_verify(config: Config, args: argparse.Namespace) -> int:
     for name in result.stale:
         print(f"stale:   {out}/{name} (a clean build does not write it)")
     if result.ok:
-        print(f"ok: {out}/ matches a clean build ({result.checked} files)")
+        if not args.quiet:
+            print(f"ok: {out}/ matches a clean build ({result.checked} files)")
         return EXIT_OK
     counts = f"{len(result.differing)} differ, {len(result.missing)} missing, {len(result.stale)} stale"
     print(f"{out}/ differs from a clean build: {counts}")

@@ -120,6 +120,15 @@ class Config:
         return cls(**{name: _coerce(name, value) for name, value in values.items()})
 
 
+def find_root(start: Path) -> Path | None:
+    """The nearest folder from ``start`` up that is a workspace: it holds ``agentd.toml``, or both
+    ``templates/`` and ``agents/`` (so a subfolder of a workspace finds it, as git and cargo do)."""
+    for folder in (start, *start.parents):
+        if (folder / CONFIG_FILE).is_file() or ((folder / "templates").is_dir() and (folder / "agents").is_dir()):
+            return folder
+    return None
+
+
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 _LOG_FORMATS = ("auto", "console", "json")
 _LOG_LEVELS = ("debug", "info", "warning", "error")

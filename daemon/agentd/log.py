@@ -20,12 +20,14 @@ def _orjson_dumps(obj: Any, default: Any = None) -> str:
     return orjson.dumps(obj, default=default).decode()
 
 
-def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
-    """Configure structlog for this process. ``fmt``: auto | console | json."""
+def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = None, color: str = "auto") -> None:
+    """Configure structlog for this process. ``fmt``: auto | console | json; ``color``: auto (on
+    a terminal) | always | never."""
     stream = stream or sys.stderr
     use_console = fmt == "console" or (fmt == "auto" and stream.isatty())
+    colors = color == "always" or (color == "auto" and stream.isatty())
     renderer: Any = (
-        structlog.dev.ConsoleRenderer(colors=stream.isatty())
+        structlog.dev.ConsoleRenderer(colors=colors)
         if use_console
         else structlog.processors.JSONRenderer(serializer=_orjson_dumps)
     )
