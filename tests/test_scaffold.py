@@ -1,12 +1,12 @@
 """``agentd init``: the starter workspace builds, checks clean and watches; a non-empty folder
-is refused without --force."""
+is refused without --force; --example reproduces the shipped outputs."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from conftest import run_cli, run_daemon
+from conftest import REPO, read_outputs, run_cli, run_daemon
 
 
 def test_init_builds_and_checks_clean(tmp_path: Path) -> None:
@@ -61,3 +61,16 @@ def test_init_refuses_a_non_empty_folder_unless_forced(tmp_path: Path) -> None:
     assert (root / "notes.txt").read_text() == "keep\n"
     assert (root / ".gitignore").read_text() == "out/\n.agentd/\n"
     assert (root / "templates" / "base" / "agent-base.j2").is_file()
+
+
+def test_init_example_reproduces_the_shipped_outputs(tmp_path: Path) -> None:
+    """init --example, then build: byte for byte what this repository's corpus builds."""
+    root = tmp_path / "example"
+    assert run_cli("init", "--example", str(root)).returncode == 0
+    assert run_cli("build", "--jobs", "1", "--no-cache", cwd=root).returncode == 0
+    reference = tmp_path / "reference"
+    built = run_cli("build", "--root", str(REPO), "--output-dir", str(reference / "out"), "--jobs", "1", "--no-cache")
+    assert built.returncode == 0, built.stderr
+    shipped = read_outputs(reference)
+    assert len(shipped) == len(list((REPO / "agents").glob("*.yaml"))) > 0
+    assert read_outputs(root) == shipped
