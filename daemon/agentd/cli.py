@@ -234,6 +234,40 @@ def _parser() -> argparse.ArgumentParser:
     )
     gr.add_argument("--format", choices=("dot", "json"), default="dot", help="output format (default: dot)")
 
+    it = sub.add_parser(
+        "init",
+        help="start a new workspace in DIR: a small one to grow, or the full example (--example)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""\
+Write a new workspace into DIR (default: the current directory; created if missing) that
+builds, checks clean and watches as it is:
+
+  agentd.toml                      settings and contract: sections, [check] gates, schemas
+  schemas/agent.json, trait.json   JSON Schemas `agentd check` validates sources against
+  agents/<id>.yaml                 two agents, each rendered to out/<id>.md
+  agents/traits/<kind>/<id>.yaml   a trait, which an agent lists under `traits: {<kind>: [id]}`
+  templates/base/agent-base.j2     front matter, title and contents, then the sections
+  templates/sections/_section.j2   the frame each section extends (its `## N. Title`)
+  templates/sections/<name>.j2     one template per section
+  templates/fragments/lists.j2     macros the sections import
+  .gitignore                       out/ and .agentd/
+
+--example writes the full example corpus agentd ships with instead: eight agents of
+6,000-11,000 lines, nine sections, traits of four kinds.
+
+DIR must be empty: entries starting with "." (a .git/ from `git init`) do not count, but a
+file init writes (.gitignore) does. --force writes into a non-empty DIR: init's files replace
+existing files of the same name; no other file is changed or deleted. Exit 0 on success, 2
+when DIR is refused.""",
+    )
+    it.add_argument("dir", nargs="?", default=".", metavar="DIR", help="where to create the workspace (default: .)")
+    it.add_argument("--example", action="store_true", help="write the full shipped corpus instead of the small starter")
+    it.add_argument(
+        "--force",
+        action="store_true",
+        help="write into a non-empty DIR, overwriting files of the same name (nothing else is touched)",
+    )
+
     af = sub.add_parser(
         "affected",
         help="list the agents and sections a change to PATH... would re-render",
@@ -253,6 +287,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.color == "auto" and os.environ.get("NO_COLOR"):  # https://no-color.org
         args.color = "never"
     try:
+        if args.command == "init":  # it creates the workspace Config.load would read
+            return _cmd_init(args)
         overrides = {
             k: getattr(args, k, None)
             for k in ("output_dir", "debounce_ms", "step_ms", "log_format", "log_level", "socket", "cache", "jobs")
@@ -560,4 +596,32 @@ def _cmd_affected(config: Config, args: argparse.Namespace) -> int:
         print(f"sections ({len(result['sections'])}):")
         for s in result["sections"]:
             print(f"  {s}")
+    return EXIT_OK
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    import shlex
+
+    from .scaffold import init
+
+    result = init(Path(args.dir), example=args.example, force=args.force)
+    where = shlex.quote(args.dir)
+    replaced = f" ({len(result.overwritten)} overwritten)" if result.overwritten else ""
+    print(f"agentd: wrote {len(result.written)} files into {where}{replaced}")
+    if len(result.written) <= 20:
+        for rel in result.written:
+            print(f"  {shlex.quote(rel)}" + ("  (overwritten)" if rel in result.overwritten else ""))
+    else:  # the example: one line per top-level entry
+        tops: dict[str, int] = {}
+        for rel in result.written:
+            top = rel.split("/", 1)[0] + ("/" if "/" in rel else "")
+            tops[top] = tops.get(top, 0) + 1
+        for top, count in tops.items():
+            print(f"  {shlex.quote(top)}" + (f" ({count} files)" if top.endswith("/") else ""))
+    print("next:")
+    if result.root.resolve() != Path.cwd().resolve():
+        print(f"  cd {where}")
+    print("  agentd build     # render agents/*.yaml to out/<id>.md")
+    print("  agentd check     # lint templates, sources and outputs")
+    print("  agentd watch     # rebuild on every save until Ctrl-C")
     return EXIT_OK
