@@ -260,7 +260,13 @@ file init writes (.gitignore) does. --force writes into a non-empty DIR: init's 
 existing files of the same name; no other file is changed or deleted. Exit 0 on success, 2
 when DIR is refused.""",
     )
-    it.add_argument("dir", nargs="?", default=".", metavar="DIR", help="where to create the workspace (default: .)")
+    it.add_argument(
+        "dir",
+        nargs="?",
+        default=".",
+        metavar="DIR",
+        help="where to create the workspace (default: .; taken from --root/-C when given, like git -C)",
+    )
     it.add_argument("--example", action="store_true", help="write the full shipped corpus instead of the small starter")
     it.add_argument(
         "--force",
@@ -600,12 +606,13 @@ def _cmd_affected(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
-    import shlex
-
     from .scaffold import init
 
-    result = init(Path(args.dir), example=args.example, force=args.force)
-    where = shlex.quote(args.dir)
+    target = Path(args.root or ".") / args.dir  # like git -C: DIR is taken from --root
+    result = init(target, example=args.example, force=args.force)
+    if args.quiet:
+        return EXIT_OK
+    where = shlex.quote(str(target))
     replaced = f" ({len(result.overwritten)} overwritten)" if result.overwritten else ""
     print(f"agentd: wrote {len(result.written)} files into {where}{replaced}")
     if len(result.written) <= 20:
