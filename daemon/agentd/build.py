@@ -493,6 +493,8 @@ class Engine:
             )
             if old is None or old.meta_fps != plan.meta_fps or agent_id not in self.caches.l4:
                 self._compose_pending.add(agent_id)
+            if old is not None and old.metas_fp != plan.metas_fp:  # renders that read the whole list
+                old_sections.update(self._invalidate(Delta(nodes={g.section_list_node(agent_id)})))
             for section, fp in (old.meta_fps if old else {}).items():
                 if plan.meta_fps.get(section) != fp:
                     digest = self._drop_section((agent_id, section))
@@ -597,7 +599,7 @@ class Engine:
         a = plan.agent
         return {
             "agent": TrackedMapping(a.data, g.key_prefix(a.id), a.fps, a.fp, label=f"agent {a.id!r}"),
-            "sections": TrackedValue(plan.metas, g.key_node(a.id, "sections"), a.fps.get("sections", MISSING)),
+            "sections": TrackedValue(plan.metas, g.section_list_node(a.id), plan.metas_fp),
             "traits": TrackedValue(
                 plan.traits,
                 g.key_node(a.id, "traits"),
@@ -1148,6 +1150,9 @@ class Engine:
             if trait is None:
                 return MISSING
             return trait.fp if key == "*" else trait.fps.get(key, MISSING)
+        if kind == "section-list":
+            plan = self.plans.get(rest)
+            return plan.metas_fp if plan else MISSING
         if kind == "meta":
             agent_id, section = rest.split("/", 1)
             plan = self.plans.get(agent_id)
@@ -1218,7 +1223,7 @@ def dedupe_errors(errors: Iterable[AgentdError]) -> list[AgentdError]:
 
 def _section_reads(plan: Plan, digests: list[bytes]) -> dict[str, bytes]:
     """A composition's reads of its sections: each one's digest and metadata."""
-    reads: dict[str, bytes] = {}
+    reads: dict[str, bytes] = {g.section_list_node(plan.agent.id): plan.metas_fp}
     for meta, digest in zip(plan.metas, digests, strict=True):
         reads[g.section_node(plan.agent.id, meta["id"])] = digest
         reads[g.meta_node(plan.agent.id, meta["id"])] = plan.meta_fps[meta["id"]]
