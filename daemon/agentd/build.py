@@ -471,6 +471,7 @@ class Engine:
         if delta.membership:
             todo |= set(ws.agents) | set(self.plans)
         available = self.available_sections()
+        defaults = self.default_sections()
         kinds = sorted({ref.split("/", 1)[0] for ref in ws.traits})
         self.trait_kinds_fp = fingerprint(kinds)
         for agent_id in sorted(todo):
@@ -481,7 +482,7 @@ class Engine:
                 self._drop_agent(agent_id, old, keep_output=agent_id in ws.agent_errors)
                 continue
             try:
-                plan = self._plan(agent, available, kinds)
+                plan = self._plan(agent, available, defaults, kinds)
             except DataError as exc:
                 self.agent_errors[agent_id] = [exc]
                 self._drop_agent(agent_id, old, keep_output=True)
@@ -528,20 +529,38 @@ class Engine:
             if n.startswith(prefix) and n.endswith(".j2") and not n[len(prefix) :].startswith("_")
         )
 
-    def _plan(self, agent: AgentSource, available: list[str], kinds: list[str]) -> Plan:
+    def default_sections(self) -> list[str]:
+        """The sections of an agent whose source lists none: ``sections`` of the configuration,
+        else every section template (partials and subfolders aside), sorted by name. A section
+        template created or deleted changes the set of templates, which re-plans every agent
+        (``Delta.membership``); what read a plan's section list depends on it
+        (``g.section_list_node``), so nothing made for the old list is kept or restored."""
+        if self.config.sections:
+            return list(self.config.sections)
+        return [s for s in self.available_sections() if "/" not in s]
+
+    def _plan(self, agent: AgentSource, available: list[str], defaults: list[str], kinds: list[str]) -> Plan:
         """Resolve an agent's section list and trait references, or raise ``DataError`` at the
         offending line. Every trait kind of the library is present in ``traits`` (empty when
         the agent lists none), so templates can loop over ``traits.safety`` unconditionally."""
         ws = self.workspace
         data = agent.data
-        sections = data.get("sections", list(self.config.sections))
+        sections = data.get("sections", defaults)
         if not isinstance(sections, list) or not all(isinstance(s, str) for s in sections):
             self._fail(agent, ["sections"], "sections: expected a list of section names")
+        if not sections and "sections" not in data:
+            folder = f"{self.config.templates_dir}/{SECTION_DIR}"
+            why = f"no sections: add {folder}/<name>.j2, or set `sections` in agentd.toml or in this file"
+            self._fail(agent, [], why, rule="unknown-section")
         metas: list[dict[str, Any]] = []
         for i, section in enumerate(sections):
             if section not in available:
+                where = "" if "sections" in data else " (a default section: `sections` in agentd.toml)"
                 self._fail(
-                    agent, ["sections", i], f"unknown section {section!r}; expected one of: {', '.join(available)}"
+                    agent,
+                    ["sections", i],
+                    f"unknown section {section!r}{where}; expected one of: {', '.join(available) or '(none)'}",
+                    rule="unknown-section",
                 )
             number = i + 1
             title = section_title(section)
@@ -574,17 +593,19 @@ class Engine:
                         else f"unknown trait {trait_id!r} of kind {kind!r}; expected one of: "
                         f"{', '.join(known) or '(none: add agents/traits/' + kind + '/<id>.yaml)'}"
                     )
-                    self._fail(agent, ["traits", kind, i], why)
+                    self._fail(agent, ["traits", kind, i], why, rule="" if broken else "unknown-trait")
                 else:
                     resolved[kind].append(
                         TrackedMapping(trait.data, g.trait_prefix(ref), trait.fps, trait.fp, label=f"trait {ref!r}")
                     )
         return Plan(agent, metas, {m["id"]: fingerprint(m) for m in metas}, resolved)
 
-    def _fail(self, agent: AgentSource, keys: list[str | int], message: str) -> None:
+    def _fail(self, agent: AgentSource, keys: list[str | int], message: str, rule: str = "schema") -> None:
         text = self.workspace.source_text(agent.path)
         line = locate(text, keys)
-        raise DataError(f"{agent.path}: {message}", agent.path, line, source_line(text, line))
+        error = DataError(f"{agent.path}: {message}", agent.path, line, source_line(text, line))
+        error.rule = rule
+        raise error
 
     # -- rendering ------------------------------------------------------------------------
     def _catalog(self, delta: Any) -> TrackedCatalog:

@@ -483,6 +483,26 @@ def _cannot_read(exc: OSError) -> None:
     raise Unreadable(f"cannot read: {(exc.strerror or str(exc)).lower()}") from None
 
 
+def read_inside(root: Path, rel: str) -> bytes | None:
+    """The bytes of the file a setting names (``rel``: relative to the workspace root), read
+    only when it really is inside the root, as sources are: a path out of it (``..``, an
+    absolute path elsewhere) or a symbolic link out (whose target is never opened) raises
+    ``Unreadable``. None: no such file."""
+    top = os.path.realpath(root)
+    lexical = os.path.normpath(os.path.join(root, rel))
+    if not lexical.startswith(os.path.normpath(root) + os.sep) and not lexical.startswith(top + os.sep):
+        raise Unreadable(f"{lexical} is outside the workspace {root}; agentd reads nothing outside it")
+    real = os.path.realpath(lexical)
+    if not real.startswith(top + os.sep):
+        raise Unreadable(f"a symbolic link to {real}, outside the workspace; agentd reads nothing outside it")
+    try:
+        fd = os.open(real, _OPEN_FLAGS | os.O_NOFOLLOW)
+    except OSError as exc:
+        _cannot_read(exc)
+        return None
+    return _read_opened(fd, Path(real), real)  # a link swapped in since: nothing read
+
+
 def source_line(text: str, line: int | None) -> str | None:
     if not line:
         return None
