@@ -610,3 +610,26 @@ async def test_watch_follows_the_section_templates_for_default_sections(tiny: Pa
         build = await d.next_build()
         assert build["written"] == ["gamma.md"]
         assert read_outputs(tiny) == clean_build(tiny, tmp_path / "oracle")
+
+
+async def test_watch_follows_the_base_template_appearing_and_going(tiny: Path, tmp_path: Path) -> None:
+    """Without templates/base/agent-base.j2 an agent is its sections in order; under `agentd
+    watch` creating the file composes every agent with it, deleting it goes back; each time
+    out/ equals a clean build."""
+    base = tiny / "templates/base/agent-base.j2"
+    text = base.read_text()
+    base.unlink()
+    async with run_daemon(tiny) as d:
+        assert (tiny / "out/beta.md").read_text().startswith("## 1. Summary\nSecond agent.\n")
+        assert read_outputs(tiny) == clean_build(tiny, tmp_path / "oracle")
+        draft = tiny / "agent-base.tmp"  # renamed into place: one event, the whole file
+        draft.write_text(text)
+        draft.rename(base)
+        build = await d.next_build()
+        assert sorted(build["written"]) == ["alpha.md", "beta.md"] and build["rendered"] == []
+        assert (tiny / "out/beta.md").read_text().startswith('---\nname: "beta"\n---\n# Beta\n')
+        assert read_outputs(tiny) == clean_build(tiny, tmp_path / "oracle")
+        base.unlink()
+        build = await d.next_build()
+        assert sorted(build["written"]) == ["alpha.md", "beta.md"] and build["rendered"] == []
+        assert read_outputs(tiny) == clean_build(tiny, tmp_path / "oracle")

@@ -30,12 +30,12 @@ from typing import Any
 import yaml
 
 from . import __version__
-from .build import BASE_TEMPLATE, Engine
+from .build import Engine
 from .cache import Caches, Counters
 from .config import CONFIG_FILE, Config
 from .control import request, socket_path
 from .graph import RELATIONS, DepGraph
-from .render import Renderer
+from .render import BASE_TEMPLATE, Renderer
 from .workspace import Delta, _Loader
 
 #: The edits timed through a real daemon: (label, file relative to the root, old, new).

@@ -32,12 +32,11 @@ from .config import Config
 from .exceptions import AgentdError, BlockedError, ConfigError, DataError, OutputError, SourceError, WriteError
 from .output import MANIFEST, OutputChanged, OutputDir, WriteOutcome
 from .pool import Composed, ComposeSpec, Pool, Result, Task, WorkerLost
-from .render import Renderer, anchor, section_title
+from .render import BASE_TEMPLATE, Renderer, anchor, section_title
 from .store import Store
 from .trace import MISSING, TrackedMapping, TrackedValue, fingerprint
 from .workspace import AgentSource, Delta, ParseAhead, Read, Workspace, locate, source_line
 
-BASE_TEMPLATE = "base/agent-base.j2"
 SECTION_DIR = "sections"
 OUTPUT_SUFFIX = ".md"
 

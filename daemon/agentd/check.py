@@ -30,11 +30,11 @@ import networkx as nx
 import yaml
 from jinja2 import nodes
 
-from .build import BASE_TEMPLATE, OUTPUT_SUFFIX, Engine, Plan
+from .build import OUTPUT_SUFFIX, Engine, Plan
 from .cache import Layer
 from .config import CONFIG_FILE, Config
 from .exceptions import BlockedError, ConfigError, DataError, SourceError, TemplateError
-from .render import anchor
+from .render import BASE_TEMPLATE, anchor
 from .workspace import (
     AliasBomb,
     Unreadable,
