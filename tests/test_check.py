@@ -304,6 +304,29 @@ def test_required_section(tiny: Path) -> None:
     ]
 
 
+def test_yml_sources_count_and_two_sources_for_one_name_are_an_error(tiny: Path) -> None:
+    """`.yml` agents and traits are read like `.yaml` ones; a trait (or agent) that has both is
+    an error naming the two files, in `check` and in `build`."""
+    (tiny / "agents/gamma.yml").write_text(
+        "name: Gamma\ndescription: Third.\nskills: [g1]\nsections: [traits]\ntraits:\n  safety: [bold]\n"
+    )
+    (tiny / "agents/traits/safety/bold.yml").write_text("name: Bold\nrule: Leap when sure.\n")
+    assert check(tiny) == (0, [])
+    assert run_cli("build", cwd=tiny).returncode == 0
+    assert "### Bold\nLeap when sure.\n" in (tiny / "out/gamma.md").read_text()
+    (tiny / "agents/traits/safety/careful.yml").write_text("name: Also careful\nrule: Look twice.\n")
+    message = (
+        "two sources for trait 'safety/careful': agents/traits/safety/careful.yaml and "
+        "agents/traits/safety/careful.yml (.yaml and .yml are both read); keep one of them"
+    )
+    _, findings = check(tiny)
+    assert [(f["path"], f["rule"], f["message"]) for f in findings if f["severity"] == "error"] == [
+        ("agents/traits/safety/careful.yaml", "duplicate-source", message)
+    ]
+    build = run_cli("build", cwd=tiny)
+    assert build.returncode == 1 and f"error: agents/traits/safety/careful.yaml: {message}" in build.stderr
+
+
 # -- outputs -----------------------------------------------------------------------------------
 
 

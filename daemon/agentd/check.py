@@ -69,6 +69,7 @@ RULES: dict[str, tuple[str, str]] = {
     "unknown-section": ("error", "an agent enables a section that has no template"),
     "unknown-trait": ("error", "an agent lists a trait that does not exist"),
     "required-section": ("error", "an agent does not enable a section [check] required_sections demands"),
+    "duplicate-source": ("error", "two sources for one agent or trait (x.yaml and x.yml)"),
     "line-count": ("error", "an output is outside the configured line range"),
     "front-matter": ("error", "an output's front matter is missing, does not parse or lacks a key"),
     "section-order": ("error", "an enabled section is missing from the output or out of order"),
