@@ -311,7 +311,6 @@ def test_yml_sources_count_and_two_sources_for_one_name_are_an_error(tiny: Path)
         "name: Gamma\ndescription: Third.\nskills: [g1]\nsections: [traits]\ntraits:\n  safety: [bold]\n"
     )
     (tiny / "agents/traits/safety/bold.yml").write_text("name: Bold\nrule: Leap when sure.\n")
-    assert check(tiny) == (0, [])
     assert run_cli("build", cwd=tiny).returncode == 0
     assert "### Bold\nLeap when sure.\n" in (tiny / "out/gamma.md").read_text()
     (tiny / "agents/traits/safety/careful.yml").write_text("name: Also careful\nrule: Look twice.\n")
