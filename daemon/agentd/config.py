@@ -24,7 +24,7 @@ class Config:
     agents_dir: str = "agents"
     output_dir: str = "out"
     #: Sections an agent gets when its source has no ``sections`` list. Empty: every
-    #: ``templates/sections/*.j2`` whose name does not start with "_", sorted by file name
+    #: ``templates/sections/*.j2`` whose name does not start with "_", sorted by name
     #: (the tool knows no sections of its own: a workspace names its order here).
     sections: tuple[str, ...] = ()
     #: ``auto`` (console on a TTY, JSON otherwise), ``console`` or ``json``.
