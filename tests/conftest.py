@@ -23,7 +23,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 TINY: dict[str, str] = {
-    # tiny outputs are far below the corpus bounds: relax the output gates that measure size
+    # the tiny workspace's own contract (the tool has none: no line range, front matter, schema)
     "agentd.toml": """\
         [check]
         min_lines = 1
@@ -31,7 +31,6 @@ TINY: dict[str, str] = {
         agent_schema = "schemas/agent.json"
         trait_schema = "schemas/trait.json"
         """,
-    # the tiny workspace's own contract (the shipped schemas describe the shipped templates)
     "schemas/agent.json": """\
         {
           "type": "object",
@@ -215,12 +214,14 @@ def tiny(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def corpus_copy(tmp_path_factory: pytest.TempPathFactory) -> Callable[[], Path]:
-    """Factory: a fresh copy of the shipped templates/ and agents/."""
+    """Factory: a fresh copy of the shipped workspace (templates/, agents/, its agentd.toml and
+    the schemas it names)."""
 
     def make() -> Path:
         root = tmp_path_factory.mktemp("corpus")
-        shutil.copytree(REPO / "templates", root / "templates")
-        shutil.copytree(REPO / "agents", root / "agents")
+        for sub in ("templates", "agents", "schemas"):
+            shutil.copytree(REPO / sub, root / sub)
+        shutil.copy(REPO / "agentd.toml", root / "agentd.toml")
         return root
 
     return make
@@ -377,6 +378,9 @@ def clean_build(root: Path, dest: Path) -> dict[str, bytes]:
     shutil.rmtree(dest, ignore_errors=True)
     for sub in ("templates", "agents"):
         shutil.copytree(root / sub, dest / sub)
+    sections = Config.load(root).sections  # the one setting that shapes outputs
+    if sections:
+        (dest / "agentd.toml").write_text(f"sections = {list(sections)!r}\n")
     Engine(Config.load(dest), jobs=1).build()  # the plainest path is the oracle
     return read_outputs(dest)
 

@@ -11,7 +11,7 @@ import pytest
 from agentd.build import BuildReport, Engine
 from agentd.config import Config
 from agentd.workspace import Delta
-from conftest import EDIT_KINDS, clean_build, read_outputs, run_daemon
+from conftest import EDIT_KINDS, clean_build, read_outputs, run_cli, run_daemon
 
 
 def engine(root: Path) -> Engine:
@@ -20,12 +20,7 @@ def engine(root: Path) -> Engine:
 
 def clean_outputs(root: Path, tmp: Path) -> dict[str, bytes]:
     """What a from-scratch build of the same workspace produces."""
-    copy = tmp / "oracle"
-    shutil.rmtree(copy, ignore_errors=True)
-    shutil.copytree(root / "templates", copy / "templates")
-    shutil.copytree(root / "agents", copy / "agents")
-    Engine(Config.load(copy), jobs=1).build()  # the plainest path is the oracle
-    return {p.name: p.read_bytes() for p in (copy / "out").glob("*.md")}
+    return clean_build(root, tmp / "oracle")
 
 
 def outputs(root: Path) -> dict[str, bytes]:
@@ -551,3 +546,90 @@ async def test_watch_keeps_the_readers_of_a_broken_agent_until_it_is_fixed(tiny:
         assert build["errors"] == 0 and build["written"] == []
         assert stamps(tiny) == before
     assert read_outputs(tiny) == clean_build(tiny, tmp_path / "oracle")
+
+
+#: An agent whose source lists no sections, and a section template listing its agent's sections.
+DEFAULTED = "name: Gamma\ndescription: Takes the default sections.\nskills: [g1]\n"
+CONTENTS = "## {{ section.number }}. {{ section.title }}\n{% for s in sections %}\n- {{ s.title }}\n{% endfor %}\n"
+
+
+def test_default_sections_are_the_section_templates_sorted_by_name(tiny: Path, tmp_path: Path) -> None:
+    """An agent without `sections` gets every section template but the "_" partials, sorted by
+    name; with no section template at all, it is an error at the agent saying what to add."""
+    (tiny / "agents/gamma.yaml").write_text(DEFAULTED)
+    (tiny / "templates/sections/_frame.j2").write_text("a partial, not a section\n")
+    report = engine(tiny).build()
+    assert report.ok, report.errors
+    text = (tiny / "out/gamma.md").read_text()
+    assert [line for line in text.splitlines() if line.startswith("## ")] == [
+        "## 1. Peers",
+        "## 2. Shared",
+        "## 3. Summary",
+        "## 4. Traits",
+    ]
+    bare = tmp_path / "bare"
+    (bare / "agents").mkdir(parents=True)
+    (bare / "templates").mkdir()
+    (bare / "agents/solo.yaml").write_text("# no sections here\nname: Solo\n")
+    (error,) = engine(bare).build().errors
+    assert (error.path, error.line) == ("agents/solo.yaml", 2)
+    assert error.message == (
+        "agents/solo.yaml: no sections: add templates/sections/<name>.j2, or set `sections` in agentd.toml "
+        "or in this file"
+    )
+
+
+def test_a_run_after_a_section_template_is_added_restores_nothing_stale(tiny: Path, tmp_path: Path) -> None:
+    """The persistent store gives back no agent and no section made for the old default list:
+    after a section template is added, the next `agentd build` equals a clean build."""
+    (tiny / "agents/gamma.yaml").write_text(DEFAULTED)
+    (tiny / "templates/sections/contents.j2").write_text(CONTENTS)
+    assert run_cli("build", cwd=tiny).returncode == 0
+    (tiny / "templates/sections/zz-notes.j2").write_text("## {{ section.number }}. {{ section.title }}\n")
+    assert run_cli("build", cwd=tiny).returncode == 0
+    assert "- Zz Notes" in (tiny / "out/gamma.md").read_text()
+    assert read_outputs(tiny) == clean_build(tiny, tmp_path / "oracle")
+
+
+async def test_watch_follows_the_section_templates_for_default_sections(tiny: Path, tmp_path: Path) -> None:
+    """Under `agentd watch`, creating a section template adds it to every agent without
+    `sections` (and re-renders what lists their sections), deleting it takes it away again;
+    each time out/ equals a clean build."""
+    (tiny / "agents/gamma.yaml").write_text(DEFAULTED)
+    (tiny / "templates/sections/contents.j2").write_text(CONTENTS)
+    notes = tiny / "templates/sections/zz-notes.j2"
+    async with run_daemon(tiny) as d:
+        draft = tiny / "zz-notes.tmp"  # renamed into place: one event, the whole file
+        draft.write_text("## {{ section.number }}. {{ section.title }}\n")
+        draft.rename(notes)
+        build = await d.next_build()
+        assert build["written"] == ["gamma.md"]
+        assert "- Zz Notes" in (tiny / "out/gamma.md").read_text()
+        assert read_outputs(tiny) == clean_build(tiny, tmp_path / "oracle")
+        notes.unlink()
+        build = await d.next_build()
+        assert build["written"] == ["gamma.md"]
+        assert read_outputs(tiny) == clean_build(tiny, tmp_path / "oracle")
+
+
+async def test_watch_follows_the_base_template_appearing_and_going(tiny: Path, tmp_path: Path) -> None:
+    """Without templates/base/agent-base.j2 an agent is its sections in order; under `agentd
+    watch` creating the file composes every agent with it, deleting it goes back; each time
+    out/ equals a clean build."""
+    base = tiny / "templates/base/agent-base.j2"
+    text = base.read_text()
+    base.unlink()
+    async with run_daemon(tiny) as d:
+        assert (tiny / "out/beta.md").read_text().startswith("## 1. Summary\nSecond agent.\n")
+        assert read_outputs(tiny) == clean_build(tiny, tmp_path / "oracle")
+        draft = tiny / "agent-base.tmp"  # renamed into place: one event, the whole file
+        draft.write_text(text)
+        draft.rename(base)
+        build = await d.next_build()
+        assert sorted(build["written"]) == ["alpha.md", "beta.md"] and build["rendered"] == []
+        assert (tiny / "out/beta.md").read_text().startswith('---\nname: "beta"\n---\n# Beta\n')
+        assert read_outputs(tiny) == clean_build(tiny, tmp_path / "oracle")
+        base.unlink()
+        build = await d.next_build()
+        assert sorted(build["written"]) == ["alpha.md", "beta.md"] and build["rendered"] == []
+        assert read_outputs(tiny) == clean_build(tiny, tmp_path / "oracle")

@@ -38,7 +38,7 @@ def test_clean_workspace_has_no_findings(tiny: Path) -> None:
 
 
 def test_shipped_corpus_is_clean(corpus_copy) -> None:  # type: ignore[no-untyped-def]
-    """The shipped templates and agents pass every gate with the default rules."""
+    """The shipped workspace passes every gate its agentd.toml sets (schemas, line range)."""
     root = corpus_copy()
     result = run_cli("check", "--strict", cwd=root)
     assert result.returncode == 0, result.stdout
@@ -235,6 +235,48 @@ def test_schema_violations(tiny: Path) -> None:
     ]
 
 
+def test_without_a_schema_only_what_agentd_interprets_is_checked(tiny: Path) -> None:
+    """With no schema configured, keys agentd does not read are the templates' business, while
+    its own (`id`, `sections`) are still checked, at their line."""
+    replace(tiny / "agentd.toml", 'agent_schema = "schemas/agent.json"', "")
+    replace(tiny / "agents/alpha.yaml", "skills: [a1, a2]", "skills: [a1, 2]\ncolour: red")
+    replace(tiny / "agents/beta.yaml", "skills: [b1]", "skills: [b1]\nid: gamma")
+    replace(tiny / "agents/alpha.yaml", "sections: [summary, peers, traits, shared]", "sections: summary")
+    code, findings = check(tiny)
+    assert code == 1
+    assert [(f["path"], f["line"], f["rule"], f["message"]) for f in findings if f["severity"] == "error"] == [
+        ("agents/alpha.yaml", 6, "schema", "sections: expected a list of section names"),
+        ("agents/beta.yaml", 4, "schema", "id 'gamma' does not match the file name; expected 'beta'"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("setting", "make", "expected"),
+    [
+        ("../outside.json", None, "agentd.toml [check] agent_schema = '../outside.json': "),
+        ("linked.json", "link", "agentd.toml [check] agent_schema = 'linked.json': a symbolic link to "),
+        ("missing.json", None, "missing.json: no such file (named by agentd.toml [check] agent_schema)"),
+        ("broken.json", '{"type": ', "broken.json: not JSON: Expecting value: line 2 column 1"),
+    ],
+    ids=["dot-dot", "link-out", "missing", "not-json"],
+)
+def test_a_schema_setting_names_a_json_file_inside_the_workspace(
+    tiny: Path, tmp_path: Path, setting: str, make: str | None, expected: str
+) -> None:
+    """A schema path out of the workspace (`..`, a link: never opened), a missing file or one
+    that is not JSON is a usage error naming the setting or the file."""
+    outside = tmp_path / "outside.json"
+    outside.write_text('{"type": "object"}\n')
+    if make == "link":
+        (tiny / setting).symlink_to(outside)
+    elif make is not None:
+        (tiny / setting).write_text(make + "\n")
+    replace(tiny / "agentd.toml", 'agent_schema = "schemas/agent.json"', f"agent_schema = {setting!r}")
+    result = run_cli("check", cwd=tiny)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"agentd: error: {expected}"), result.stderr
+
+
 def test_unknown_section_and_trait(tiny: Path) -> None:
     """References to sections and traits that do not exist point at the list item."""
     replace(tiny / "agents/alpha.yaml", "sections: [summary, peers, traits, shared]", "sections: [summary, peer]")
@@ -262,6 +304,28 @@ def test_required_section(tiny: Path) -> None:
     ]
 
 
+def test_yml_sources_count_and_two_sources_for_one_name_are_an_error(tiny: Path) -> None:
+    """`.yml` agents and traits are read like `.yaml` ones; a trait (or agent) that has both is
+    an error naming the two files, in `check` and in `build`."""
+    (tiny / "agents/gamma.yml").write_text(
+        "name: Gamma\ndescription: Third.\nskills: [g1]\nsections: [traits]\ntraits:\n  safety: [bold]\n"
+    )
+    (tiny / "agents/traits/safety/bold.yml").write_text("name: Bold\nrule: Leap when sure.\n")
+    assert run_cli("build", cwd=tiny).returncode == 0
+    assert "### Bold\nLeap when sure.\n" in (tiny / "out/gamma.md").read_text()
+    (tiny / "agents/traits/safety/careful.yml").write_text("name: Also careful\nrule: Look twice.\n")
+    message = (
+        "two sources for trait 'safety/careful': agents/traits/safety/careful.yaml and "
+        "agents/traits/safety/careful.yml (.yaml and .yml are both read); keep one of them"
+    )
+    _, findings = check(tiny)
+    assert [(f["path"], f["rule"], f["message"]) for f in findings if f["severity"] == "error"] == [
+        ("agents/traits/safety/careful.yaml", "duplicate-source", message)
+    ]
+    build = run_cli("build", cwd=tiny)
+    assert build.returncode == 1 and f"error: agents/traits/safety/careful.yaml: {message}" in build.stderr
+
+
 # -- outputs -----------------------------------------------------------------------------------
 
 
@@ -282,6 +346,20 @@ def test_front_matter(tiny: Path) -> None:
     assert where(findings, "front-matter") == [
         ("out/alpha.md", 3, 1, "front matter lacks 'model'"),
         ("out/beta.md", 3, 1, "front matter lacks 'model'"),
+    ]
+
+
+def test_front_matter_is_optional_unless_keys_are_required(tiny: Path) -> None:
+    """With no front matter keys configured, an output may have none; one that is there must
+    still parse."""
+    replace(tiny / "agentd.toml", 'front_matter = ["name"]', "")
+    (tiny / "templates/base/header.j2").write_text("")
+    assert check(tiny) == (0, [])
+    (tiny / "templates/base/header.j2").write_text("---\nname: [{{ agent.id }}\n---\n")
+    _, findings = check(tiny)
+    assert [(p, line, m.split(":")[0]) for p, line, _, m in where(findings, "front-matter")] == [
+        ("out/alpha.md", 3, "front matter does not parse"),
+        ("out/beta.md", 3, "front matter does not parse"),
     ]
 
 

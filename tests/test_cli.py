@@ -20,6 +20,37 @@ def test_build_writes_outputs_and_prints_a_summary(tiny: Path) -> None:
     assert "cache hits: L1" in result.stdout and "time:" in result.stdout
 
 
+def test_a_hand_written_workspace_builds_and_checks_clean(tmp_path: Path) -> None:
+    """One section template and one short agent, no agentd.toml, no base template: `agentd
+    build` writes the section as the agent and `agentd check` finds nothing (the tool assumes
+    no sections, line range, front matter or schema of its own)."""
+    root = tmp_path / "hello"
+    (root / "templates/sections").mkdir(parents=True)
+    (root / "agents").mkdir()
+    (root / "templates/sections/hello.j2").write_text(
+        "## Hello {{ agent.name }}\n\n{% for line in agent.greetings %}\n- {{ line }}\n{% endfor %}\n"
+    )
+    (root / "agents/greeter.yaml").write_text(
+        "# A first agent.\n"
+        "name: Greeter\n"
+        "description: Says hello.\n"
+        "greetings:\n"
+        "  - Good morning\n"
+        "  - Good afternoon\n"
+        "  - Good evening\n"
+        "owner: me\n"
+        "version: 1\n"
+        "notes: none\n"
+    )
+    build = run_cli("build", cwd=root)
+    assert build.returncode == 0, build.stdout + build.stderr
+    assert (root / "out/greeter.md").read_text() == (
+        "## Hello Greeter\n\n- Good morning\n- Good afternoon\n- Good evening\n"
+    )
+    check = run_cli("check", "--strict", cwd=root)
+    assert (check.returncode, check.stdout) == (0, "agentd check: no findings\n")
+
+
 def test_second_build_reports_unchanged(tiny: Path) -> None:
     """Running build twice leaves every output unchanged and untouched."""
     run_cli("build", "--root", str(tiny))

@@ -68,7 +68,7 @@ def test_output_bounds(built: Path, source: Path) -> None:
 
 
 def test_every_section_present_in_order(built: Path) -> None:
-    """Every output carries the nine sections, numbered in the default order."""
+    """Every output carries the nine sections, numbered in the order agentd.toml declares."""
     for source in SOURCES:
         headings = [
             line for line in (built / "out" / f"{source.stem}.md").read_text().splitlines() if line.startswith("## ")
@@ -85,3 +85,16 @@ def test_every_section_present_in_order(built: Path) -> None:
             "Troubleshooting",
             "Tool Configurations",
         ]
+
+
+def test_the_workspace_declares_its_contract(tmp_path: Path) -> None:
+    """The corpus's section order, line range, front matter keys and schemas come from its own
+    agentd.toml: a workspace without one gets none of them."""
+    config = Config.load(REPO, environ={})
+    assert config.sections[:2] == ("core-responsibilities", "expertise-areas") and len(config.sections) == 9
+    assert (config.check_min_lines, config.check_max_lines) == (MIN_LINES, MAX_LINES)
+    assert config.check_front_matter == ("name", "description", "tools", "model")
+    assert (config.check_agent_schema, config.check_trait_schema) == ("schemas/agent.json", "schemas/trait.json")
+    bare = Config.load(tmp_path, environ={})
+    assert (bare.sections, bare.check_min_lines, bare.check_max_lines, bare.check_front_matter) == ((), 0, 0, ())
+    assert (bare.check_agent_schema, bare.check_trait_schema) == ("", "")

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from agentd.bench import make_workspace
-from agentd.build import BASE_TEMPLATE
 from agentd.config import Config
 from agentd.output import MANIFEST
+from agentd.render import BASE_TEMPLATE
 from agentd.store import Store, render_stamp
 from agentd.trace import fingerprint
 from conftest import REPO, clean_build, outlived, read_outputs, run_cli, run_daemon

@@ -11,9 +11,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from agentd.build import BASE_TEMPLATE, Engine
+from agentd.build import Engine
 from agentd.cache import Rendered
 from agentd.config import Config
+from agentd.render import BASE_TEMPLATE
 from agentd.store import KEEP_VERSIONS, STORE_FILE, Store, render_stamp
 from agentd.trace import fingerprint
 from conftest import EDIT_KINDS, clean_build, read_outputs, run_cli, run_daemon

@@ -12,7 +12,8 @@ from pathlib import Path
 from agentd.build import Engine
 from agentd.config import Config
 from agentd.store import open_store
-from conftest import clean_build, read_outputs, run_cli, unprivileged
+from agentd.workspace import Workspace
+from conftest import clean_build, read_outputs, run_cli, run_daemon, unprivileged
 
 SECRET = "agentd-test-secret-7f3a"
 
@@ -166,3 +167,59 @@ def test_an_unclosed_bracket_or_quote_is_reported_where_it_opens(tiny: Path) -> 
     careful = "agents/traits/safety/careful.yaml"
     assert errors[careful][0].startswith(f"{careful}: malformed YAML: the quoted text that starts on line 2 is not")
     assert errors[careful][1] == f'  File "{careful}", line 2'
+
+
+#: An agent whose only section reads no catalog: another agent's broken source never blocks it.
+GAMMA = "name: Gamma\ndescription: Reads no catalog.\nskills: [g1]\nsections: [summary]\n"
+
+
+async def test_two_sources_for_one_agent_under_watch(tiny: Path, tmp_path: Path) -> None:
+    """Under `agentd watch`, `x.yml` saved beside `x.yaml` is an error naming both: x keeps its
+    last good output and an agent that does not read x's catalog entry still builds; deleting
+    either file builds x from the other, and out/ equals a clean build."""
+    (tiny / "agents/gamma.yaml").write_text(GAMMA)
+    async with run_daemon(tiny) as d:
+        before = (tiny / "out/gamma.md").read_bytes()
+        start = len(d.events)
+        draft = tiny / "gamma.tmp"  # renamed into place: one event, the whole file
+        draft.write_text(GAMMA.replace("Reads no catalog.", "The twin."))
+        draft.rename(tiny / "agents/gamma.yml")
+        build = await d.next_build()
+        twins = [e for e in d.events[start:] if e.get("event") == "build.error" and "two sources" in e["message"]]
+        assert [e["message"] for e in twins] == [
+            "agents/gamma.yaml: two sources for agent 'gamma': agents/gamma.yaml and agents/gamma.yml "
+            "(.yaml and .yml are both read); keep one of them"
+        ]
+        assert build["written"] == [] and build["removed"] == []
+        assert (tiny / "out/gamma.md").read_bytes() == before
+        (tiny / "agents/delta.yaml").write_text(GAMMA.replace("Gamma", "Delta"))
+        build = await d.next_build()
+        assert build["written"] == ["delta.md"]
+        (tiny / "agents/gamma.yaml").unlink()
+        build = await d.next_build()
+        assert build["errors"] == 0
+        assert "The twin." in (tiny / "out/gamma.md").read_text()
+    assert read_outputs(tiny) == clean_build(tiny, tmp_path / "oracle")
+
+
+def test_a_worker_replaying_the_journal_sees_the_same_namesakes(tiny: Path) -> None:
+    """Workers reach the daemon's state by replaying the files it read: through a second source
+    for an agent appearing and the first one going, theirs stays the daemon's."""
+    config = Config.load(tiny)
+    daemon, worker = Workspace(config), Workspace(config)
+    for workspace in (daemon, worker):
+        workspace.refresh([config.agents_path])
+    daemon.journal = {}
+
+    def state(workspace: Workspace) -> tuple[dict[str, object], list[str]]:
+        return {a.id: a.data for a in workspace.agents.values()}, sorted(workspace.agent_errors)
+
+    (tiny / "agents/beta.yml").write_text("name: Beta Two\ndescription: d\nskills: []\n")
+    daemon.refresh([tiny / "agents/beta.yml"])
+    worker.replay(daemon.journal)
+    assert state(worker) == state(daemon) and state(daemon)[1] == ["beta"]
+    daemon.journal = {}
+    (tiny / "agents/beta.yml").unlink()  # the one listed last: the first is read again after it
+    daemon.refresh([tiny / "agents/beta.yml"])
+    worker.replay(daemon.journal)
+    assert state(worker) == state(daemon) and daemon.agents["beta"].data["name"] == "Beta"

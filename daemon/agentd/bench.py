@@ -30,12 +30,12 @@ from typing import Any
 import yaml
 
 from . import __version__
-from .build import BASE_TEMPLATE, Engine
+from .build import Engine
 from .cache import Caches, Counters
-from .config import Config
+from .config import CONFIG_FILE, Config
 from .control import request, socket_path
 from .graph import RELATIONS, DepGraph
-from .render import Renderer
+from .render import BASE_TEMPLATE, Renderer
 from .workspace import Delta, _Loader
 
 #: The edits timed through a real daemon: (label, file relative to the root, old, new).
@@ -89,6 +89,10 @@ def make_workspace(source: Path, dest: Path, n: int) -> list[str]:
     shutil.rmtree(dest, ignore_errors=True)
     shutil.copytree(source / "templates", dest / "templates")
     shutil.copytree(source / "agents" / "traits", dest / "agents" / "traits")
+    if (source / CONFIG_FILE).exists():  # the corpus's contract: its section order, its gates
+        shutil.copy(source / CONFIG_FILE, dest / CONFIG_FILE)
+    if (source / "schemas").is_dir():
+        shutil.copytree(source / "schemas", dest / "schemas")
     bases = sorted(p for p in (source / "agents").glob("*.yaml"))
     ids = []
     for i in range(n):

@@ -32,12 +32,11 @@ from .config import Config
 from .exceptions import AgentdError, BlockedError, ConfigError, DataError, OutputError, SourceError, WriteError
 from .output import MANIFEST, OutputChanged, OutputDir, WriteOutcome
 from .pool import Composed, ComposeSpec, Pool, Result, Task, WorkerLost
-from .render import Renderer, anchor, section_title
+from .render import BASE_TEMPLATE, Renderer, anchor, section_title
 from .store import Store
 from .trace import MISSING, TrackedMapping, TrackedValue, fingerprint
 from .workspace import AgentSource, Delta, ParseAhead, Read, Workspace, locate, source_line
 
-BASE_TEMPLATE = "base/agent-base.j2"
 SECTION_DIR = "sections"
 OUTPUT_SUFFIX = ".md"
 
@@ -471,6 +470,7 @@ class Engine:
         if delta.membership:
             todo |= set(ws.agents) | set(self.plans)
         available = self.available_sections()
+        defaults = self.default_sections()
         kinds = sorted({ref.split("/", 1)[0] for ref in ws.traits})
         self.trait_kinds_fp = fingerprint(kinds)
         for agent_id in sorted(todo):
@@ -481,7 +481,7 @@ class Engine:
                 self._drop_agent(agent_id, old, keep_output=agent_id in ws.agent_errors)
                 continue
             try:
-                plan = self._plan(agent, available, kinds)
+                plan = self._plan(agent, available, defaults, kinds)
             except DataError as exc:
                 self.agent_errors[agent_id] = [exc]
                 self._drop_agent(agent_id, old, keep_output=True)
@@ -493,6 +493,8 @@ class Engine:
             )
             if old is None or old.meta_fps != plan.meta_fps or agent_id not in self.caches.l4:
                 self._compose_pending.add(agent_id)
+            if old is not None and old.metas_fp != plan.metas_fp:  # renders that read the whole list
+                old_sections.update(self._invalidate(Delta(nodes={g.section_list_node(agent_id)})))
             for section, fp in (old.meta_fps if old else {}).items():
                 if plan.meta_fps.get(section) != fp:
                     digest = self._drop_section((agent_id, section))
@@ -526,20 +528,38 @@ class Engine:
             if n.startswith(prefix) and n.endswith(".j2") and not n[len(prefix) :].startswith("_")
         )
 
-    def _plan(self, agent: AgentSource, available: list[str], kinds: list[str]) -> Plan:
+    def default_sections(self) -> list[str]:
+        """The sections of an agent whose source lists none: ``sections`` of the configuration,
+        else every section template (partials and subfolders aside), sorted by name. A section
+        template created or deleted changes the set of templates, which re-plans every agent
+        (``Delta.membership``); what read a plan's section list depends on it
+        (``g.section_list_node``), so nothing made for the old list is kept or restored."""
+        if self.config.sections:
+            return list(self.config.sections)
+        return [s for s in self.available_sections() if "/" not in s]
+
+    def _plan(self, agent: AgentSource, available: list[str], defaults: list[str], kinds: list[str]) -> Plan:
         """Resolve an agent's section list and trait references, or raise ``DataError`` at the
         offending line. Every trait kind of the library is present in ``traits`` (empty when
         the agent lists none), so templates can loop over ``traits.safety`` unconditionally."""
         ws = self.workspace
         data = agent.data
-        sections = data.get("sections", list(self.config.sections))
+        sections = data.get("sections", defaults)
         if not isinstance(sections, list) or not all(isinstance(s, str) for s in sections):
             self._fail(agent, ["sections"], "sections: expected a list of section names")
+        if not sections and "sections" not in data:
+            folder = f"{self.config.templates_dir}/{SECTION_DIR}"
+            why = f"no sections: add {folder}/<name>.j2, or set `sections` in agentd.toml or in this file"
+            self._fail(agent, [], why, rule="unknown-section")
         metas: list[dict[str, Any]] = []
         for i, section in enumerate(sections):
             if section not in available:
+                where = "" if "sections" in data else " (a default section: `sections` in agentd.toml)"
                 self._fail(
-                    agent, ["sections", i], f"unknown section {section!r}; expected one of: {', '.join(available)}"
+                    agent,
+                    ["sections", i],
+                    f"unknown section {section!r}{where}; expected one of: {', '.join(available) or '(none)'}",
+                    rule="unknown-section",
                 )
             number = i + 1
             title = section_title(section)
@@ -572,17 +592,19 @@ class Engine:
                         else f"unknown trait {trait_id!r} of kind {kind!r}; expected one of: "
                         f"{', '.join(known) or '(none: add agents/traits/' + kind + '/<id>.yaml)'}"
                     )
-                    self._fail(agent, ["traits", kind, i], why)
+                    self._fail(agent, ["traits", kind, i], why, rule="" if broken else "unknown-trait")
                 else:
                     resolved[kind].append(
                         TrackedMapping(trait.data, g.trait_prefix(ref), trait.fps, trait.fp, label=f"trait {ref!r}")
                     )
         return Plan(agent, metas, {m["id"]: fingerprint(m) for m in metas}, resolved)
 
-    def _fail(self, agent: AgentSource, keys: list[str | int], message: str) -> None:
+    def _fail(self, agent: AgentSource, keys: list[str | int], message: str, rule: str = "schema") -> None:
         text = self.workspace.source_text(agent.path)
         line = locate(text, keys)
-        raise DataError(f"{agent.path}: {message}", agent.path, line, source_line(text, line))
+        error = DataError(f"{agent.path}: {message}", agent.path, line, source_line(text, line))
+        error.rule = rule
+        raise error
 
     # -- rendering ------------------------------------------------------------------------
     def _catalog(self, delta: Any) -> TrackedCatalog:
@@ -597,7 +619,7 @@ class Engine:
         a = plan.agent
         return {
             "agent": TrackedMapping(a.data, g.key_prefix(a.id), a.fps, a.fp, label=f"agent {a.id!r}"),
-            "sections": TrackedValue(plan.metas, g.key_node(a.id, "sections"), a.fps.get("sections", MISSING)),
+            "sections": TrackedValue(plan.metas, g.section_list_node(a.id), plan.metas_fp),
             "traits": TrackedValue(
                 plan.traits,
                 g.key_node(a.id, "traits"),
@@ -1148,6 +1170,9 @@ class Engine:
             if trait is None:
                 return MISSING
             return trait.fp if key == "*" else trait.fps.get(key, MISSING)
+        if kind == "section-list":
+            plan = self.plans.get(rest)
+            return plan.metas_fp if plan else MISSING
         if kind == "meta":
             agent_id, section = rest.split("/", 1)
             plan = self.plans.get(agent_id)
@@ -1218,7 +1243,7 @@ def dedupe_errors(errors: Iterable[AgentdError]) -> list[AgentdError]:
 
 def _section_reads(plan: Plan, digests: list[bytes]) -> dict[str, bytes]:
     """A composition's reads of its sections: each one's digest and metadata."""
-    reads: dict[str, bytes] = {}
+    reads: dict[str, bytes] = {g.section_list_node(plan.agent.id): plan.metas_fp}
     for meta, digest in zip(plan.metas, digests, strict=True):
         reads[g.section_node(plan.agent.id, meta["id"])] = digest
         reads[g.meta_node(plan.agent.id, meta["id"])] = plan.meta_fps[meta["id"]]

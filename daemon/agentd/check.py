@@ -4,11 +4,13 @@ Everything is checked in memory (a fresh ``Engine`` with ``write=False``): nothi
 ``out/`` and no prior build is needed. Each finding names a file, a 1-based line and column, a
 severity and a rule id; rules can be switched off with ``[check] disable = [...]``.
 
-Sources are validated with JSON Schema (``jsonschema``, ``schema/*.json``): the workspace
-contract becomes a document users can also hand to their editor's YAML language server, and the
-validator reports *every* violation with its path, which we map back to the YAML node's
-line and column. Hand-written checks would duplicate a well-kept library and drift from the
-documentation.
+Sources are validated with JSON Schema (``jsonschema``) when the workspace names its schemas
+(``[check] agent_schema``/``trait_schema``): the contract becomes a document users can also hand
+to their editor's YAML language server, and the validator reports *every* violation with its
+path, which we map back to the YAML node's line and column. Hand-written checks would duplicate
+a well-kept library and drift from the documentation. The tool ships no schema, line range or
+front matter keys of its own: those belong to a workspace's templates, and a workspace that
+declares none is held only to what agentd itself interprets.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import hashlib
 import json
 import re
 from collections.abc import Callable, Iterable, Iterator
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -29,12 +30,23 @@ import networkx as nx
 import yaml
 from jinja2 import nodes
 
-from .build import BASE_TEMPLATE, OUTPUT_SUFFIX, Engine, Plan
+from .build import OUTPUT_SUFFIX, Engine, Plan
 from .cache import Layer
-from .config import Config
-from .exceptions import SourceError, TemplateError
-from .render import anchor
-from .workspace import AliasBomb, Unreadable, Workspace, _Loader, node_at, parse_yaml, position, yaml_mark, yaml_problem
+from .config import CONFIG_FILE, Config
+from .exceptions import BlockedError, ConfigError, DataError, SourceError, TemplateError
+from .render import BASE_TEMPLATE, anchor
+from .workspace import (
+    AliasBomb,
+    Unreadable,
+    Workspace,
+    _Loader,
+    node_at,
+    parse_yaml,
+    position,
+    read_inside,
+    yaml_mark,
+    yaml_problem,
+)
 
 if TYPE_CHECKING:  # imported where sources are validated: the daemon's output gates never need it
     import jsonschema
@@ -57,6 +69,7 @@ RULES: dict[str, tuple[str, str]] = {
     "unknown-section": ("error", "an agent enables a section that has no template"),
     "unknown-trait": ("error", "an agent lists a trait that does not exist"),
     "required-section": ("error", "an agent does not enable a section [check] required_sections demands"),
+    "duplicate-source": ("error", "two sources for one agent or trait (x.yaml and x.yml)"),
     "line-count": ("error", "an output is outside the configured line range"),
     "front-matter": ("error", "an output's front matter is missing, does not parse or lacks a key"),
     "section-order": ("error", "an enabled section is missing from the output or out of order"),
@@ -122,9 +135,10 @@ def check_output(
         head = data.decode().splitlines()
         split = len(head), head, []
     count, head, cuts = split
-    if not config.check_min_lines <= count <= config.check_max_lines:
-        message = f"{count} lines; expected between {config.check_min_lines} and {config.check_max_lines}"
-        out.append(finding(rel_path, count, 1, "line-count", message))
+    low, high = config.check_min_lines, config.check_max_lines  # 0: no bound
+    if count < low or (high and count > high):
+        wanted = f"between {low} and {high}" if low and high else f"at least {low}" if low else f"at most {high}"
+        out.append(finding(rel_path, count, 1, "line-count", f"{count} lines; expected {wanted}"))
     body_start = _front_matter(rel_path, head, config, out)
     runs: list[_Run] = [(body_start, None, lambda: head[body_start:])]
     bounds = [offset for _, offset in cuts] + [len(data)]
@@ -207,8 +221,11 @@ class ScanMemory(Layer[tuple[bytes, Any], _Scan]):
 
 
 def _front_matter(path: str, lines: list[str], config: Config, out: list[Finding]) -> int:
+    """Front matter is required only when the workspace names keys it must carry; one that is
+    there must parse (as a mapping) either way: whatever reads the output will choke on it."""
     if not lines or lines[0] != "---":
-        out.append(finding(path, 1, 1, "front-matter", "no YAML front matter: the first line must be ---"))
+        if config.check_front_matter:
+            out.append(finding(path, 1, 1, "front-matter", "no YAML front matter: the first line must be ---"))
         return 0
     try:
         end = lines.index("---", 1)
@@ -325,10 +342,15 @@ def _scan_run(lines: list[str], fence_open: tuple[str, int] | None, previous_lev
 
 
 def _section_order(path: str, titles: list[tuple[int, str]], metas: list[dict[str, Any]], out: list[Finding]) -> None:
+    """Each enabled section's ``## N. Title`` heading (the one ``section.anchor`` links to)
+    must be there, in order. Only for an output that uses that convention for at least one of
+    its sections: templates that title their sections otherwise leave nothing to look for."""
     found = {text: line for line, text in titles}
+    headings = [f"{meta['number']}. {meta['title']}" for meta in metas]
+    if not any(text in found for text in headings):
+        return
     last = 0
-    for meta in metas:
-        text = f"{meta['number']}. {meta['title']}"
+    for meta, text in zip(metas, headings, strict=True):
         line = found.get(text)
         if line is None:
             out.append(
@@ -341,18 +363,19 @@ def _section_order(path: str, titles: list[tuple[int, str]], metas: list[dict[st
 
 
 # -- the checker --------------------------------------------------------------------------------
-@functools.cache
-def _builtin_schema(name: str) -> dict[str, Any]:
-    schema: dict[str, Any] = json.loads(resources.files("agentd").joinpath(f"schema/{name}.json").read_text())
-    return schema
+#: Rules of findings made while reading a source: the build's error for that file says the same.
+_READ_RULES = frozenset({"yaml-syntax", "yaml-tag", "duplicate-key", "yaml-alias", "unreadable-source"})
 
 
 class Checker:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.root = config.root
+        self._validators: dict[str, jsonschema.protocols.Validator | None] = {}
 
     def run(self) -> list[Finding]:
+        # Before the build: a schema setting that does not work is a usage error, at once.
+        self._validators = {kind: self._validator(kind) for kind in ("agent", "trait")}
         engine = Engine(self.config)
         outputs: dict[str, tuple[bytes, Plan]] = {}
 
@@ -365,6 +388,7 @@ class Checker:
         found: list[Finding] = []
         found += self._templates(engine, report.errors)
         found += self._sources(engine)
+        found += _build_errors(report.errors, found)
         for agent_id, (data, plan) in sorted(outputs.items()):
             rel = f"{self.config.output_dir}/{agent_id}{OUTPUT_SUFFIX}"
             found += check_output(rel, data, plan.metas, self.config)
@@ -483,20 +507,43 @@ class Checker:
         out = [finding(rel, 1, 1, "unreadable-source", why) for rel, why in _unread(ws).items()]
         sections = set(engine.available_sections())
         traits = set(ws.traits) | set(ws.trait_errors)
+        defaults = engine.default_sections()
         for path in sorted(ws.files()):
             kind = ws.classify(path)
             if kind is not None and kind[0] != "template" and path not in ws.unreadable:
-                out += self._source(ws, path, kind[0], sections, traits)
+                out += self._source(ws, path, kind[0], sections, traits, defaults)
         return out
 
-    def _schema(self, kind: str) -> jsonschema.protocols.Validator:
-        custom = self.config.check_agent_schema if kind == "agent" else self.config.check_trait_schema
-        schema = json.loads((self.root / custom).read_text()) if custom else _builtin_schema(kind)
+    def _validator(self, kind: str) -> jsonschema.protocols.Validator | None:
+        """The JSON Schema validator the workspace names for ``kind`` sources (None: none is
+        named). Read like a source: never from outside the workspace."""
+        key = f"{kind}_schema"
+        rel = getattr(self.config, f"check_{key}")
+        if not rel:
+            return None
+        setting = f"{CONFIG_FILE} [check] {key}"
+        try:
+            raw = read_inside(self.root, rel)
+        except Unreadable as exc:
+            raise ConfigError(f"{setting} = {rel!r}: {exc}") from None
+        if raw is None:
+            raise ConfigError(f"{rel}: no such file (named by {setting})")
+        try:
+            schema = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{rel}: not JSON: {exc} (named by {setting})") from None
         import jsonschema
 
+        try:
+            jsonschema.Draft202012Validator.check_schema(schema)
+        except jsonschema.SchemaError as exc:
+            where = key_path(exc.absolute_path)
+            raise ConfigError(f"{rel}: not a valid JSON Schema: {where}: {exc.message} (named by {setting})") from None
         return jsonschema.Draft202012Validator(schema)
 
-    def _source(self, ws: Workspace, path: Path, kind: str, sections: set[str], traits: set[str]) -> list[Finding]:
+    def _source(
+        self, ws: Workspace, path: Path, kind: str, sections: set[str], traits: set[str], defaults: list[str]
+    ) -> list[Finding]:
         rel = ws.rel(path)
         try:
             raw = ws.read_source(path)
@@ -523,17 +570,37 @@ class Checker:
                 *out,
                 finding(rel, 1, 1, "schema", f"expected a mapping at the top level, got {type(data).__name__}"),
             ]
-        for error in self._schema(kind).iter_errors(data):
+        validator = self._validators.get(kind)
+        for error in validator.iter_errors(data) if validator is not None else ():
             out.append(_schema_finding(rel, root, error))
         if kind == "agent":
             out += _references(rel, root, data, sections, traits)
-            enabled = data.get("sections", list(self.config.sections))
+            enabled = data.get("sections", defaults)
             for required in self.config.check_required_sections:
                 if isinstance(enabled, list) and required not in enabled:
                     line, col = position(*node_at(root, ["sections"])) or (1, 1)
                     message = f"sections: {required!r} is required by [check] required_sections but not enabled"
                     out.append(finding(rel, line, col, "required-section", message))
         return out
+
+
+def _build_errors(errors: Iterable[Any], found: list[Finding]) -> list[Finding]:
+    """Source errors only the build meets (an ``id`` that is not the file name, ``sections`` or
+    ``traits`` of the wrong shape, an agent left with no sections, two sources for one name):
+    agentd's own contract, checked with or without a schema. Not where a finding above says
+    the same (a file that does not read or parse, a finding at the same line), nor an error
+    that only follows from another (``DataError.rule`` empty)."""
+    read = {f.path for f in found if f.rule in _READ_RULES}
+    located = {(f.path, f.line) for f in found}
+    out = []
+    for error in errors:
+        if not isinstance(error, DataError) or isinstance(error, BlockedError) or not error.rule:
+            continue
+        if error.path in read or (error.path, error.line or 1) in located:
+            continue
+        message = error.message.removeprefix(f"{error.path}: ")
+        out.append(finding(error.path, error.line, error.column, error.rule, message))
+    return out
 
 
 def _unread(ws: Workspace) -> dict[str, str]:

@@ -14,19 +14,6 @@ from .exceptions import ConfigError
 
 CONFIG_FILE = "agentd.toml"
 
-#: The nine sections of the workspace contract, in the order an agent gets them by default.
-DEFAULT_SECTIONS: tuple[str, ...] = (
-    "core-responsibilities",
-    "expertise-areas",
-    "technology-stack",
-    "implementation-patterns",
-    "professional-standards",
-    "integration-guidelines",
-    "performance-benchmarks",
-    "troubleshooting",
-    "tool-configurations",
-)
-
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -36,8 +23,10 @@ class Config:
     templates_dir: str = "templates"
     agents_dir: str = "agents"
     output_dir: str = "out"
-    #: Sections an agent gets when its source has no ``sections`` list.
-    sections: tuple[str, ...] = DEFAULT_SECTIONS
+    #: Sections an agent gets when its source has no ``sections`` list. Empty: every
+    #: ``templates/sections/*.j2`` whose name does not start with "_", sorted by name
+    #: (the tool knows no sections of its own: a workspace names its order here).
+    sections: tuple[str, ...] = ()
     #: ``auto`` (console on a TTY, JSON otherwise), ``console`` or ``json``.
     log_format: str = "auto"
     log_level: str = "info"
@@ -74,13 +63,15 @@ class Config:
     max_clients: int = 64
     #: Seconds a status-socket client may stay silent before it is disconnected.
     client_idle_timeout: float = 60.0
-    #: ``agentd check`` (``[check]`` in agentd.toml): output line range, sections every agent
-    #: must enable, front matter keys, rules switched off, and the JSON Schemas sources are
-    #: validated against (empty: the built-in ones, which match the shipped templates).
-    check_min_lines: int = 6000
-    check_max_lines: int = 11000
+    #: ``agentd check`` (``[check]`` in agentd.toml): output line range (0: no bound), sections
+    #: every agent must enable, front matter keys every output must have (none: front matter is
+    #: optional), rules switched off, and JSON Schemas (paths inside the workspace) the sources
+    #: are validated against (empty: none; only what agentd interprets is checked). Nothing
+    #: here is on by default: a workspace declares its own contract.
+    check_min_lines: int = 0
+    check_max_lines: int = 0
     check_required_sections: tuple[str, ...] = ()
-    check_front_matter: tuple[str, ...] = ("name", "description", "tools", "model")
+    check_front_matter: tuple[str, ...] = ()
     check_disable: tuple[str, ...] = ()
     check_agent_schema: str = ""
     check_trait_schema: str = ""

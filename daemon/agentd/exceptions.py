@@ -60,6 +60,10 @@ class SourceError(AgentdError):
 class DataError(SourceError):
     """An agent or trait source that is malformed or refers to something that does not exist."""
 
+    #: The ``agentd check`` rule it is reported under; "" when it only follows from another
+    #: error, reported on its own (an agent listing a trait whose source does not load).
+    rule: str = "schema"
+
 
 class BlockedError(DataError):
     """A render that read the catalog where an agent whose source does not load belongs: it

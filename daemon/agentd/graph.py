@@ -33,6 +33,13 @@ def key_prefix(agent_id: str) -> str:
     return f"key:{agent_id}:"
 
 
+def section_list_node(agent_id: str) -> str:
+    """An agent's resolved section list (ids, numbers, titles, in order): what ``sections``
+    gives its templates and what its composition joins. It can change without its source
+    changing (the default list follows the section templates and ``agentd.toml``)."""
+    return f"section-list:{agent_id}"
+
+
 def catalog_node(agent_id: str) -> str:
     return f"catalog:{agent_id}"
 

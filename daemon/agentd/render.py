@@ -37,6 +37,14 @@ from .exceptions import AgentdError, TemplateError
 from .trace import MISSING, TrackedMapping, fingerprint, record, tracing
 from .workspace import Workspace, source_line
 
+#: The template that composes an agent from its rendered sections.
+BASE_TEMPLATE = "base/agent-base.j2"
+#: What composes an agent while the workspace has no base template: its sections' content,
+#: concatenated in order. Served under the base template's own name, so a render records that
+#: name (with no fingerprint: the file is absent) and creating or deleting the file later
+#: re-composes every agent like any edit of it.
+FALLBACK_BASE = "{% for s in sections %}{{ s.content }}{% endfor %}"
+
 
 class _Loader(jinja2.BaseLoader):
     """Serves template sources from the workspace's in-memory copy: a template is exactly what
@@ -46,12 +54,14 @@ class _Loader(jinja2.BaseLoader):
     def __init__(self, workspace: Workspace) -> None:
         self.workspace = workspace
 
-    def get_source(self, environment: jinja2.Environment, template: str) -> tuple[str, str, Callable[[], bool]]:
+    def get_source(self, environment: jinja2.Environment, template: str) -> tuple[str, str | None, Callable[[], bool]]:
         source = self.workspace.templates.get(template)
         if source is None:
             error = self.workspace.template_errors.get(template)
             if error is not None:  # a copy: each render that meets it sets its own context
                 raise copy.copy(error)
+            if template == BASE_TEMPLATE:
+                return FALLBACK_BASE, None, lambda: True
             raise jinja2.TemplateNotFound(template)
         filename = str(self.workspace.config.templates_path / template)
         return source, filename, lambda: True

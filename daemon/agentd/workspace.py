@@ -435,6 +435,11 @@ class Unreadable(Exception):
 Read = bytes | Unreadable | None
 
 
+#: What ``Workspace._raw`` keeps of a source to read again whatever its bytes (no fingerprint
+#: is empty): the remaining one of two sources for a name, which was not loaded.
+_RELOAD = b""
+
+
 def _unreadable_fp(reason: str) -> bytes:
     """What ``Workspace._raw`` keeps of a file it could not read (never a content's fingerprint:
     another domain of the hash), so that it is read again once it changes."""
@@ -481,6 +486,26 @@ def _cannot_read(exc: OSError) -> None:
     if isinstance(exc, PermissionError):
         raise Unreadable("cannot read: permission denied") from None
     raise Unreadable(f"cannot read: {(exc.strerror or str(exc)).lower()}") from None
+
+
+def read_inside(root: Path, rel: str) -> bytes | None:
+    """The bytes of the file a setting names (``rel``: relative to the workspace root), read
+    only when it really is inside the root, as sources are: a path out of it (``..``, an
+    absolute path elsewhere) or a symbolic link out (whose target is never opened) raises
+    ``Unreadable``. None: no such file."""
+    top = os.path.realpath(root)
+    lexical = os.path.normpath(os.path.join(root, rel))
+    if not lexical.startswith(os.path.normpath(root) + os.sep) and not lexical.startswith(top + os.sep):
+        raise Unreadable(f"{lexical} is outside the workspace {root}; agentd reads nothing outside it")
+    real = os.path.realpath(lexical)
+    if not real.startswith(top + os.sep):
+        raise Unreadable(f"a symbolic link to {real}, outside the workspace; agentd reads nothing outside it")
+    try:
+        fd = os.open(real, _OPEN_FLAGS | os.O_NOFOLLOW)
+    except OSError as exc:
+        _cannot_read(exc)
+        return None
+    return _read_opened(fd, Path(real), real)  # a link swapped in since: nothing read
 
 
 def source_line(text: str, line: int | None) -> str | None:
@@ -565,6 +590,9 @@ class Workspace:
         #: edit of a target is reported for the target only, and its links must follow.
         self._links: dict[Path, Path] = {}
         self._linked: dict[Path, set[Path]] = {}
+        #: Sources that became the only one of their name (its namesake went) during this
+        #: refresh: read again at its end (see ``_apply_file``).
+        self._reload: set[Path] = set()
         self._roots = self._real_roots()
 
     # -- paths ----------------------------------------------------------------------------
@@ -765,6 +793,10 @@ class Workspace:
             kind = self.classify(path)
             if kind is not None:
                 self._refresh_file(path, kind, delta)
+        while self._reload:
+            path = self._reload.pop()
+            if (kind := self.classify(path)) is not None:
+                self._refresh_file(path, kind, delta)
         self._broken_changed(broken, delta)
         return delta
 
@@ -775,6 +807,10 @@ class Workspace:
         for path in sorted(journal):
             kind = self.classify(path)
             if kind is not None:
+                self._apply_file(path, kind, delta, journal[path])
+        while self._reload:  # (the parent read it again, so its bytes are in the journal)
+            path = self._reload.pop()
+            if path in journal and (kind := self.classify(path)) is not None:
                 self._apply_file(path, kind, delta, journal[path])
         self._broken_changed(broken, delta)
         return delta
@@ -808,7 +844,13 @@ class Workspace:
             self.unreadable.pop(path, None)
         if raw is None:
             if self._raw.pop(path, None) is not None:
-                self._forget(kind, path, delta)
+                namesake = self._namesake(kind, path)
+                if namesake is None:
+                    self._forget(kind, path, delta)
+                else:  # one of two sources for a name went: the other one is read again
+                    self._raw[namesake] = _RELOAD
+                    self._reload.add(namesake)
+                    delta.membership = True
             return
         if isinstance(raw, Unreadable):
             self.unreadable[path] = str(raw)
@@ -824,10 +866,42 @@ class Workspace:
         what, name = kind
         if what == "template":
             self._load_template(name, path, raw, fp, delta)
+        elif (namesake := self._namesake(kind, path)) is not None:
+            self._twins(kind, sorted([path, namesake]), delta)
         elif what == "agent":
             self._load_agent(name, path, raw, delta)
         else:
             self._load_trait(name, path, raw, delta)
+
+    def _namesake(self, kind: tuple[str, str], path: Path) -> Path | None:
+        """The other source of the same agent or trait (``x.yaml`` beside ``x.yml``), if any."""
+        if kind[0] == "template":
+            return None
+        for suffix in YAML_SUFFIXES:
+            other = path.with_suffix(suffix)
+            if other != path and other in self._raw:
+                return other
+        return None
+
+    def _twins(self, kind: tuple[str, str], paths: list[Path], delta: Delta) -> None:
+        """Two sources for one agent or trait: neither loads (which one was meant is not for
+        agentd to guess) until one of them goes. An agent keeps its last good output meanwhile,
+        as with any source that does not load."""
+        what, name = kind
+        first, second = (self.rel(p) for p in paths)
+        noun = "agent" if what == "agent" else "trait"
+        error = DataError(
+            f"{first}: two sources for {noun} {name!r}: {first} and {second} (.yaml and .yml are both "
+            "read); keep one of them",
+            first,
+        )
+        error.rule = "duplicate-source"
+        if what == "agent":
+            self.agent_errors[name] = error
+            self._set_agent(name, None, delta)
+        else:
+            self.trait_errors[name] = error
+            self._set_trait(name, None, delta)
 
     def _forget(self, kind: tuple[str, str], path: Path, delta: Delta) -> None:
         what, name = kind
