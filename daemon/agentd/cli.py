@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_DAEMON, EXIT_RUNNING = 0, 1, 2, 3, 4
 
 _DESCRIPTION = """\
-Render every agents/<id>.yaml through the Jinja2 templates in templates/ into out/<id>.md,
+Render every agents/<id>.yaml (or .yml) through the Jinja2 templates in templates/ into out/<id>.md,
 redoing only what changed.
 
 Configuration comes from, in order of precedence: command-line flags, AGENTD_* environment
@@ -115,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser(
         "build",
         help="render every agent to out/ once and exit",
-        description="Render every agents/*.yaml to out/<id>.md. Outputs are written atomically; "
+        description="Render every agents/*.yaml and *.yml to out/<id>.md. Outputs are written atomically; "
         "an output whose bytes did not change is not touched; outputs of deleted agents are "
         "removed (only files agentd generated, listed in out/.agentd-manifest.json). "
         "Exit 0 on success, 1 when any agent failed (the others are still written), 2 on a "
