@@ -93,6 +93,43 @@ class BuildReport:
     def ok(self) -> bool:
         return not self.errors
 
+    def record(self) -> dict[str, Any]:
+        """What the build did, as data: ``stats``' ``last_build``, the ``build.finished`` log
+        line and event, the reply to ``rebuild``, and ``agentd build``'s summary all print it."""
+        return {
+            "build_id": self.build_id,
+            "start": self.started,
+            "duration_ms": round(self.duration_ms, 2),
+            "changed": self.changed,
+            "agents": self.agents,
+            "agents_rendered": self.agents_composed,
+            "sections_rendered": len(self.sections_rendered),
+            "sections_reused": self.sections_reused,
+            "sections_restored": self.sections_restored,
+            "sections_cut_off": self.sections_cut_off,
+            "workers": self.workers,
+            "outputs_written": len(self.written),
+            "outputs_unchanged": len(self.unchanged),
+            "outputs_removed": len(self.removed),
+            "errors": len(self.errors),
+            "findings": len(self.findings),
+            "caches": {k: {"hits": c.hits, "misses": c.misses} for k, c in self.caches.items()},
+        }
+
+
+#: Known agent ids an unknown one's error lists at most.
+KNOWN_SHOWN = 20
+
+
+def check_agents(requested: Iterable[str], known: Iterable[str]) -> None:
+    """Refuse agent ids the workspace does not have, naming them and the ones it has (the
+    daemon's ``rebuild`` and ``agentd rebuild`` without one say the same)."""
+    have = sorted(set(known))
+    unknown = sorted(set(requested) - set(have))
+    if unknown:
+        shown = ", ".join(have[:KNOWN_SHOWN]) + (f" ... ({len(have)} in all)" if len(have) > KNOWN_SHOWN else "")
+        raise ConfigError(f"unknown agent(s): {', '.join(unknown)}; known: {shown or 'none'}")
+
 
 #: A warm worker pool takes a batch from this many sections (below it, dispatch costs more).
 PARALLEL_MIN_SECTIONS = 16

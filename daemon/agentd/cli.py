@@ -138,6 +138,9 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="print the raw `stats` reply as JSON")
     st.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
     st.add_argument("--interval", type=float, default=1.0, metavar="S", help="refresh period for --watch (default: 1)")
+    st.add_argument(
+        "--socket-path", action="store_true", help="print the workspace's socket path and exit (no daemon needed)"
+    )
 
     sv = sub.add_parser(
         "service",
@@ -321,6 +324,11 @@ def _cmd_watch(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_status(config: Config, args: argparse.Namespace) -> int:
+    if args.socket_path:
+        from .control import socket_path
+
+        print(socket_path(config))
+        return EXIT_OK
     if not args.watch:
         return _status_once(config, args)
     code = 130  # interrupted before the first answer
