@@ -155,6 +155,9 @@ class Engine:
         self._writes: list[tuple[str, Plan, bytes, Future[tuple[bool, list[int]]]]] = []
         #: Take unchanged renders from the store (False for a forced rebuild: render, then save).
         self.restore = True
+        #: Agents never taken from the store, whatever ``restore`` says (``agentd rebuild
+        #: AGENT...`` without a daemon: the others come back from the store as in a build).
+        self.fresh: set[str] = set()
         self.workspace = Workspace(config)
         self.workspace.parsed_cache = store
         budget = config.memory_budget_mb * 1024 * 1024
@@ -839,7 +842,9 @@ class Engine:
             # Rendered by an earlier process or state, inputs unchanged: its digest and reads
             # suffice (a composition that needs the bytes reads them then; a restart reads none).
             # The store is L3's disk tier: a section it gives back is a hit, a render a miss.
-            stored = self.store.lookup(node, self.current_fp, data=False) if self.store and self.restore else None
+            stored = None
+            if self.store is not None and self._restorable(agent_id):
+                stored = self.store.lookup(node, self.current_fp, data=False)
             if stored is None:
                 self.caches.l3.counters.misses += 1
                 todo.setdefault(agent_id, []).append(meta)
@@ -852,6 +857,10 @@ class Engine:
             if old.get(key) != stored.digest:
                 self._compose_pending.add(agent_id)
         return todo
+
+    def _restorable(self, agent_id: str) -> bool:
+        """Whether the store may give this agent's renders back (callers check there is one)."""
+        return self.restore and agent_id not in self.fresh
 
     def _render_one(self, plan: Plan, meta: dict[str, Any], context: dict[str, Any]) -> Rendered:
         """Render one section (no bookkeeping: also runs in worker processes)."""
@@ -1014,7 +1023,7 @@ class Engine:
 
     def _restore_skeleton(self, plan: Plan) -> bool:
         """Take the skeleton an earlier process rendered for the same inputs from the store."""
-        if self.store is None or not self.restore:
+        if self.store is None or not self._restorable(plan.agent.id):
             return False
         stored = self.store.lookup(g.skeleton_unit(plan.agent.id), self.current_fp)
         if stored is None:
@@ -1046,7 +1055,7 @@ class Engine:
         if agent_id in self.agent_errors or agent_id in self._blocked:
             return  # keep the last good output; retried next build (blocked: once unblocked)
         name = agent_id + OUTPUT_SUFFIX
-        restorable = write and self.store and self.restore and agent_id not in self.caches.l4
+        restorable = write and self.store and self._restorable(agent_id) and agent_id not in self.caches.l4
         if restorable and self._restore_compose(agent_id, name, report):
             return
         try:
