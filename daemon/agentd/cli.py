@@ -1,9 +1,9 @@
-"""Command line: ``agentd build | watch | status | rebuild | check | verify | graph | affected |
-service``.
+"""Command line: ``agentd build | watch | status | stop | rebuild | check | verify | graph |
+affected | service``.
 
 The boundary where errors are printed and turned into exit codes: 0 success, 1 an agent (or
-any source) failed, 2 usage or configuration error, 3 no daemon answers (``status``), 4 a
-daemon already runs on this workspace (``watch``).
+any source) failed, 2 usage or configuration error, 3 no daemon answers (``status``, ``stop``),
+4 a daemon already runs on this workspace (``watch``).
 
 ``affected``, ``verify``, ``graph`` and ``rebuild`` ask the workspace's running daemon when one
 answers (it has everything in memory) and work in-process otherwise; they print the same either
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -35,6 +34,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_DAEMON, EXIT_RUNNING = 0, 1, 2, 3, 4
 #: How long a daemon gets to answer a ping (it answers within milliseconds, even mid-build)
 #: before a command works without it.
 PING_TIMEOUT_S = 5.0
+#: How long ``agentd stop`` waits beyond the daemon's ``graceful_timeout`` for it to exit.
+STOP_MARGIN_S = 10.0
 
 _DESCRIPTION = """\
 Render every agents/<id>.yaml through the Jinja2 templates in templates/ into out/<id>.md,
@@ -165,11 +166,32 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--root", default=".", help=root_help)
     st.add_argument("--socket", metavar="PATH", help=socket_help)
     st.add_argument("--json", action="store_true", help="print the raw `stats` reply as JSON")
-    st.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
-    st.add_argument("--interval", type=float, default=1.0, metavar="S", help="refresh period for --watch (default: 1)")
+    st.add_argument(
+        "--watch", action="store_true", help="redraw after every build (subscribed to the daemon's events) until Ctrl-C"
+    )
+    st.add_argument(
+        "--interval",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="with --watch, also redraw after S seconds without a build, so uptime and memory stay "
+        "current (default: 1; 0: only after builds)",
+    )
     st.add_argument(
         "--socket-path", action="store_true", help="print the workspace's socket path and exit (no daemon needed)"
     )
+
+    sp = sub.add_parser(
+        "stop",
+        help="stop the running daemon of the workspace (like SIGTERM)",
+        description="Ask the `agentd watch` of the workspace to stop: it finishes the build in flight "
+        "and exits 0, like on SIGTERM. Waits until it is gone, then prints `stopped agentd (pid N)`. "
+        "Exit 0 when it stopped, 1 when it is still running after its graceful_timeout plus "
+        f"{STOP_MARGIN_S:g} s, 3 when no daemon answers. A daemon systemd runs is better stopped with "
+        "`systemctl --user stop agentd@<escaped path>.service`.",
+    )
+    sp.add_argument("--root", default=".", help=root_help)
+    _daemon_options(sp, no_daemon=False)
 
     rb = sub.add_parser(
         "rebuild",
@@ -286,6 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "graph": _cmd_graph,
             "affected": _cmd_affected,
             "rebuild": _cmd_rebuild,
+            "stop": _cmd_stop,
         }[args.command]
         return handler(config, args)
     except AlreadyRunning as exc:
@@ -398,6 +421,26 @@ def _cmd_rebuild(config: Config, args: argparse.Namespace) -> int:
     return EXIT_FAILED if errors else EXIT_OK
 
 
+def _cmd_stop(config: Config, args: argparse.Namespace) -> int:
+    from .control import request, socket_path, wait_stopped
+
+    path = socket_path(config)
+    try:
+        info = request(path, "ping", timeout=PING_TIMEOUT_S)
+    except (OSError, ValueError, RequestError) as exc:
+        return _no_daemon(config, path, exc)
+    _same_workspace(config, path, info)
+    reply = _ask(path, "stop")
+    pid, bound = reply["pid"], reply["graceful_timeout"] + STOP_MARGIN_S
+    if not wait_stopped(pid, bound):
+        raise AgentdError(
+            f"the daemon (pid {pid}) is still running {bound:g} s after it was asked to stop "
+            "(it finishes the build in flight first; `agentd status` shows what it is doing)"
+        )
+    print(f"stopped agentd (pid {pid})")
+    return EXIT_OK
+
+
 # -- asking the daemon --------------------------------------------------------------------------
 def _daemon(config: Config, args: argparse.Namespace, output: bool = False) -> Path | None:
     """The socket of the daemon that answers for this workspace, or None to work in-process
@@ -499,13 +542,7 @@ def _cmd_status(config: Config, args: argparse.Namespace) -> int:
         return EXIT_OK
     if not args.watch:
         return _status_once(config, args)
-    code = 130  # interrupted before the first answer
-    try:
-        while True:
-            code = _status_once(config, args)
-            time.sleep(max(0.1, args.interval))
-    except KeyboardInterrupt:  # Ctrl-C is how --watch ends, wherever in a refresh it lands
-        return code
+    return _status_watch(config, args)
 
 
 def _status_once(config: Config, args: argparse.Namespace) -> int:
@@ -517,6 +554,50 @@ def _status_once(config: Config, args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         return _no_daemon(config, path, exc)
     return _show_stats(stats, args)
+
+
+def _status_watch(config: Config, args: argparse.Namespace) -> int:
+    """Draw, then draw again after every build: subscribed to the daemon's ``build.finished``
+    events, asking for ``stats`` on the same connection (and after ``--interval`` s without
+    one). Ctrl-C ends it with the last refresh's exit code, wherever it lands."""
+    from .control import SUBSCRIBE, Client, result_of, socket_path
+
+    path = socket_path(config)
+    code = 130  # interrupted before the first answer
+    pid, stopping = None, False
+    heartbeat = args.interval if args.interval > 0 else None
+    try:
+        try:
+            client = Client(path, timeout=PING_TIMEOUT_S)
+        except OSError as exc:
+            return _no_daemon(config, path, exc)
+        with client:
+            try:
+                client.send(SUBSCRIBE, events=["build.finished", "watch.stopping"])
+                client.send("stats")
+                while True:
+                    try:
+                        message = client.receive(heartbeat)
+                    except TimeoutError:  # no build meanwhile: uptime and memory move anyway
+                        client.send("stats")
+                        continue
+                    if message.get("event") == "watch.stopping":
+                        stopping = True
+                    elif "event" in message:
+                        client.send("stats")
+                    elif "subscribed" not in (result := result_of(message)):
+                        pid = result["pid"]
+                        code = _show_stats(result, args)
+            except (OSError, ValueError) as exc:
+                what = "stopped" if stopping else f"stopped answering ({_reason(exc)})"
+                print(
+                    f"agentd: the daemon{f' (pid {pid})' if pid else ''} at {path} {what}\n"
+                    f"start one with: agentd watch --root {config.root}",
+                    file=sys.stderr,
+                )
+                return EXIT_NO_DAEMON
+    except KeyboardInterrupt:  # Ctrl-C is how --watch ends, wherever in a refresh it lands
+        return code
 
 
 def _show_stats(stats: dict[str, Any], args: argparse.Namespace) -> int:

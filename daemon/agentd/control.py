@@ -578,3 +578,21 @@ def request(path: Path, command: str, timeout: float | None = 10.0, **args: Any)
     with Client(path, timeout) as client:
         client.send(command, **args)
         return result_of(client.receive(timeout))
+
+
+def wait_stopped(pid: int, timeout: float) -> bool:
+    """Whether process ``pid`` is gone (or a zombie nobody reaped yet) within ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            os.kill(pid, 0)
+            with open(f"/proc/{pid}/stat") as fh:
+                if fh.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except ProcessLookupError:
+            return True
+        except (OSError, IndexError):  # no /proc (not Linux): kill() alone decides
+            pass
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
