@@ -262,6 +262,12 @@ def _parser() -> argparse.ArgumentParser:
     be.add_argument("--trials", type=int, default=20, help="saves per edit kind (default: 20)")
     be.add_argument("--quick", action="store_true", help="N=10 and 6 trials: a smoke run well under a minute")
     be.add_argument("--output", type=Path, metavar="FILE", help="write the JSON report here")
+    be.add_argument(
+        "--only",
+        choices=("cli",),
+        help="cli: only the latency of `agentd affected` and `agentd verify` run as commands, answered "
+        "by a running daemon and in-process (--no-daemon), alternating; median and min over --trials runs",
+    )
 
     gr = sub.add_parser(
         "graph",
@@ -619,7 +625,7 @@ def _warn(event: str, **fields: Any) -> None:
 
 
 def _cmd_bench(config: Config, args: argparse.Namespace) -> int:
-    from .bench import run, table
+    from .bench import cli_table, run, table
 
     _check_workspace(config)
     try:
@@ -629,8 +635,12 @@ def _cmd_bench(config: Config, args: argparse.Namespace) -> int:
     if not sizes or min(sizes) < 1 or args.trials < 2:
         raise ConfigError("--agents needs sizes >= 1 and --trials at least 2")
     trials = 6 if args.quick else args.trials
-    report = run(config.root, sizes, trials, args.output, lambda m: print(f"  ... {m}", file=sys.stderr, flush=True))
-    print(table(report))
+
+    def log(message: str) -> None:
+        print(f"  ... {message}", file=sys.stderr, flush=True)
+
+    report = run(config.root, sizes, trials, args.output, log, only=args.only)
+    print(cli_table(report) if args.only == "cli" else table(report))
     return EXIT_OK
 
 
