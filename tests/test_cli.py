@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import shutil
 from pathlib import Path
 
 import orjson
 import pytest
 
-from conftest import run_cli, set_config
+from agentd.config import Config
+from agentd.control import request, socket_path
+from conftest import run_cli, run_daemon, set_config
 
 
 def test_build_writes_outputs_and_prints_a_summary(tiny: Path) -> None:
@@ -286,3 +290,68 @@ def test_affected_rejects_foreign_paths(tiny: Path) -> None:
     """A path agentd does not read is a usage error, not an empty answer."""
     result = run_cli("affected", "README.md", cwd=tiny)
     assert result.returncode == 2 and "not a template, agent or trait file" in result.stderr
+
+
+async def test_commands_answer_through_a_running_daemon(tiny: Path, tmp_path: Path) -> None:
+    """affected, verify, graph and rebuild print the same through the daemon as in-process
+    (--no-daemon), with the same exit codes; the daemon's request counters show which one
+    answered; a daemon that writes elsewhere is not asked to verify; a daemon of another
+    workspace is refused."""
+    async with run_daemon(tiny):
+        path = socket_path(Config.load(tiny))
+        (tiny / "out/beta.md").write_text("edited by hand\n")  # outputs are not watched: it stays
+        cases = [
+            (("affected", "--root", str(tiny), "sections/peers.j2"), tiny / "templates"),  # relative to here
+            (("affected", "--json", "templates/traits/safety-traits.j2"), tiny),
+            (("verify",), tiny),
+            (("verify", "--json"), tiny),
+            (("graph", "--format", "json"), tiny),
+            (("graph",), tiny),
+            (("rebuild", "nobody"), tiny),
+        ]
+        for args, cwd in cases:
+            via, here = await asyncio.gather(
+                asyncio.to_thread(run_cli, *args, cwd=cwd), asyncio.to_thread(run_cli, *args, "--no-daemon", cwd=cwd)
+            )
+            assert (via.returncode, via.stdout, via.stderr) == (here.returncode, here.stdout, here.stderr), args
+            assert via.returncode == {"verify": 1, "rebuild": 2}.get(args[0], 0), via.stderr
+            if args == ("verify",):
+                assert "differs: out/beta.md\n--- out/beta.md\n+++ clean build/beta.md" in via.stdout
+        assert "unknown agent(s): nobody; known: alpha, beta" in via.stderr
+        requests = (await asyncio.to_thread(request, path, "stats"))["requests"]
+        assert requests == {"ping": 7, "affected": 2, "verify": 2, "graph": 2, "rebuild": 1, "stats": 1}
+
+        rebuilt = await asyncio.to_thread(run_cli, "rebuild", "alpha", cwd=tiny)
+        assert rebuilt.returncode == 0, rebuilt.stderr
+        assert rebuilt.stdout.startswith("agentd: 2 agents, 4 sections rendered, 3 reused\n")
+        everything = await asyncio.to_thread(run_cli, "rebuild", cwd=tiny)
+        assert everything.stdout.startswith("agentd: 2 agents, 7 sections rendered, 0 reused\n")
+        assert "1 written, 1 unchanged" in everything.stdout  # the hand-edited output, and only it
+        elsewhere = await asyncio.to_thread(run_cli, "verify", "--output-dir", "elsewhere", cwd=tiny)
+        assert elsewhere.returncode == 1 and "working in-process" in elsewhere.stderr
+        assert "missing: elsewhere/alpha.md" in elsewhere.stdout
+        requests = (await asyncio.to_thread(request, path, "stats"))["requests"]
+        assert requests["rebuild"] == 3 and requests["verify"] == 2
+
+        other = tmp_path / "other"
+        shutil.copytree(tiny, other)
+        refused = await asyncio.to_thread(run_cli, "graph", "--socket", str(path), cwd=other)
+        assert refused.returncode == 2 and f"serves {tiny.resolve()}, not {other.resolve()}" in refused.stderr
+
+
+def test_rebuild_without_a_daemon(tiny: Path) -> None:
+    """Without a daemon, rebuild re-renders every section (or AGENT's) from scratch, though a
+    build just filled the persistent cache, and writes only outputs whose bytes changed; an
+    unknown agent id exits 2 naming the known ones."""
+    assert run_cli("build", cwd=tiny).returncode == 0
+    mtime = (tiny / "out/alpha.md").stat().st_mtime_ns
+    result = run_cli("rebuild", cwd=tiny)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(
+        "agentd: 2 agents, 7 sections rendered, 0 reused\n  outputs: 0 written, 2 unchanged"
+    )
+    one = run_cli("rebuild", "alpha", cwd=tiny)
+    assert one.returncode == 0 and one.stdout.startswith("agentd: 2 agents, 4 sections rendered, 3 reused\n")
+    assert (tiny / "out/alpha.md").stat().st_mtime_ns == mtime
+    unknown = run_cli("rebuild", "alpha", "nobody", cwd=tiny)
+    assert unknown.returncode == 2 and "unknown agent(s): nobody; known: alpha, beta" in unknown.stderr

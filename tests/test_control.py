@@ -16,7 +16,7 @@ import orjson
 import pytest
 
 from agentd.config import Config
-from agentd.control import MAX_SOCKET_PATH, ControlServer, socket_path
+from agentd.control import MAX_SOCKET_PATH, SUBSCRIBER_BACKLOG_BYTES, ControlServer, request, socket_path
 from conftest import clean_build, read_outputs, run_cli, run_daemon, set_config, slow_down
 
 
@@ -39,8 +39,8 @@ def sock_of(root: Path) -> Path:
 
 
 async def test_every_command_and_reply_shape(tiny: Path) -> None:
-    """ping, status, stats, rebuild, affected and verify answer with protocol/ok/result; an id
-    is echoed."""
+    """ping, status, stats, rebuild, affected, verify and graph answer with protocol/ok/result;
+    an id is echoed; ping names the workspace and its output folder."""
     async with run_daemon(tiny) as d:
         path = sock_of(tiny)
         replies = await ask(
@@ -52,10 +52,19 @@ async def test_every_command_and_reply_shape(tiny: Path) -> None:
             b'{"command": "rebuild", "agents": ["alpha"]}\n',
             b'{"command": "rebuild"}\n',
             b'{"command": "verify"}\n',
+            b'{"command": "graph", "format": "dot"}\n',
         )
         assert all(r["protocol"] == 1 and r["ok"] for r in replies), replies
-        ping, status, stats, affected, rebuild_one, rebuild_all, verify = (r["result"] for r in replies)
-        assert replies[0]["id"] == 7 and ping == {"pong": True, "pid": d.proc.pid}
+        ping, status, stats, affected, rebuild_one, rebuild_all, verify, graph = (r["result"] for r in replies)
+        assert replies[0]["id"] == 7
+        root = tiny.resolve()
+        assert ping == {
+            "pong": True,
+            "pid": d.proc.pid,
+            "root": str(root),
+            "output_path": str(root / "out"),
+            "version": "0.1.0",
+        }
         assert status["state"] == "idle" and status["pid"] == d.proc.pid and status["builds"] == 1
         for key in ("state", "pid", "version", "uptime_s", "builds", "last_build", "caches", "templates",
                     "alerts", "errors", "rss_bytes", "peak_rss_bytes", "watcher"):  # fmt: skip
@@ -65,10 +74,98 @@ async def test_every_command_and_reply_shape(tiny: Path) -> None:
             assert {"entries", "bytes", "hits", "misses", "evictions", "hit_rate"} <= set(layer)
         assert stats["caches"]["L3"]["entries"] == 7 and stats["rss_bytes"] > 0
         assert set(stats["templates"]["sections/summary.j2"]) == {"renders", "p50_ms", "p95_ms", "max_ms"}
-        assert affected == {"agents": ["alpha", "beta"], "sections": ["alpha/peers", "beta/peers"]}
+        assert affected == {"agents": ["alpha", "beta"], "sections": ["alpha/peers", "beta/peers"], "errors": []}
         assert rebuild_one["sections_rendered"] == 4 and rebuild_one["agents_rendered"] == ["alpha"]
         assert rebuild_all["sections_rendered"] == 7
-        assert verify["ok"] is True
+        assert verify["ok"] is True and verify["output_dir"] == "out" and verify["diffs"] == {}
+        assert graph["format"] == "dot" and graph["graph"].startswith("digraph agentd {")
+        assert stats["requests"] == {"ping": 1, "status": 1, "stats": 1}  # counted as they come
+
+
+async def test_subscribe_streams_the_logged_builds_and_errors(tiny: Path) -> None:
+    """A subscriber gets build.started/build.finished after an edit (the log's records), a
+    build.error for a broken template and build.errors_cleared once fixed, replies in line with
+    the events, and watch.stopping then the end of the stream when the daemon stops."""
+    async with run_daemon(tiny) as d:
+        reader, writer = await asyncio.open_unix_connection(str(sock_of(tiny)), limit=1 << 24)
+
+        async def until(name: str) -> list[dict]:
+            lines = []
+            while not lines or lines[-1].get("event") != name:
+                lines.append(orjson.loads(await asyncio.wait_for(reader.readline(), 15)))
+            return lines
+
+        writer.write(b'{"command": "subscribe", "id": "s"}\n')
+        assert orjson.loads(await asyncio.wait_for(reader.readline(), 10)) == {
+            "protocol": 1,
+            "ok": True,
+            "id": "s",
+            "result": {
+                "subscribed": True,
+                "events": ["build.started", "build.error", "build.finished", "build.errors_cleared", "watch.stopping"],
+            },
+        }
+        alpha = tiny / "agents/alpha.yaml"
+        alpha.write_text(alpha.read_text().replace("[a1, a2]", "[a1, a2, a3]"))
+        started, finished = await until("build.finished")
+        assert started == {"event": "build.started", "build_id": finished["build_id"], "changed": ["agents/alpha.yaml"]}
+        logged = next(e for e in d.builds if e["build_id"] == finished["build_id"])
+        assert finished == {k: v for k, v in logged.items() if k not in ("level", "timestamp")}
+        assert finished["sections_rendered"] == 1 and finished["errors"] == 0 and "ok" not in finished
+
+        peers = tiny / "templates/sections/peers.j2"
+        good = peers.read_text()
+        peers.write_text("{{ oops }\n")
+        broken = await until("build.finished")
+        errors = [e for e in broken if e["event"] == "build.error"]
+        assert errors and {(e["path"], e["line"]) for e in errors} == {("templates/sections/peers.j2", 1)}
+        assert all(e["message"] and e["build_id"] == broken[-1]["build_id"] for e in errors)
+        assert broken[-1]["errors"] == len(errors)
+        peers.write_text(good)
+        fixed = await until("build.finished")
+        assert [e["event"] for e in fixed] == ["build.started", "build.errors_cleared", "build.finished"]
+        assert fixed[1]["previous_errors"] == len(errors) and fixed[-1]["errors"] == 0
+
+        writer.write(b'{"command": "ping", "id": 2}\n')
+        pong = orjson.loads(await asyncio.wait_for(reader.readline(), 10))
+        assert pong["id"] == 2 and pong["result"]["pid"] == d.proc.pid
+        d.proc.terminate()
+        assert (await until("watch.stopping"))[-1] == {"event": "watch.stopping", "pid": d.proc.pid}
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # closed, not reset
+        assert await asyncio.wait_for(d.proc.wait(), 10) == 0
+        writer.close()
+
+
+async def test_a_subscriber_that_does_not_read_is_dropped(tiny: Path) -> None:
+    """A subscriber that reads nothing while asking for more and more never holds up another
+    client or a build, and is dropped once its unread backlog passes the bound."""
+    async with run_daemon(tiny) as d:
+        path = sock_of(tiny)
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        writer.write(b'{"command": "subscribe"}\n' + b'{"command": "stats"}\n' * 100)
+        await writer.drain()
+        # Its replies fill the socket buffers: the daemon writes no more to it, and carries on.
+        assert (await ask(path, b'{"command": "ping"}\n'))[0]["ok"]
+        alpha = tiny / "agents/alpha.yaml"
+        alpha.write_text(alpha.read_text().replace("[a1, a2]", "[a1, a2, a3]"))
+        await d.next_build()
+        assert not d.named("socket.subscriber_dropped")
+        size = len(orjson.dumps(await asyncio.to_thread(request, path, "stats")))  # about one reply
+
+        async def flood() -> None:
+            with contextlib.suppress(ConnectionError):
+                for _ in range(4 * SUBSCRIBER_BACKLOG_BYTES // (10 * size)):
+                    writer.write(b'{"command": "stats"}\n' * 10)
+                    await writer.drain()
+                    if d.named("socket.subscriber_dropped"):
+                        return
+
+        await asyncio.wait_for(flood(), 60)
+        dropped = await d.wait_for(lambda e: e.get("event") == "socket.subscriber_dropped")
+        assert dropped["level"] == "warning" and dropped["limit_bytes"] == SUBSCRIBER_BACKLOG_BYTES
+        assert (await ask(path, b'{"command": "ping"}\n'))[0]["ok"]
+        assert d.proc.returncode is None
+        writer.close()
 
 
 @pytest.mark.parametrize(
@@ -84,6 +181,8 @@ async def test_every_command_and_reply_shape(tiny: Path) -> None:
         (b'{"command": "affected", "paths": [1]}\n', "bad_request"),
         (b'{"command": "affected", "paths": ["README.md"]}\n', "bad_request"),
         (b'{"command": "rebuild", "agents": ["nobody"]}\n', "bad_request"),
+        (b'{"command": "graph", "format": "svg"}\n', "bad_request"),
+        (b'{"command": "subscribe", "events": ["build.done"]}\n', "bad_request"),
         (b'{"command": "' + b"x" * 70_000 + b'"}\n', "too_large"),
     ],
     ids=[
@@ -97,6 +196,8 @@ async def test_every_command_and_reply_shape(tiny: Path) -> None:
         "arg-item-type",
         "foreign-path",
         "unknown-agent",
+        "graph-format",
+        "unknown-event",
         "oversized",
     ],  # fmt: skip
 )

@@ -65,26 +65,59 @@ async def test_json_is_the_stats_reply(tiny: Path) -> None:
 
 
 async def test_watch_refreshes(tiny: Path) -> None:
-    """--watch redraws the table until interrupted."""
+    """--watch draws once, then again after every build (the daemon's events: with --interval 0
+    nothing else redraws), until interrupted."""
     async with run_daemon(tiny):
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "agentd", "status", "--watch", "--interval", "0.2", cwd=tiny,
+            sys.executable, "-m", "agentd", "status", "--watch", "--interval", "0", cwd=tiny,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )  # fmt: skip
         assert proc.stdout is not None
         out = b""
 
-        async def redraws(count: int) -> None:
+        async def drawn(builds: int) -> None:
             nonlocal out
-            while out.count(b"\x1b[H\x1b[2J") < count or out.count(b"state       idle") < count:
+            while f"builds      {builds} ".encode() not in out.rsplit(b"\x1b[H\x1b[2J", 1)[-1]:
                 chunk = await proc.stdout.read(65536)
                 assert chunk, "status --watch exited early"
                 out += chunk
 
-        await asyncio.wait_for(redraws(3), 30)  # counted, not timed: a loaded machine is slower
+        alpha = tiny / "agents/alpha.yaml"
+        original = alpha.read_text()
+        await asyncio.wait_for(drawn(1), 30)
+        for builds, skills in ((2, "[a1, a2, a3]"), (3, "[a1, a2, a4]")):
+            alpha.write_text(original.replace("[a1, a2]", skills))
+            await asyncio.wait_for(drawn(builds), 30)  # counted, not timed: a loaded machine is slower
         proc.send_signal(signal.SIGINT)
         await asyncio.wait_for(proc.communicate(), 10)
         assert proc.returncode == 0
+        assert out.count(b"\x1b[H\x1b[2J") == 3
+
+
+async def test_stop_ends_the_daemon_and_a_watching_status(tiny: Path) -> None:
+    """`agentd stop` stops the daemon as SIGTERM would (it exits 0, its socket goes) and says
+    which; a `status --watch` of it exits 3 saying it stopped; with no daemon, stop exits 3
+    naming the socket it tried, and `status --socket-path` still prints that path."""
+    path = socket_path(Config.load(tiny))
+    async with run_daemon(tiny) as d:
+        watching = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agentd", "status", "--watch", cwd=tiny,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        assert watching.stdout is not None
+        assert b"state" in await asyncio.wait_for(watching.stdout.readuntil(b"state"), 30)
+        result = await asyncio.to_thread(run_cli, "stop", cwd=tiny)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == f"stopped agentd (pid {d.proc.pid})\n"
+        assert await asyncio.wait_for(d.proc.wait(), 10) == 0
+        assert d.named("watch.stop_requested") and not path.exists()
+        _, err = await asyncio.wait_for(watching.communicate(), 30)
+        assert watching.returncode == 3
+        assert f"agentd: the daemon (pid {d.proc.pid}) at {path} stopped" in err.decode()
+    again = run_cli("stop", cwd=tiny)
+    assert again.returncode == 3 and f"no daemon answers at {path}" in again.stderr
+    shown = run_cli("status", "--socket-path", cwd=tiny)
+    assert (shown.returncode, shown.stdout) == (0, f"{path}\n")
 
 
 async def test_slow_template_alert(tiny: Path) -> None:

@@ -142,15 +142,15 @@ def naive_build(config: Config, sample: list[str] | None = None) -> float:
 
 
 def cli_build(root: Path, *args: str) -> tuple[float, str]:
+    return cli(root, "build", "--root", str(root), *args)
+
+
+def cli(cwd: Path, *args: str) -> tuple[float, str]:
+    """Run the real command line, as a user would (a new interpreter); its wall time in ms."""
     t0 = time.perf_counter()
-    result = subprocess.run(
-        [sys.executable, "-m", "agentd", "build", "--root", str(root), *args],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    result = subprocess.run([sys.executable, "-m", "agentd", *args], cwd=cwd, capture_output=True, text=True)
     if result.returncode != 0:
-        raise RuntimeError(f"agentd build failed: {result.stderr[-2000:]}")
+        raise RuntimeError(f"agentd {args[0]} failed: {result.stderr[-2000:]}")
     return (time.perf_counter() - t0) * 1000, result.stdout
 
 
@@ -405,6 +405,72 @@ def bench_size(source: Path, n: int, trials: int, log: Callable[[str], None]) ->
         shutil.rmtree(work, ignore_errors=True)
 
 
+#: The commands ``--only cli`` times, run from the workspace root (paths are relative to it).
+CLI_COMMANDS = {
+    "affected": ("affected", "templates/sections/troubleshooting.j2"),
+    "verify": ("verify",),
+}
+
+
+def bench_cli(source: Path, n: int, trials: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """``agentd affected`` and ``agentd verify`` as a user runs them (a new process each time),
+    answered by a running daemon and in-process (``--no-daemon``), alternating so both see the
+    same machine. The daemon's request counters confirm which one answered."""
+    work = Path(tempfile.mkdtemp(prefix=f"agentd-bench-cli-{n}-"))
+    try:
+        root = work / "ws"
+        make_workspace(source, root, n)
+        cli_build(root)  # verify compares out/ with a clean build
+        d = Daemon(root)
+        try:
+            samples: dict[str, dict[str, list[float]]] = {c: {"daemon": [], "in_process": []} for c in CLI_COMMANDS}
+            for i in range(trials):
+                log(f"N={n}: affected and verify, trial {i + 1} of {trials}")
+                for name, args in CLI_COMMANDS.items():
+                    daemon_ms, via = cli(root, *args)
+                    here_ms, here = cli(root, *args, "--no-daemon")
+                    if via != here:
+                        raise RuntimeError(f"agentd {name} printed differently through the daemon")
+                    samples[name]["daemon"].append(daemon_ms)
+                    samples[name]["in_process"].append(here_ms)
+            asked = d.stats()["requests"]
+        finally:
+            d.stop()
+        if any(asked.get(name) != trials for name in CLI_COMMANDS):
+            raise RuntimeError(f"the daemon did not answer every run it should have: {asked}")
+        commands = {}
+        for name, modes in samples.items():
+            timed = {
+                mode: {"median_ms": round(statistics.median(v), 1), "min_ms": round(min(v), 1), "n": len(v)}
+                for mode, v in modes.items()
+            }
+            commands[name] = {
+                **timed,
+                "speedup": round(timed["in_process"]["median_ms"] / timed["daemon"]["median_ms"], 1),
+            }
+        return {"agents": n, "trials": trials, "commands": commands}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def cli_table(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = [
+        f"agentd bench --only cli: {m['cpu']}, {m['cores']} cores, Python {m['python']}",
+        "wall time of the whole command (a new interpreter each run), daemon and in-process alternating",
+    ]
+    for r in report["sizes"]:
+        lines += [
+            "",
+            f"N = {r['agents']} agents, {r['trials']} runs each",
+            "  command     daemon: median / min     in-process: median / min   speed-up",
+        ]
+        for name, c in r["commands"].items():
+            d, h = (f"{c[m]['median_ms']:.1f} / {c[m]['min_ms']:.1f} ms" for m in ("daemon", "in_process"))
+            lines.append(f"  {name:<10}{d:>24}{h:>29}{c['speedup']:>10.1f}x")
+    return "\n".join(lines)
+
+
 def table(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = [f"agentd bench: {m['cpu']}, {m['cores']} cores, Python {m['python']}"]
@@ -442,8 +508,16 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run(source: Path, sizes: list[int], trials: int, output: Path | None, log: Callable[[str], None]) -> dict[str, Any]:
-    report = {"machine": machine(), "trials": trials, "sizes": [bench_size(source, n, trials, log) for n in sizes]}
+def run(
+    source: Path,
+    sizes: list[int],
+    trials: int,
+    output: Path | None,
+    log: Callable[[str], None],
+    only: str | None = None,
+) -> dict[str, Any]:
+    measure = bench_cli if only == "cli" else bench_size
+    report = {"machine": machine(), "trials": trials, "sizes": [measure(source, n, trials, log) for n in sizes]}
     if output:
         output.write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -92,6 +92,43 @@ class BuildReport:
     def ok(self) -> bool:
         return not self.errors
 
+    def record(self) -> dict[str, Any]:
+        """What the build did, as data: ``stats``' ``last_build``, the ``build.finished`` log
+        line and event, the reply to ``rebuild``, and ``agentd build``'s summary all print it."""
+        return {
+            "build_id": self.build_id,
+            "start": self.started,
+            "duration_ms": round(self.duration_ms, 2),
+            "changed": self.changed,
+            "agents": self.agents,
+            "agents_rendered": self.agents_composed,
+            "sections_rendered": len(self.sections_rendered),
+            "sections_reused": self.sections_reused,
+            "sections_restored": self.sections_restored,
+            "sections_cut_off": self.sections_cut_off,
+            "workers": self.workers,
+            "outputs_written": len(self.written),
+            "outputs_unchanged": len(self.unchanged),
+            "outputs_removed": len(self.removed),
+            "errors": len(self.errors),
+            "findings": len(self.findings),
+            "caches": {k: {"hits": c.hits, "misses": c.misses} for k, c in self.caches.items()},
+        }
+
+
+#: Known agent ids an unknown one's error lists at most.
+KNOWN_SHOWN = 20
+
+
+def check_agents(requested: Iterable[str], known: Iterable[str]) -> None:
+    """Refuse agent ids the workspace does not have, naming them and the ones it has (the
+    daemon's ``rebuild`` and ``agentd rebuild`` without one say the same)."""
+    have = sorted(set(known))
+    unknown = sorted(set(requested) - set(have))
+    if unknown:
+        shown = ", ".join(have[:KNOWN_SHOWN]) + (f" ... ({len(have)} in all)" if len(have) > KNOWN_SHOWN else "")
+        raise ConfigError(f"unknown agent(s): {', '.join(unknown)}; known: {shown or 'none'}")
+
 
 #: A warm worker pool takes a batch from this many sections (below it, dispatch costs more).
 PARALLEL_MIN_SECTIONS = 16
@@ -117,6 +154,9 @@ class Engine:
         self._writes: list[tuple[str, Plan, bytes, Future[tuple[bool, list[int]]]]] = []
         #: Take unchanged renders from the store (False for a forced rebuild: render, then save).
         self.restore = True
+        #: Agents never taken from the store, whatever ``restore`` says (``agentd rebuild
+        #: AGENT...`` without a daemon: the others come back from the store as in a build).
+        self.fresh: set[str] = set()
         self.workspace = Workspace(config)
         self.workspace.parsed_cache = store
         budget = config.memory_budget_mb * 1024 * 1024
@@ -824,7 +864,9 @@ class Engine:
             # Rendered by an earlier process or state, inputs unchanged: its digest and reads
             # suffice (a composition that needs the bytes reads them then; a restart reads none).
             # The store is L3's disk tier: a section it gives back is a hit, a render a miss.
-            stored = self.store.lookup(node, self.current_fp, data=False) if self.store and self.restore else None
+            stored = None
+            if self.store is not None and self._restorable(agent_id):
+                stored = self.store.lookup(node, self.current_fp, data=False)
             if stored is None:
                 self.caches.l3.counters.misses += 1
                 todo.setdefault(agent_id, []).append(meta)
@@ -837,6 +879,10 @@ class Engine:
             if old.get(key) != stored.digest:
                 self._compose_pending.add(agent_id)
         return todo
+
+    def _restorable(self, agent_id: str) -> bool:
+        """Whether the store may give this agent's renders back (callers check there is one)."""
+        return self.restore and agent_id not in self.fresh
 
     def _render_one(self, plan: Plan, meta: dict[str, Any], context: dict[str, Any]) -> Rendered:
         """Render one section (no bookkeeping: also runs in worker processes)."""
@@ -999,7 +1045,7 @@ class Engine:
 
     def _restore_skeleton(self, plan: Plan) -> bool:
         """Take the skeleton an earlier process rendered for the same inputs from the store."""
-        if self.store is None or not self.restore:
+        if self.store is None or not self._restorable(plan.agent.id):
             return False
         stored = self.store.lookup(g.skeleton_unit(plan.agent.id), self.current_fp)
         if stored is None:
@@ -1031,7 +1077,7 @@ class Engine:
         if agent_id in self.agent_errors or agent_id in self._blocked:
             return  # keep the last good output; retried next build (blocked: once unblocked)
         name = agent_id + OUTPUT_SUFFIX
-        restorable = write and self.store and self.restore and agent_id not in self.caches.l4
+        restorable = write and self.store and self._restorable(agent_id) and agent_id not in self.caches.l4
         if restorable and self._restore_compose(agent_id, name, report):
             return
         try:

@@ -1,8 +1,13 @@
-"""Command line: ``agentd build | watch | status | check | verify | graph | affected | service``.
+"""Command line: ``agentd build | watch | status | stop | rebuild | check | verify | graph |
+affected | service``.
 
 The boundary where errors are printed and turned into exit codes: 0 success, 1 an agent (or
-any source) failed, 2 usage or configuration error, 3 no daemon answers (``status``), 4 a
-daemon already runs on this workspace (``watch``).
+any source) failed, 2 usage or configuration error, 3 no daemon answers (``status``, ``stop``),
+4 a daemon already runs on this workspace (``watch``).
+
+``affected``, ``verify``, ``graph`` and ``rebuild`` ask the workspace's running daemon when one
+answers (it has everything in memory) and work in-process otherwise; they print the same either
+way, so the daemon's replies are printed by the same code as the in-process results.
 """
 
 from __future__ import annotations
@@ -12,8 +17,7 @@ import functools
 import os
 import shlex
 import sys
-import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, cast
 
@@ -21,7 +25,7 @@ import orjson
 
 from . import __version__
 from .config import CONFIG_FILE, Config, find_root
-from .exceptions import AgentdError, AlreadyRunning, ConfigError, ControlError
+from .exceptions import AgentdError, AlreadyRunning, ConfigError, ControlError, RequestError
 
 # The engine (networkx, Jinja2: ~130 ms of imports) is imported where a command needs it, so
 # `agentd build --jobs` can start parsing in workers first and `agentd status` starts fast.
@@ -29,6 +33,12 @@ if TYPE_CHECKING:
     from .build import BuildReport, Engine
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_DAEMON, EXIT_RUNNING = 0, 1, 2, 3, 4
+
+#: How long a daemon gets to answer a ping (it answers within milliseconds, even mid-build)
+#: before a command works without it.
+PING_TIMEOUT_S = 5.0
+#: How long ``agentd stop`` waits beyond the daemon's ``graceful_timeout`` for it to exit.
+STOP_MARGIN_S = 10.0
 
 _DESCRIPTION = """\
 Render every agents/<id>.yaml (or .yml) through the Jinja2 templates in templates/ into out/<id>.md,
@@ -95,6 +105,26 @@ def _global_options(parser: argparse.ArgumentParser, default: Any) -> None:
         default=given("auto"),
         help="colour console output: auto (on a terminal), always, never (default: auto)",
     )
+
+
+_ASKS_DAEMON = (
+    "When an `agentd watch` serves the workspace (its socket answers), it is asked; otherwise, "
+    "or with --no-daemon, the work is done in this process. Output and exit codes are the same "
+    "either way; -v says on stderr which one answered."
+)
+
+
+def _daemon_options(parser: argparse.ArgumentParser, no_daemon: bool = True) -> None:
+    parser.add_argument(
+        "--socket",
+        metavar="PATH",
+        help="the daemon's socket (default: $XDG_RUNTIME_DIR/agentd/<workspace>.sock; env AGENTD_SOCKET); "
+        "a daemon of another workspace is refused",
+    )
+    if no_daemon:
+        parser.add_argument(
+            "--no-daemon", action="store_true", help="work in this process even when a daemon serves the workspace"
+        )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -173,8 +203,43 @@ def _parser() -> argparse.ArgumentParser:
     )
     st.add_argument("--socket", metavar="PATH", help=socket_help)
     st.add_argument("--json", action="store_true", help="print the raw `stats` reply as JSON")
-    st.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
-    st.add_argument("--interval", type=float, default=1.0, metavar="S", help="refresh period for --watch (default: 1)")
+    st.add_argument(
+        "--watch", action="store_true", help="redraw after every build (subscribed to the daemon's events) until Ctrl-C"
+    )
+    st.add_argument(
+        "--interval",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="with --watch, also redraw after S seconds without a build, so uptime and memory stay "
+        "current (default: 1; 0: only after builds)",
+    )
+    st.add_argument(
+        "--socket-path", action="store_true", help="print the workspace's socket path and exit (no daemon needed)"
+    )
+
+    sp = sub.add_parser(
+        "stop",
+        help="stop the running daemon of the workspace (like SIGTERM)",
+        description="Ask the `agentd watch` of the workspace to stop: it finishes the build in flight "
+        "and exits 0, like on SIGTERM. Waits until it is gone, then prints `stopped agentd (pid N)`. "
+        "Exit 0 when it stopped, 1 when it is still running after its graceful_timeout plus "
+        f"{STOP_MARGIN_S:g} s, 3 when no daemon answers. A daemon systemd runs is better stopped with "
+        "`systemctl --user stop agentd@<escaped path>.service`.",
+    )
+    _daemon_options(sp, no_daemon=False)
+
+    rb = sub.add_parser(
+        "rebuild",
+        help="re-render everything (or AGENT...) from scratch, ignoring every cache",
+        description="Re-render every section of every agent (or only of AGENT...) from scratch: "
+        "templates compiled anew, no render taken from a cache or from .agentd/cache.sqlite3. "
+        "Outputs are written only where their bytes changed. Prints a summary like `agentd build`; "
+        "exit 0 on success, 1 when any agent failed, 2 for an unknown agent id. " + _ASKS_DAEMON,
+    )
+    rb.add_argument("agents", nargs="*", metavar="AGENT", help="agent ids (default: every agent)")
+    _daemon_options(rb)
+    _jobs(rb)
 
     sv = sub.add_parser(
         "service",
@@ -203,10 +268,14 @@ def _parser() -> argparse.ArgumentParser:
         "verify",
         help="check that out/ is byte-identical to a clean build",
         description="Run a clean build into a temporary folder and compare it with out/. Exit 0 "
-        "when identical, 1 listing the files that differ, are missing or are stale.",
+        "when identical, 1 listing the files that differ, are missing or are stale. "
+        + _ASKS_DAEMON
+        + " The daemon compares the folder it writes to; when that is not the one this command "
+        "would check (--output-dir, AGENTD_OUTPUT_DIR), the check runs here.",
     )
     v.add_argument("--output-dir", help="output folder, relative to the root (default: out)")
     v.add_argument("--json", action="store_true", help="print JSON instead of text")
+    _daemon_options(v)
 
     be = sub.add_parser(
         "bench",
@@ -224,15 +293,22 @@ def _parser() -> argparse.ArgumentParser:
     be.add_argument("--trials", type=int, default=20, help="saves per edit kind (default: 20)")
     be.add_argument("--quick", action="store_true", help="N=10 and 6 trials: a smoke run well under a minute")
     be.add_argument("--output", type=Path, metavar="FILE", help="write the JSON report here")
+    be.add_argument(
+        "--only",
+        choices=("cli",),
+        help="cli: only the latency of `agentd affected` and `agentd verify` run as commands, answered "
+        "by a running daemon and in-process (--no-daemon), alternating; median and min over --trials runs",
+    )
 
     gr = sub.add_parser(
         "graph",
         help="export the dependency graph (templates, data keys, traits -> sections -> agents)",
-        description="Render everything in memory (nothing is written) and print the dependency "
-        "graph: static template references (jinja2.meta) plus what every render actually loaded "
-        "and read.",
+        description="Print the dependency graph: static template references (jinja2.meta) plus "
+        "what every render actually loaded and read. " + _ASKS_DAEMON + " In this process, "
+        "everything is rendered in memory first (nothing is written).",
     )
     gr.add_argument("--format", choices=("dot", "json"), default="dot", help="output format (default: dot)")
+    _daemon_options(gr)
 
     it = sub.add_parser(
         "init",
@@ -277,11 +353,13 @@ when DIR is refused.""",
     af = sub.add_parser(
         "affected",
         help="list the agents and sections a change to PATH... would re-render",
-        description="Render everything in memory (nothing is written), then print which agents "
-        "and sections a change to the given files would re-render.",
+        description="Print which agents and sections a change to the given files would re-render. "
+        + _ASKS_DAEMON
+        + " In this process, everything is rendered in memory first (nothing is written).",
     )
-    af.add_argument("paths", nargs="+", metavar="PATH", help="template, agent or trait files")
+    af.add_argument("paths", nargs="+", metavar="PATH", help="template, agent or trait files (relative to here)")
     af.add_argument("--json", action="store_true", help="print JSON instead of text")
+    _daemon_options(af)
     return p
 
 
@@ -313,6 +391,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "service": _cmd_service,
             "graph": _cmd_graph,
             "affected": _cmd_affected,
+            "rebuild": _cmd_rebuild,
+            "stop": _cmd_stop,
         }[args.command]
         return handler(config, args)
     except AlreadyRunning as exc:
@@ -355,39 +435,48 @@ def print_errors(report: BuildReport, stream: TextIO) -> None:
         print(f"error: {error}", file=stream)
 
 
-def summary(report: BuildReport) -> str:
-    """A few lines a person can scan after a build."""
-    rendered = len(report.sections_rendered)
+def summary(record: Mapping[str, Any]) -> str:
+    """A few lines a person can scan after a build, from its record (``BuildReport.record()``,
+    or a daemon's reply to ``rebuild``)."""
+    errors = record["errors"] if isinstance(record["errors"], int) else len(record["errors"])
+    cut_off = record["sections_cut_off"]
     lines = [
-        f"agentd: {report.agents} agents, {rendered} sections rendered, "
-        f"{report.sections_reused + report.sections_restored} reused"
-        + (f" ({report.sections_cut_off} re-rendered identical)" if report.sections_cut_off else ""),
-        f"  outputs: {len(report.written)} written, {len(report.unchanged)} unchanged, {len(report.removed)} removed"
-        + (f", {len(report.errors)} error(s)" if report.errors else ""),
+        f"agentd: {record['agents']} agents, {record['sections_rendered']} sections rendered, "
+        f"{record['sections_reused'] + record['sections_restored']} reused"
+        + (f" ({cut_off} re-rendered identical)" if cut_off else ""),
+        f"  outputs: {record['outputs_written']} written, {record['outputs_unchanged']} unchanged, "
+        f"{record['outputs_removed']} removed" + (f", {errors} error(s)" if errors else ""),
     ]
     layers = []
-    for name, c in report.caches.items():
-        rate = "-" if c.hit_rate is None else f"{c.hit_rate:.0%}"
-        layers.append(f"{name} {rate} ({c.hits}/{c.hits + c.misses})")
+    for name, c in record["caches"].items():
+        total = c["hits"] + c["misses"]
+        rate = f"{c['hits'] / total:.0%}" if total else "-"
+        layers.append(f"{name} {rate} ({c['hits']}/{total})")
     lines.append("  cache hits: " + "  ".join(layers))
-    if report.sections_restored:
-        lines.append(f"  persistent cache: {report.sections_restored} sections restored (rendered by an earlier run)")
-    workers = f" ({report.workers} worker processes)" if report.workers else ""
-    lines.append(f"  time: {report.duration_ms:.0f} ms{workers}")
+    if record["sections_restored"]:
+        lines.append(
+            f"  persistent cache: {record['sections_restored']} sections restored (rendered by an earlier run)"
+        )
+    workers = f" ({record['workers']} worker processes)" if record["workers"] else ""
+    lines.append(f"  time: {record['duration_ms']:.0f} ms{workers}")
     return "\n".join(lines)
 
 
-def _cmd_build(config: Config, args: argparse.Namespace) -> int:
+def _build_here(config: Config, restore: bool = True, fresh: Sequence[str] = ()) -> BuildReport:
+    """A build in this process (``agentd build``; ``agentd rebuild`` without a daemon, with
+    ``restore=False`` or the ``fresh`` agents, as the daemon's ``rebuild`` does)."""
     _check_workspace(config)
     from .store import open_store
     from .workspace import ParseAhead
 
     store = open_store(config, warn=_warn)
-    parsing = ParseAhead.start(config, config.workers, store)  # while the engine is imported
+    parsing = ParseAhead.start(config, config.workers, store if restore else None)  # while the engine is imported
     from .build import Engine
 
     engine = Engine(config, store)
     engine.parse_ahead = parsing
+    engine.restore = restore
+    engine.fresh = set(fresh)
     try:
         report = engine.build()
     finally:
@@ -396,10 +485,142 @@ def _cmd_build(config: Config, args: argparse.Namespace) -> int:
         _warn("workers.unavailable", error=engine.pool_error)
     if store:
         store.close()
+    return report
+
+
+def _cmd_build(config: Config, args: argparse.Namespace) -> int:
+    report = _build_here(config)
     print_errors(report, sys.stderr)
     if not args.quiet:
-        print(summary(report))
+        print(summary(report.record()))
     return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def _cmd_rebuild(config: Config, args: argparse.Namespace) -> int:
+    path = _daemon(config, args, output=True)
+    if path is not None:
+        record = _ask(path, "rebuild", **({"agents": args.agents} if args.agents else {}))
+        errors = [e["text"] for e in record["errors"]]
+    else:
+        if args.agents:
+            _check_workspace(config)
+            from .build import check_agents
+            from .workspace import Workspace
+
+            ws = Workspace(config)
+            check_agents(args.agents, [k[1] for p in ws.agent_paths() if (k := ws.classify(p)) and k[0] == "agent"])
+        report = _build_here(config, restore=bool(args.agents), fresh=args.agents)
+        record, errors = report.record(), [str(e) for e in report.errors]
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+    if not getattr(args, "quiet", False):
+        print(summary(record))
+    return EXIT_FAILED if errors else EXIT_OK
+
+
+def _cmd_stop(config: Config, args: argparse.Namespace) -> int:
+    from .control import request, socket_path, wait_stopped
+
+    path = socket_path(config)
+    try:
+        info = request(path, "ping", timeout=PING_TIMEOUT_S)
+    except (OSError, ValueError, RequestError) as exc:
+        return _no_daemon(config, path, exc)
+    _same_workspace(config, path, info)
+    reply = _ask(path, "stop")
+    pid, bound = reply["pid"], reply["graceful_timeout"] + STOP_MARGIN_S
+    if not wait_stopped(pid, bound):
+        raise AgentdError(
+            f"the daemon (pid {pid}) is still running {bound:g} s after it was asked to stop "
+            "(it finishes the build in flight first; `agentd status` shows what it is doing)"
+        )
+    print(f"stopped agentd (pid {pid})")
+    return EXIT_OK
+
+
+# -- asking the daemon --------------------------------------------------------------------------
+def _daemon(config: Config, args: argparse.Namespace, output: bool = False) -> Path | None:
+    """The socket of the daemon that answers for this workspace, or None to work in-process
+    (--no-daemon; nothing answers; ``output``: it writes to another folder than this command
+    would look at). A daemon of another workspace is refused (``ControlError``)."""
+    from .control import request, socket_path
+
+    if args.no_daemon:
+        return None
+    path = socket_path(config)
+    try:
+        info = request(path, "ping", timeout=PING_TIMEOUT_S)
+    except (OSError, ValueError, RequestError) as exc:
+        _note(args, f"no daemon answers at {path} ({_reason(exc)}); working in-process")
+        return None
+    _same_workspace(config, path, info)
+    if output and info["output_path"] != str(config.output_path):
+        print(
+            f"agentd: the daemon (pid {info['pid']}) writes to {info['output_path']}, not {config.output_path}: "
+            "working in-process",
+            file=sys.stderr,
+        )
+        return None
+    _note(args, f"answered by the daemon (pid {info['pid']}) at {path}")
+    return path
+
+
+def _same_workspace(config: Config, path: Path, info: Mapping[str, Any]) -> None:
+    if "root" not in info:
+        raise ControlError(
+            f"the daemon at {path} (pid {info.get('pid')}) does not say which workspace it serves "
+            "(an older agentd): restart it, or give --no-daemon"
+        )
+    root = Path(info["root"])
+    same = root == config.root
+    if not same:
+        try:
+            same = root.samefile(config.root)
+        except OSError:
+            same = False
+    if not same:
+        raise ControlError(
+            f"the daemon at {path} (pid {info['pid']}) serves {root}, not {config.root}: give the socket "
+            "of this workspace's daemon (or none), or --no-daemon"
+        )
+
+
+def _ask(path: Path, command: str, **arguments: Any) -> Any:
+    """A request whose error reply means what it would in-process: ``bad_request`` is a usage
+    error (exit 2), anything else a failure (exit 1). No time limit: a verify or a rebuild of
+    a big workspace takes a while."""
+    from .control import request
+
+    try:
+        return request(path, command, timeout=None, **arguments)
+    except RequestError as exc:
+        if exc.code == "bad_request":
+            raise ConfigError(exc.message) from None
+        raise AgentdError(f"the daemon at {path} could not answer {command!r}: {exc.message}") from None
+    except (OSError, ValueError) as exc:
+        raise AgentdError(f"the daemon at {path} stopped answering: {_reason(exc)}") from None
+
+
+def _reason(exc: BaseException) -> str:
+    return str(getattr(exc, "strerror", None) or exc or type(exc).__name__)
+
+
+def _note(args: argparse.Namespace, message: str) -> None:
+    if getattr(args, "verbose", False):
+        print(f"agentd: {message}", file=sys.stderr)
+
+
+def _start_command(config: Config) -> str:
+    return f"agentd --root {shlex.quote(str(config.root))} watch"
+
+
+def _no_daemon(config: Config, path: Path, exc: BaseException) -> int:
+    where = "set by --socket/AGENTD_SOCKET" if config.socket else f"derived from the workspace {config.root}"
+    print(
+        f"agentd: no daemon answers at {path} ({where}): {_reason(exc)}\nstart one with: {_start_command(config)}",
+        file=sys.stderr,
+    )
+    return EXIT_NO_DAEMON
 
 
 def _cmd_watch(config: Config, args: argparse.Namespace) -> int:
@@ -414,32 +635,74 @@ def _cmd_watch(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_status(config: Config, args: argparse.Namespace) -> int:
+    from .control import socket_path
+
+    if args.socket_path:
+        print(socket_path(config))
+        return EXIT_OK
     if not args.watch:
         return _status_once(config, args)
-    code = 130  # interrupted before the first answer
-    try:
-        while True:
-            code = _status_once(config, args)
-            time.sleep(max(0.1, args.interval))
-    except KeyboardInterrupt:  # Ctrl-C is how --watch ends, wherever in a refresh it lands
-        return code
+    return _status_watch(config, args)
 
 
 def _status_once(config: Config, args: argparse.Namespace) -> int:
     from .control import request, socket_path
-    from .status import render_table
 
     path = socket_path(config)
     try:
-        stats = request(path, "stats", timeout=5)
+        stats = request(path, "stats", timeout=PING_TIMEOUT_S)
     except (OSError, ValueError) as exc:
-        where = "set by --socket/AGENTD_SOCKET" if config.socket else f"derived from the workspace {config.root}"
-        print(
-            f"agentd: no daemon answers at {path} ({where}): {getattr(exc, 'strerror', None) or exc}\n"
-            f"start one with: agentd --root {shlex.quote(str(config.root))} watch",
-            file=sys.stderr,
-        )
-        return EXIT_NO_DAEMON
+        return _no_daemon(config, path, exc)
+    return _show_stats(stats, args)
+
+
+def _status_watch(config: Config, args: argparse.Namespace) -> int:
+    """Draw, then draw again after every build: subscribed to the daemon's ``build.finished``
+    events, asking for ``stats`` on the same connection (and after ``--interval`` s without
+    one). Ctrl-C ends it with the last refresh's exit code, wherever it lands."""
+    from .control import SUBSCRIBE, Client, result_of, socket_path
+
+    path = socket_path(config)
+    code = 130  # interrupted before the first answer
+    pid, stopping = None, False
+    heartbeat = args.interval if args.interval > 0 else None
+    try:
+        try:
+            client = Client(path, timeout=PING_TIMEOUT_S)
+        except OSError as exc:
+            return _no_daemon(config, path, exc)
+        with client:
+            try:
+                client.send(SUBSCRIBE, events=["build.finished", "watch.stopping"])
+                client.send("stats")
+                while True:
+                    try:
+                        message = client.receive(heartbeat)
+                    except TimeoutError:  # no build meanwhile: uptime and memory move anyway
+                        client.send("stats")
+                        continue
+                    if message.get("event") == "watch.stopping":
+                        stopping = True
+                    elif "event" in message:
+                        client.send("stats")
+                    elif "subscribed" not in (result := result_of(message)):
+                        pid = result["pid"]
+                        code = _show_stats(result, args)
+            except (OSError, ValueError) as exc:
+                what = "stopped" if stopping else f"stopped answering ({_reason(exc)})"
+                print(
+                    f"agentd: the daemon{f' (pid {pid})' if pid else ''} at {path} {what}\n"
+                    f"start one with: {_start_command(config)}",
+                    file=sys.stderr,
+                )
+                return EXIT_NO_DAEMON
+    except KeyboardInterrupt:  # Ctrl-C is how --watch ends, wherever in a refresh it lands
+        return code
+
+
+def _show_stats(stats: dict[str, Any], args: argparse.Namespace) -> int:
+    from .status import render_table
+
     if args.json:
         sys.stdout.write(orjson.dumps(stats, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
@@ -456,7 +719,7 @@ def _warn(event: str, **fields: Any) -> None:
 
 
 def _cmd_bench(config: Config, args: argparse.Namespace) -> int:
-    from .bench import run, table
+    from .bench import cli_table, run, table
 
     _check_workspace(config)
     try:
@@ -466,8 +729,12 @@ def _cmd_bench(config: Config, args: argparse.Namespace) -> int:
     if not sizes or min(sizes) < 1 or args.trials < 2:
         raise ConfigError("--agents needs sizes >= 1 and --trials at least 2")
     trials = 6 if args.quick else args.trials
-    report = run(config.root, sizes, trials, args.output, lambda m: print(f"  ... {m}", file=sys.stderr, flush=True))
-    print(table(report))
+
+    def log(message: str) -> None:
+        print(f"  ... {message}", file=sys.stderr, flush=True)
+
+    report = run(config.root, sizes, trials, args.output, log, only=args.only)
+    print(cli_table(report) if args.only == "cli" else table(report))
     return EXIT_OK
 
 
@@ -545,28 +812,35 @@ def _cmd_service(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(config: Config, args: argparse.Namespace) -> int:
-    from .verify import verify
+    path = _daemon(config, args, output=True)
+    if path is not None:
+        result = _ask(path, "verify")
+        out = result["output_dir"]
+    else:
+        from .verify import verify
 
-    _check_workspace(config)
-    result = verify(config)
+        _check_workspace(config)
+        done = verify(config)
+        result, out = {**done.to_dict(), "diffs": done.diffs}, config.output_dir
+    ok = not (result["differing"] or result["missing"] or result["stale"] or result["errors"])
     if args.json:
-        sys.stdout.write(orjson.dumps(result.to_dict(), option=orjson.OPT_INDENT_2).decode() + "\n")
-        return EXIT_OK if result.ok else EXIT_FAILED
-    out = config.output_dir
-    for error in result.errors:
+        keys = ("ok", "checked", "differing", "missing", "stale", "errors")
+        sys.stdout.write(orjson.dumps({k: result[k] for k in keys}, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return EXIT_OK if ok else EXIT_FAILED
+    for error in result["errors"]:
         print(f"error: {error}", file=sys.stderr)
-    for name in result.differing:
+    for name in result["differing"]:
         print(f"differs: {out}/{name}")
-        print(result.diffs[name])
-    for name in result.missing:
+        print(result["diffs"][name])
+    for name in result["missing"]:
         print(f"missing: {out}/{name} (a clean build writes it)")
-    for name in result.stale:
+    for name in result["stale"]:
         print(f"stale:   {out}/{name} (a clean build does not write it)")
-    if result.ok:
+    if ok:
         if not args.quiet:
-            print(f"ok: {out}/ matches a clean build ({result.checked} files)")
+            print(f"ok: {out}/ matches a clean build ({result['checked']} files)")
         return EXIT_OK
-    counts = f"{len(result.differing)} differ, {len(result.missing)} missing, {len(result.stale)} stale"
+    counts = f"{len(result['differing'])} differ, {len(result['missing'])} missing, {len(result['stale'])} stale"
     print(f"{out}/ differs from a clean build: {counts}")
     return EXIT_FAILED
 
@@ -582,17 +856,33 @@ def _memory_engine(config: Config) -> Engine:
 
 
 def _cmd_graph(config: Config, args: argparse.Namespace) -> int:
-    engine = _memory_engine(config)
-    if args.format == "json":
-        sys.stdout.write(orjson.dumps(engine.graph.to_json(), option=orjson.OPT_INDENT_2).decode() + "\n")
+    path = _daemon(config, args)
+    if path is not None:
+        reply = _ask(path, "graph", format=args.format)
+        for error in reply["errors"]:
+            print(f"error: {error}", file=sys.stderr)
+        graph = reply["graph"]
     else:
-        sys.stdout.write(engine.graph.to_dot())
+        engine = _memory_engine(config)
+        graph = engine.graph.to_json() if args.format == "json" else engine.graph.to_dot()
+    if args.format == "json":
+        sys.stdout.write(orjson.dumps(graph, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        sys.stdout.write(graph)
     return EXIT_OK
 
 
 def _cmd_affected(config: Config, args: argparse.Namespace) -> int:
-    engine = _memory_engine(config)
-    result = engine.affected(Path(p) if Path(p).is_absolute() else Path.cwd() / p for p in args.paths)
+    # Relative to here, not to the root (the daemon would take them relative to its root).
+    paths = [Path(p) if Path(p).is_absolute() else Path.cwd() / p for p in args.paths]
+    path = _daemon(config, args)
+    if path is not None:
+        reply = _ask(path, "affected", paths=[str(p) for p in paths])
+        for error in reply["errors"]:
+            print(f"error: {error}", file=sys.stderr)
+        result = {"agents": reply["agents"], "sections": reply["sections"]}
+    else:
+        result = _memory_engine(config).affected(paths)
     if args.json:
         sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:

@@ -9,6 +9,12 @@ A bounded number of clients is served at once (the next one gets a ``busy`` repl
 closed) and a client silent for ``client_idle_timeout`` is closed, so clients can never take
 the daemon's file descriptors; if the process runs out of them anyway, accepting waits (logged
 once a minute at most) until some are free.
+
+A ``subscribe`` request turns a connection into a stream of events, like watchman's: event
+lines (``{"event": NAME, ...}``, never an ``ok`` key) interleave with the replies to whatever the
+client asks afterwards. Everything a subscriber is sent is queued and written by its own task,
+so one that does not read delays no one; it is dropped once ``SUBSCRIBER_BACKLOG_BYTES`` wait
+unread.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import stat
 import struct
 import tempfile
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -45,7 +52,16 @@ ACCEPT_RETRY_S = 0.5
 #: A failing accept is logged at most this often (a shortage comes and goes as clients leave).
 ACCEPT_LOG_EVERY_S = 60.0
 
+#: The request that turns a connection into an event stream (its reply lists the events).
+SUBSCRIBE = "subscribe"
+#: A subscriber is dropped (closed) once this much waits for it unread (events, and replies to
+#: what it asked meanwhile), beyond what the kernel and the transport already buffer.
+SUBSCRIBER_BACKLOG_BYTES = 1 << 20
+#: On shutdown, how long subscribers get to take what was queued for them before they are closed.
+SUBSCRIBER_FLUSH_S = 2.0
+
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+Send = Callable[[bytes], Awaitable[None]]
 
 
 # -- where ------------------------------------------------------------------------------------
@@ -204,6 +220,56 @@ def parse_request(line: bytes) -> dict[str, Any]:
     return request
 
 
+class Subscriber:
+    """A subscribed connection: its lines (events, and replies to what it asks meanwhile) are
+    queued and written in order by its own task (``pump``), so a client that does not read
+    holds up only itself; the server drops it once ``SUBSCRIBER_BACKLOG_BYTES`` wait."""
+
+    def __init__(self, writer: asyncio.StreamWriter, events: frozenset[str]) -> None:
+        self.writer = writer
+        self.events = events
+        #: Bytes queued and not yet handed to the transport.
+        self.backlog = 0
+        self.finishing = False
+        self.dropped = False
+        #: The task serving the connection (the server waits for it on shutdown).
+        self.task: asyncio.Task[Any] | None = asyncio.current_task()
+        self._lines: deque[bytes] = deque()
+        self._more = asyncio.Event()
+
+    def put(self, line: bytes) -> bool:
+        """Queue a line; False (nothing queued) when it would pass the backlog bound."""
+        if self.backlog + len(line) > SUBSCRIBER_BACKLOG_BYTES:
+            return False
+        self._lines.append(line)
+        self.backlog += len(line)
+        self._more.set()
+        return True
+
+    def finish(self) -> None:
+        """Write what is queued, then end (the daemon is stopping)."""
+        self.finishing = True
+        self._more.set()
+
+    def drop(self) -> None:
+        self.dropped = True
+        self._lines.clear()
+        self._more.set()
+        self.writer.transport.abort()
+
+    async def pump(self) -> None:
+        while not self.dropped:
+            while self._lines and not self.dropped:
+                line = self._lines.popleft()
+                self.backlog -= len(line)
+                self.writer.write(line)
+                await self.writer.drain()  # unbounded wait: the backlog bound is what limits it
+            if self.finishing:
+                return
+            self._more.clear()
+            await self._more.wait()
+
+
 class ControlServer:
     """Serves one handler over the socket; each client is served in its own task, so a slow
     command (``rebuild``, ``verify``) never stalls the others. Accepting is its own loop, not
@@ -229,6 +295,7 @@ class ControlServer:
         self._listener: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
         self._clients: set[asyncio.Task[None]] = set()
+        self._subscribers: set[Subscriber] = set()
         self._inode: int | None = None
 
     async def start(self) -> None:
@@ -257,6 +324,11 @@ class ControlServer:
                 await self._accepting
         if self._listener is not None:
             self._listener.close()
+        for sub in self._subscribers:
+            sub.finish()
+        serving = [sub.task for sub in self._subscribers if sub.task is not None]
+        if serving:  # each gets what was queued for it (the last event: the daemon stopping)
+            await asyncio.wait(serving, timeout=SUBSCRIBER_FLUSH_S)
         for task in list(self._clients):
             task.cancel()
         if self._clients:
@@ -304,18 +376,40 @@ class ControlServer:
             return
         await self._serve(reader, writer)
 
+    def publish(self, event: dict[str, Any]) -> None:
+        """Send an event (``{"event": NAME, ...}``) to every subscriber that asked for it; one
+        too far behind is dropped instead (never waited for)."""
+        if not self._subscribers:
+            return
+        line = orjson.dumps(event, default=str) + b"\n"
+        for sub in list(self._subscribers):
+            if event["event"] in sub.events:
+                self._queue(sub, line)
+
+    def _queue(self, sub: Subscriber, line: bytes) -> None:
+        if sub.dropped or sub.put(line):
+            return
+        self._subscribers.discard(sub)
+        self.log.warning("socket.subscriber_dropped", backlog_bytes=sub.backlog, limit_bytes=SUBSCRIBER_BACKLOG_BYTES)
+        sub.drop()
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sub: Subscriber | None = None
+
+        async def send(data: bytes) -> None:
+            writer.write(data)
+            await self._drain(writer)
+
         try:
             uid = peer_uid(writer)
             if uid is not None and uid != os.getuid():
                 self.log.warning("socket.refused", peer_uid=uid)
-                writer.write(error_reply("forbidden", f"peer uid {uid} is not this daemon's uid {os.getuid()}"))
-                await self._drain(writer)
+                await send(error_reply("forbidden", f"peer uid {uid} is not this daemon's uid {os.getuid()}"))
                 return
             while True:
                 try:
                     async with asyncio.timeout(self.idle_timeout):
-                        line = await self._read_line(reader, writer)
+                        line = await self._read_line(reader, send)
                 except TimeoutError:
                     writer.write(error_reply("idle_timeout", f"no request for {self.idle_timeout:g} s; closing"))
                     return
@@ -323,16 +417,56 @@ class ControlServer:
                     return
                 if not line.strip():
                     continue
-                writer.write(await self._answer(line))
-                await self._drain(writer)
+                reply, events = await self._answer(line)
+                if events is None:
+                    await send(reply)
+                    continue
+                sub = Subscriber(writer, events)
+                self._subscribers.add(sub)
+                sub.put(reply)
+                await self._stream(reader, sub)
+                return
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
             pass
         finally:
+            if sub is not None:
+                self._subscribers.discard(sub)
             writer.close()
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(1):
                     await writer.wait_closed()
             writer.transport.abort()  # a peer that reads nothing must not keep its descriptor
+
+    async def _stream(self, reader: asyncio.StreamReader, sub: Subscriber) -> None:
+        """A subscribed connection, until the peer goes, is dropped or the daemon stops: no
+        idle timeout (it is a stream); requests are still answered, in line with the events.
+        A peer that closes only its sending side (``socat -t``) keeps receiving events."""
+
+        async def send(data: bytes) -> None:
+            self._queue(sub, data)
+
+        pump = asyncio.create_task(sub.pump())
+        reading: asyncio.Task[bytes | None] | None = asyncio.create_task(self._read_line(reader, send))
+        try:
+            while not sub.dropped:
+                await asyncio.wait({pump} | ({reading} if reading else set()), return_when=asyncio.FIRST_COMPLETED)
+                if pump.done():
+                    pump.result()  # a peer gone raises here (ConnectionError)
+                    return
+                assert reading is not None and reading.done()
+                line, reading = reading.result(), None
+                if line is None:
+                    continue  # half-closed: events still go out
+                if line.strip():
+                    reply, events = await self._answer(line)
+                    if events is not None:  # subscribing again replaces the list of events
+                        sub.events = events
+                    await send(reply)
+                reading = asyncio.create_task(self._read_line(reader, send))
+        finally:
+            for task in (pump, reading):
+                if task is not None:
+                    task.cancel()
 
     async def _drain(self, writer: asyncio.StreamWriter) -> None:
         """Wait for a reply to leave, for at most the idle timeout (a client that sends
@@ -340,7 +474,7 @@ class ControlServer:
         async with asyncio.timeout(self.idle_timeout):
             await writer.drain()
 
-    async def _read_line(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes | None:
+    async def _read_line(self, reader: asyncio.StreamReader, send: Send) -> bytes | None:
         """The next request line; an over-long one is answered with an error and skipped."""
         while True:
             try:
@@ -350,8 +484,7 @@ class ControlServer:
                 return exc.partial if exc.partial.strip() else None
             except asyncio.LimitOverrunError as exc:
                 await self._discard_line(reader, exc.consumed)
-                writer.write(error_reply("too_large", f"request line longer than {self.limit} bytes"))
-                await self._drain(writer)
+                await send(error_reply("too_large", f"request line longer than {self.limit} bytes"))
 
     @staticmethod
     async def _discard_line(reader: asyncio.StreamReader, consumed: int) -> None:
@@ -363,18 +496,21 @@ class ControlServer:
             except asyncio.LimitOverrunError as exc:
                 await reader.readexactly(exc.consumed)
 
-    async def _answer(self, line: bytes) -> bytes:
+    async def _answer(self, line: bytes) -> tuple[bytes, frozenset[str] | None]:
+        """The reply, and for an accepted ``subscribe`` the events it asked for (its result's
+        ``events``: the handler checks the names)."""
         request_id = None
         try:
             request = parse_request(line)
             request_id = request.get("id")
             result = await self.handler(request)
-            return encode_reply(True, result, request_id)
+            events = frozenset(result["events"]) if request["command"] == SUBSCRIBE else None
+            return encode_reply(True, result, request_id), events
         except RequestError as exc:
-            return error_reply(exc.code, exc.message, request_id)
+            return error_reply(exc.code, exc.message, request_id), None
         except Exception as exc:  # a bug must cost one reply, never the daemon
             self.log.exception("socket.internal_error")
-            return error_reply("internal", f"{type(exc).__name__}: {exc}", request_id)
+            return error_reply("internal", f"{type(exc).__name__}: {exc}", request_id), None
 
 
 def _refuse(conn: socket.socket, cap: int) -> None:
@@ -386,21 +522,77 @@ def _refuse(conn: socket.socket, cap: int) -> None:
 
 
 # -- the client ---------------------------------------------------------------------------------
-def request(path: Path, command: str, timeout: float = 10.0, **args: Any) -> Any:
-    """Send one request and return its result; raise ``RequestError`` for an error reply and
-    ``OSError`` when nothing answers."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(str(path))
-        sock.sendall(orjson.dumps({"command": command, **args}) + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(1 << 16)
+class Client:
+    """One connection to a daemon: requests and their replies, and for a subscriber the events
+    between them (``agentd status --watch``)."""
+
+    def __init__(self, path: Path, timeout: float | None = 10.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(str(path))
+        except BaseException:
+            self.sock.close()
+            raise
+        self._buffer = b""
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send(self, command: str, **args: Any) -> None:
+        self.sock.sendall(orjson.dumps({"command": command, **args}) + b"\n")
+
+    def receive(self, timeout: float | None) -> dict[str, Any]:
+        """The next line, a reply or an event; ``TimeoutError`` when none comes within
+        ``timeout`` s (None: wait), ``ConnectionError`` when the daemon closed the connection."""
+        while b"\n" not in self._buffer:
+            self.sock.settimeout(timeout)
+            chunk = self.sock.recv(1 << 16)
             if not chunk:
-                break
-            data += chunk
-    reply = orjson.loads(data)
+                raise ConnectionAbortedError("the daemon closed the connection")
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        message = orjson.loads(line)
+        if not isinstance(message, dict):
+            raise ValueError(f"not a reply or an event: {line[:200]!r}")
+        return message
+
+
+def result_of(reply: dict[str, Any]) -> Any:
+    """A reply's result; ``RequestError`` for an error reply."""
     if not reply.get("ok"):
         error = reply.get("error") or {}
         raise RequestError(error.get("code", "error"), error.get("message", "request failed"))
     return reply["result"]
+
+
+def request(path: Path, command: str, timeout: float | None = 10.0, **args: Any) -> Any:
+    """Send one request and return its result; raise ``RequestError`` for an error reply and
+    ``OSError`` when nothing answers (``timeout``: per wait, None for none)."""
+    with Client(path, timeout) as client:
+        client.send(command, **args)
+        return result_of(client.receive(timeout))
+
+
+def wait_stopped(pid: int, timeout: float) -> bool:
+    """Whether process ``pid`` is gone (or a zombie nobody reaped yet) within ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            os.kill(pid, 0)
+            with open(f"/proc/{pid}/stat") as fh:
+                if fh.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except ProcessLookupError:
+            return True
+        except (OSError, IndexError):  # no /proc (not Linux): kill() alone decides
+            pass
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)

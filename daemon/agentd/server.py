@@ -16,26 +16,31 @@ import gc
 import os
 import signal
 import time
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from .build import OUTPUT_SUFFIX, BuildReport, Engine, Plan
+from . import __version__
+from .build import OUTPUT_SUFFIX, BuildReport, Engine, Plan, check_agents
 from .check import Finding, ScanMemory, check_output
 from .config import Config
-from .control import ControlServer, WorkspaceLock, socket_path
+from .control import SUBSCRIBE, ControlServer, WorkspaceLock, socket_path
 from .exceptions import BuildFailed, ConfigError, RequestError, WriteError
 from .log import get_logger
 from .notify import Notifier
 from .output import MANIFEST
 from .status import Monitor, error_fields
 from .store import open_store
-from .verify import verify
+from .verify import VerifyResult, verify
 from .watch import Batch, Pending, watch_output, watch_root, watch_tree
 
-COMMANDS = ("ping", "status", "stats", "rebuild", "affected", "verify")
+COMMANDS = ("ping", "status", "stats", "rebuild", "affected", "verify", "graph", SUBSCRIBE, "stop")
+
+#: What ``subscribe`` streams: the log lines of the same names, as they are logged (``_emit``).
+EVENTS = ("build.started", "build.error", "build.finished", "build.errors_cleared", "watch.stopping")
 
 #: A settle never holds a build back longer than this, however busy the disk is.
 MAX_SETTLE_S = 2.0
@@ -111,6 +116,8 @@ class Server:
             idle_timeout=config.client_idle_timeout,
         )
         self.last_report: BuildReport | None = None
+        #: Socket requests served, by command (``stats``' ``requests``).
+        self.requests: Counter[str] = Counter()
         self._build_lock = asyncio.Lock()
         self._ready = False
         self._known_dirs: set[Path] = set()
@@ -204,7 +211,7 @@ class Server:
     async def shutdown(self) -> None:
         self.monitor.state = "stopping"
         self.notifier.stopping()
-        self.log.info("watch.stopping")
+        self._emit("info", "watch.stopping", pid=os.getpid())
         self.should_exit.set()
         self._tree_stop.set()
         tasks = self._watchers + list(self._background)
@@ -366,7 +373,8 @@ class Server:
             self.monitor.state = "building"
             build_id = self.engine.new_build_id()
             with structlog.contextvars.bound_contextvars(build_id=build_id):
-                self.log.info("build.started", changed=sorted(self.engine.workspace.rel(p) for p in paths or ()))
+                changed = sorted(self.engine.workspace.rel(p) for p in paths or ())
+                self._emit("info", "build.started", changed=_capped(changed))
                 try:
                     report = await asyncio.to_thread(self._run_build, paths, build_id)
                 except OSError as exc:
@@ -376,12 +384,13 @@ class Server:
                     if self._ready:  # a pool lost to a dead worker or a rebuild: start it again now
                         self._start_workers()
                     self._known_dirs = self.engine.known_dirs()
+                errors_before = len(self.last_report.errors) if self.last_report else 0
                 self.last_report = report
                 self.retry.record(any(isinstance(e, WriteError) for e in report.errors))
                 await self._watch_output()
                 self.monitor.record_build(report, [f for fs in self.engine.findings.values() for f in fs])
                 self.monitor.record_watch(self.pending.batches_seen, self.pending.events_seen)
-                self._log_report(report)
+                self._log_report(report, errors_before)
             if self._ready:  # before READY=1 the READY message itself carries the status
                 self.notifier.status(self.monitor.one_line())
             return report
@@ -444,22 +453,31 @@ class Server:
         gc.collect()
         gc.freeze()
 
-    def _log_report(self, report: BuildReport) -> None:
-        """One line per rebuild, from the monitor's record of it (plus the lists, capped)."""
+    def _log_report(self, report: BuildReport, errors_before: int) -> None:
+        """One line per rebuild, from the monitor's record of it (plus the lists, capped); one
+        per error before it, and one when the errors of the build before are all gone."""
         for error in report.errors:
-            self.log.error("build.error", **error_fields(error))
+            self._emit("error", "build.error", **error_fields(error))
+        if errors_before and not report.errors:
+            self._emit("info", "build.errors_cleared", previous_errors=errors_before)
         last = dict(self.monitor.last_build or {})
         last.pop("build_id", None)  # bound in the context already
         last.pop("findings", None)  # logged in full below
-        self.log.info(
+        self._emit(
+            "info",
             "build.finished",
             **last,
             rendered=_capped(report.sections_rendered),
             written=_capped(report.written),
             removed=report.removed,
             findings=_capped([f.format() for f in report.findings]),
-            caches={k: {"hits": c.hits, "misses": c.misses} for k, c in report.caches.items()},
         )
+
+    def _emit(self, level: str, event: str, **fields: Any) -> None:
+        """Log a line and send the same record to the socket's subscribers (with what the log
+        context binds: the build id), so the two can never disagree."""
+        getattr(self.log, level)(event, **fields)
+        self.control.publish({"event": event, **structlog.contextvars.get_contextvars(), **fields})
 
     # -- signals ----------------------------------------------------------------------------
     def _install_signal_handlers(self) -> None:
@@ -497,12 +515,15 @@ class Server:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.should_exit.wait(), every)
 
-    async def verify(self) -> dict[str, object]:
-        """A clean build in a temporary folder, compared with ``out/`` (on demand)."""
-        result = await asyncio.to_thread(verify, self.config)
+    async def verify(self) -> VerifyResult:
+        """A clean build in a temporary folder, compared with ``out/`` (on demand), once the
+        build in flight is done: ``out/`` is half written during one."""
+        async with self._build_lock:
+            config = self.config
+        result = await asyncio.to_thread(verify, config)
         log = self.log.info if result.ok else self.log.warning
         log("verify.finished", **result.to_dict())
-        return result.to_dict()
+        return result
 
     # -- the status socket ------------------------------------------------------------------
     async def handle_request(self, request: dict[str, Any]) -> Any:
@@ -512,24 +533,33 @@ class Server:
             raise RequestError(
                 "unknown_command", f"unknown command {command!r}; expected one of: {', '.join(COMMANDS)}"
             )
+        self.requests[command] += 1
         return await handler(request)
 
     async def _cmd_ping(self, request: dict[str, Any]) -> Any:
-        return {"pong": True, "pid": os.getpid()}
+        # Which workspace, and where it writes: a client checks it asked the right daemon.
+        return {
+            "pong": True,
+            "pid": os.getpid(),
+            "root": str(self.config.root),
+            "output_path": str(self.config.output_path),
+            "version": __version__,
+        }
 
     async def _cmd_status(self, request: dict[str, Any]) -> Any:
         return {**self.monitor.summary(), "socket": str(self.socket_path)}
 
     async def _cmd_stats(self, request: dict[str, Any]) -> Any:
-        return {**self.monitor.stats(self.engine), "socket": str(self.socket_path)}
+        return {**self.monitor.stats(self.engine), "socket": str(self.socket_path), "requests": dict(self.requests)}
 
     async def _cmd_rebuild(self, request: dict[str, Any]) -> Any:
         agents = _string_list(request, "agents", required=False)
         if agents is not None:
             ws = self.engine.workspace
-            unknown = sorted(set(agents) - set(ws.agents) - set(ws.agent_errors))
-            if unknown:
-                raise RequestError("bad_request", f"unknown agent(s): {', '.join(unknown)}")
+            try:
+                check_agents(agents, [*ws.agents, *ws.agent_errors])
+            except ConfigError as exc:
+                raise RequestError("bad_request", str(exc)) from None
         async with self._build_lock:
             if agents is None:
                 self._replace_engine(self.config)  # from scratch: every template and section
@@ -544,17 +574,47 @@ class Server:
             "errors": [error_fields(e) for e in report.errors],
         }
 
+    def _current_errors(self) -> list[str]:
+        """The last build's errors, for commands that report on its state (``agentd`` prints
+        them as a build in-process would)."""
+        return [str(e) for e in self.last_report.errors] if self.last_report else []
+
     async def _cmd_affected(self, request: dict[str, Any]) -> Any:
         paths = _string_list(request, "paths", required=True) or []
         resolved = [Path(p) if Path(p).is_absolute() else self.config.root / p for p in paths]
         async with self._build_lock:  # the graph is only consistent between builds
             try:
-                return self.engine.affected(resolved)
+                return {**self.engine.affected(resolved), "errors": self._current_errors()}
             except ConfigError as exc:
                 raise RequestError("bad_request", str(exc)) from None
 
     async def _cmd_verify(self, request: dict[str, Any]) -> Any:
-        return await self.verify()
+        result = await self.verify()
+        return {**result.to_dict(), "output_dir": self.config.output_dir, "diffs": result.diffs}
+
+    async def _cmd_graph(self, request: dict[str, Any]) -> Any:
+        fmt = request.get("format", "json")
+        if fmt not in ("json", "dot"):
+            raise RequestError("bad_request", f"format: expected 'json' or 'dot', got {fmt!r}")
+        graph = self.engine.graph
+        async with self._build_lock:  # consistent only between builds; big: exported off the loop
+            exported = await asyncio.to_thread(graph.to_json if fmt == "json" else graph.to_dot)
+        return {"format": fmt, "graph": exported, "errors": self._current_errors()}
+
+    async def _cmd_subscribe(self, request: dict[str, Any]) -> Any:
+        # The control server streams; this checks which events, and says which it will send.
+        events = _string_list(request, "events", required=False) or list(EVENTS)
+        unknown = sorted(set(events) - set(EVENTS))
+        if unknown:
+            raise RequestError("bad_request", f"unknown event(s): {', '.join(unknown)}; expected: {', '.join(EVENTS)}")
+        return {"subscribed": True, "events": [e for e in EVENTS if e in events]}
+
+    async def _cmd_stop(self, request: dict[str, Any]) -> Any:
+        """Like SIGTERM: the build in flight finishes, then the daemon exits 0. The reply is
+        written before anything else runs (this returns without waiting)."""
+        self.log.info("watch.stop_requested")
+        self.should_exit.set()
+        return {"stopping": True, "pid": os.getpid(), "graceful_timeout": self.config.graceful_timeout}
 
 
 async def _let_watchers_start() -> None:

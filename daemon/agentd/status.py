@@ -105,24 +105,7 @@ class Monitor:
         """``findings``: the output gates' current findings for every agent (``check``)."""
         self.builds += 1
         self.last_caches = report.caches
-        self.last_build = {
-            "build_id": report.build_id,
-            "start": report.started,
-            "duration_ms": round(report.duration_ms, 2),
-            "changed": report.changed,
-            "agents": report.agents,
-            "agents_rendered": report.agents_composed,
-            "sections_rendered": len(report.sections_rendered),
-            "sections_reused": report.sections_reused,
-            "sections_restored": report.sections_restored,
-            "sections_cut_off": report.sections_cut_off,
-            "workers": report.workers,
-            "outputs_written": len(report.written),
-            "outputs_unchanged": len(report.unchanged),
-            "outputs_removed": len(report.removed),
-            "errors": len(report.errors),
-            "findings": len(report.findings),
-        }
+        self.last_build = report.record()
         for name, seconds in report.timings:
             self.templates.setdefault(name, TemplateStats()).add(seconds * 1000)
         gate_errors = [f for f in findings or [] if f.severity == "error"]
