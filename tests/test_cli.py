@@ -302,6 +302,7 @@ async def test_commands_answer_through_a_running_daemon(tiny: Path, tmp_path: Pa
         (tiny / "out/beta.md").write_text("edited by hand\n")  # outputs are not watched: it stays
         cases = [
             (("affected", "--root", str(tiny), "sections/peers.j2"), tiny / "templates"),  # relative to here
+            (("affected", "../templates/sections/peers.j2"), tiny / "agents"),  # `..` folded
             (("affected", "--json", "templates/traits/safety-traits.j2"), tiny),
             (("verify",), tiny),
             (("verify", "--json"), tiny),
@@ -319,7 +320,7 @@ async def test_commands_answer_through_a_running_daemon(tiny: Path, tmp_path: Pa
                 assert "differs: out/beta.md\n--- out/beta.md\n+++ clean build/beta.md" in via.stdout
         assert "unknown agent(s): nobody; known: alpha, beta" in via.stderr
         requests = (await asyncio.to_thread(request, path, "stats"))["requests"]
-        assert requests == {"ping": 7, "affected": 2, "verify": 2, "graph": 2, "rebuild": 1, "stats": 1}
+        assert requests == {"ping": 8, "affected": 3, "verify": 2, "graph": 2, "rebuild": 1, "stats": 1}
 
         rebuilt = await asyncio.to_thread(run_cli, "rebuild", "alpha", cwd=tiny)
         assert rebuilt.returncode == 0, rebuilt.stderr

@@ -441,7 +441,8 @@ class Engine:
     def affected(self, paths: Iterable[Path]) -> dict[str, list[str]]:
         """Agents and sections a change to ``paths`` would re-render (conservatively: any key
         of a changed agent source may change). A path agentd does not read is a usage error."""
-        classified = [(Path(p).absolute(), self.workspace.classify(Path(p).absolute())) for p in paths]
+        absolute = [Path(os.path.abspath(p)) for p in paths]  # `templates/../agents/x.yaml` is agents/x.yaml
+        classified = [(p, self.workspace.classify(p)) for p in absolute]
         foreign = [self.workspace.rel(p) for p, kind in classified if kind is None]
         if foreign:
             raise ConfigError(

@@ -874,7 +874,7 @@ def _cmd_graph(config: Config, args: argparse.Namespace) -> int:
 
 def _cmd_affected(config: Config, args: argparse.Namespace) -> int:
     # Relative to here, not to the root (the daemon would take them relative to its root).
-    paths = [Path(p) if Path(p).is_absolute() else Path.cwd() / p for p in args.paths]
+    paths = [Path(os.path.abspath(p)) for p in args.paths]  # relative to here; `..` folded as a shell would
     path = _daemon(config, args)
     if path is not None:
         reply = _ask(path, "affected", paths=[str(p) for p in paths])
