@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import orjson
@@ -356,3 +359,41 @@ def test_rebuild_without_a_daemon(tiny: Path) -> None:
     assert (tiny / "out/alpha.md").stat().st_mtime_ns == mtime
     unknown = run_cli("rebuild", "alpha", "nobody", cwd=tiny)
     assert unknown.returncode == 2 and "unknown agent(s): nobody; known: alpha, beta" in unknown.stderr
+
+
+def test_version_and_did_you_mean(tiny: Path) -> None:
+    """-V prints the version; a mistyped command or agentd.toml key exits 2 suggesting the
+    closest real one."""
+    version = run_cli("-V")
+    assert version.returncode == 0 and version.stdout.startswith("agentd ")
+    typo = run_cli("buidl", cwd=tiny)
+    assert typo.returncode == 2 and "did you mean 'build'?" in typo.stderr
+    set_config(tiny, 'output_dirr = "x"')
+    (tiny / "agentd.toml").write_text((tiny / "agentd.toml").read_text().replace("min_lines", "min_line"))
+    config = run_cli("build", cwd=tiny)
+    assert config.returncode == 2
+    assert "output_dirr (did you mean 'output_dir'?)" in config.stderr
+    assert "[check] min_line (did you mean 'min_lines'?)" in config.stderr
+
+
+def test_json_is_an_alias_of_format_json(tiny: Path) -> None:
+    """--format json is the one spelling everywhere; --json prints the same."""
+    for command in (["verify"], ["affected", "agents/alpha.yaml"], ["graph"], ["check"]):
+        spelled = run_cli(*command, "--format", "json", "--no-daemon" if command[0] != "check" else "-q", cwd=tiny)
+        alias = run_cli(*command, "--json", "--no-daemon" if command[0] != "check" else "-q", cwd=tiny)
+        assert spelled.stdout == alias.stdout and spelled.stdout.lstrip().startswith("{"), command
+
+
+def test_a_closed_pipe_ends_quietly(tiny: Path) -> None:
+    """When stdout's reader is gone (`agentd ... | head -1`), agentd exits 141 as git does,
+    with no traceback."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "agentd", "affected", "--no-daemon", "templates/sections/peers.j2"],
+            cwd=tiny, stdout=write, stderr=subprocess.PIPE, text=True, timeout=60,
+        )  # fmt: skip
+    finally:
+        os.close(write)
+    assert result.returncode == 141 and result.stderr == ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -147,7 +148,8 @@ def test_service_install_writes_the_unit(tiny: Path, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     unit = tmp_path / "cfg/systemd/user/agentd@.service"
     assert f"ExecStart={sys.executable} -m agentd watch --root %f" in unit.read_text()
-    assert f"systemctl --user enable --now agentd@{escape_path(tiny)}.service" in result.stdout
+    instance = shlex.quote(f"agentd@{escape_path(tiny)}.service")  # \x2d in it: pasted into bash as is
+    assert f"systemctl --user enable --now {instance}" in result.stdout
     if shutil.which("systemd-analyze"):
         verified = _verify(unit, tmp_path)
         assert verified.returncode == 0 and verified.stderr.strip() == "", verified.stderr

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import re
 import shlex
 import sys
 from collections.abc import Mapping, Sequence
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any, TextIO, cast
 import orjson
 
 from . import __version__
-from .config import CONFIG_FILE, Config, find_root
+from .config import CONFIG_FILE, Config, did_you_mean, find_root
 from .exceptions import AgentdError, AlreadyRunning, ConfigError, ControlError, RequestError
 
 # The engine (networkx, Jinja2: ~130 ms of imports) is imported where a command needs it, so
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
     from .build import BuildReport, Engine
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_DAEMON, EXIT_RUNNING = 0, 1, 2, 3, 4
+#: What a shell reports for a command killed by SIGPIPE (128 + 13), as git's is.
+EXIT_BROKEN_PIPE = 141
 
 #: How long a daemon gets to answer a ping (it answers within milliseconds, even mid-build)
 #: before a command works without it.
@@ -49,10 +52,62 @@ variables (AGENTD_OUTPUT_DIR=build ...), agentd.toml at the workspace root, defa
 """
 
 
+#: argparse's message for a bad choice (a command, --format ...), in Python 3.11-3.13.
+_INVALID_CHOICE = re.compile(r"invalid choice: '(?P<given>[^']*)' \(choose from (?P<choices>.*)\)$")
+
+
+#: The end of the --help of the commands people start with.
+_EXAMPLES = {
+    "build": """\
+examples:
+  agentd build                      build the workspace this folder is in
+  agentd -C ~/agents build -q       another workspace; print only errors
+  agentd build --no-cache --jobs 1  render everything in this process, as a clean build does
+""",
+    "watch": """\
+examples:
+  agentd watch                      build, then rebuild on every save (Ctrl-C stops)
+  agentd watch -v                   every log line in full (debug)
+  agentd watch --log-format json 2>agentd.log   JSON lines, as under systemd
+""",
+    "status": """\
+examples:
+  agentd status                     the daemon's state, last build, caches, alerts, errors
+  agentd status --watch             redraw after every build until Ctrl-C
+  agentd status --format json | jq .last_build
+""",
+    "check": """\
+examples:
+  agentd check                      lint everything; exit 1 on errors
+  agentd check --strict             warnings fail too (for CI)
+  agentd check --format json | jq '.findings[] | select(.rule == "schema")'
+""",
+}
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:  # argparse's default exit code is also 2; keep the text
         self.print_usage(sys.stderr)
+        match = _INVALID_CHOICE.search(message)
+        if match:
+            choices = re.findall(r"'([^']*)'", match["choices"])
+            message += did_you_mean(match["given"], choices)
         self.exit(EXIT_USAGE, f"agentd: error: {message}\n")
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Wraps descriptions as argparse does, but keeps an ``examples:`` epilog as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("examples:"):
+            return text.rstrip("\n")
+        return super()._fill_text(text, width, indent)
+
+
+def _format(parser: argparse.ArgumentParser, choices: tuple[str, ...] = ("text", "json")) -> None:
+    """``--format`` is the one spelling of an output format; ``--json`` stays as its alias."""
+    parser.add_argument("--format", choices=choices, default=choices[0], help=f"output format (default: {choices[0]})")
+    parser.add_argument("--json", action="store_const", const="json", dest="format", help="same as --format json")
 
 
 def _no_cache(parser: argparse.ArgumentParser) -> None:
@@ -130,7 +185,7 @@ def _daemon_options(parser: argparse.ArgumentParser, no_daemon: bool = True) -> 
 def _parser() -> argparse.ArgumentParser:
     socket_help = "status socket (default: $XDG_RUNTIME_DIR/agentd/<workspace>.sock; env AGENTD_SOCKET)"
     p = _Parser(prog="agentd", description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--version", action="version", version=f"agentd {__version__}")
+    p.add_argument("--version", "-V", action="version", version=f"agentd {__version__}")
     _global_options(p, None)
     common = argparse.ArgumentParser(add_help=False)
     _global_options(common, argparse.SUPPRESS)
@@ -139,7 +194,7 @@ def _parser() -> argparse.ArgumentParser:
         required=True,
         metavar="COMMAND",
         # a factory, not a class: argparse only calls it (typeshed asks for a type)
-        parser_class=cast(type[_Parser], functools.partial(_Parser, parents=[common])),
+        parser_class=cast(type[_Parser], functools.partial(_Parser, parents=[common], formatter_class=_Formatter)),
     )
 
     b = sub.add_parser(
@@ -150,6 +205,7 @@ def _parser() -> argparse.ArgumentParser:
         "removed (only files agentd generated, listed in out/.agentd-manifest.json). "
         "Exit 0 on success, 1 when any agent failed (the others are still written), 2 on a "
         "usage or configuration error.",
+        epilog=_EXAMPLES["build"],
     )
     b.add_argument("--output-dir", help="output folder, relative to the root (default: out)")
     _jobs(b)
@@ -162,6 +218,7 @@ def _parser() -> argparse.ArgumentParser:
         "re-render only what each change affects. out/ is never watched. Logs one line per "
         "rebuild (console on a terminal, JSON lines otherwise) on stderr. SIGINT/SIGTERM finish "
         "the build in flight and exit 0; SIGUSR1 runs `verify` and logs the result.",
+        epilog=_EXAMPLES["watch"],
     )
     w.add_argument("--output-dir", help="output folder, relative to the root (default: out)")
     w.add_argument(
@@ -192,7 +249,7 @@ def _parser() -> argparse.ArgumentParser:
         "deletes it (the next build renders everything).",
     )
     ca.add_argument("action", choices=("stats", "clear"), help="what to do")
-    ca.add_argument("--json", action="store_true", help="print JSON (stats)")
+    _format(ca)
 
     st = sub.add_parser(
         "status",
@@ -200,9 +257,10 @@ def _parser() -> argparse.ArgumentParser:
         description="Ask the `agentd watch` of a workspace for its state, last build, cache hit "
         "rates, slowest templates, alerts and errors. Exit 0 when healthy, 1 when the daemon "
         "reports errors, 3 when no daemon answers.",
+        epilog=_EXAMPLES["status"],
     )
     st.add_argument("--socket", metavar="PATH", help=socket_help)
-    st.add_argument("--json", action="store_true", help="print the raw `stats` reply as JSON")
+    _format(st)  # json: the raw `stats` reply
     st.add_argument(
         "--watch", action="store_true", help="redraw after every build (subscribed to the daemon's events) until Ctrl-C"
     )
@@ -260,8 +318,9 @@ def _parser() -> argparse.ArgumentParser:
         "and every generated agent is complete, valid Markdown. Renders in memory: no prior "
         "build needed, out/ is never written. Exit 0 clean, 1 on errors (or warnings with "
         "--strict), 2 on a usage error. Rules are configured under [check] in agentd.toml.",
+        epilog=_EXAMPLES["check"],
     )
-    ch.add_argument("--format", choices=("text", "json"), default="text", help="output format (default: text)")
+    _format(ch)
     ch.add_argument("--strict", action="store_true", help="warnings fail too")
 
     v = sub.add_parser(
@@ -274,7 +333,7 @@ def _parser() -> argparse.ArgumentParser:
         "would check (--output-dir, AGENTD_OUTPUT_DIR), the check runs here.",
     )
     v.add_argument("--output-dir", help="output folder, relative to the root (default: out)")
-    v.add_argument("--json", action="store_true", help="print JSON instead of text")
+    _format(v)
     _daemon_options(v)
 
     be = sub.add_parser(
@@ -307,7 +366,7 @@ def _parser() -> argparse.ArgumentParser:
         "what every render actually loaded and read. " + _ASKS_DAEMON + " In this process, "
         "everything is rendered in memory first (nothing is written).",
     )
-    gr.add_argument("--format", choices=("dot", "json"), default="dot", help="output format (default: dot)")
+    _format(gr, ("dot", "json"))
     _daemon_options(gr)
 
     it = sub.add_parser(
@@ -358,12 +417,37 @@ when DIR is refused.""",
         + " In this process, everything is rendered in memory first (nothing is written).",
     )
     af.add_argument("paths", nargs="+", metavar="PATH", help="template, agent or trait files (relative to here)")
-    af.add_argument("--json", action="store_true", help="print JSON instead of text")
+    _format(af)
     _daemon_options(af)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # here, not at exit, where a broken pipe prints a traceback
+        return code
+    except (
+        BrokenPipeError,
+        _ReaderGone,
+    ):  # the reader went away (`agentd status | head -1`): stop quietly, as git does
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+
+
+class _ReaderGone(Exception):
+    """stdout's reader went away where an ``OSError`` means the daemon did (``status --watch``)."""
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush at exit finds no broken pipe
+    to complain about (https://docs.python.org/3/library/signal.html#note-on-sigpipe)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.quiet and args.verbose:
@@ -404,6 +488,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AgentdError as exc:
         print(f"agentd: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except BrokenPipeError:
+        raise
     except OSError as exc:  # the environment (no file descriptors, a full disk), not a source
         print(f"agentd: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -703,13 +789,16 @@ def _status_watch(config: Config, args: argparse.Namespace) -> int:
 def _show_stats(stats: dict[str, Any], args: argparse.Namespace) -> int:
     from .status import render_table
 
-    if args.json:
-        sys.stdout.write(orjson.dumps(stats, option=orjson.OPT_INDENT_2).decode() + "\n")
-    else:
-        if args.watch:
-            sys.stdout.write("\x1b[H\x1b[2J")  # home + clear, like watch(1)
-        print(render_table(stats))
-    sys.stdout.flush()
+    try:
+        if args.format == "json":
+            sys.stdout.write(orjson.dumps(stats, option=orjson.OPT_INDENT_2).decode() + "\n")
+        else:
+            if args.watch:
+                sys.stdout.write("\x1b[H\x1b[2J")  # home + clear, like watch(1)
+            print(render_table(stats))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise _ReaderGone from None
     return EXIT_FAILED if stats["errors"] else EXIT_OK
 
 
@@ -752,7 +841,7 @@ def _cmd_cache(config: Config, args: argparse.Namespace) -> int:
     else:
         data = {"exists": True, **store.stats()}
         store.close()
-    if args.json:
+    if args.format == "json":
         sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
     elif not data["exists"]:
         print(f"no cache at {data['path']} (it is created by the next build)")
@@ -823,7 +912,7 @@ def _cmd_verify(config: Config, args: argparse.Namespace) -> int:
         done = verify(config)
         result, out = {**done.to_dict(), "diffs": done.diffs}, config.output_dir
     ok = not (result["differing"] or result["missing"] or result["stale"] or result["errors"])
-    if args.json:
+    if args.format == "json":
         keys = ("ok", "checked", "differing", "missing", "stale", "errors")
         sys.stdout.write(orjson.dumps({k: result[k] for k in keys}, option=orjson.OPT_INDENT_2).decode() + "\n")
         return EXIT_OK if ok else EXIT_FAILED
@@ -883,7 +972,7 @@ def _cmd_affected(config: Config, args: argparse.Namespace) -> int:
         result = {"agents": reply["agents"], "sections": reply["sections"]}
     else:
         result = _memory_engine(config).affected(paths)
-    if args.json:
+    if args.format == "json":
         sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
         print(f"agents ({len(result['agents'])}):")

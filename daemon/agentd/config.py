@@ -4,6 +4,7 @@ default, resolved once at startup and passed down (nothing else reads the enviro
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import tomllib
 from collections.abc import Mapping
@@ -152,13 +153,33 @@ def _from_toml(path: Path) -> dict[str, Any]:
     if not isinstance(check, dict):
         raise ConfigError(f"{path.name}: [check] must be a table")
     table.update({f"check_{k}": v for k, v in check.items()})
-    unknown = sorted(set(table) - set(_FIELDS) - {"root"})
+    known = sorted(set(_FIELDS) - {"root"})
+    unknown = sorted(set(table) - set(known))
     if unknown:
-        raise ConfigError(
-            f"{path.name}: unknown setting(s) {', '.join(unknown)}; "
-            f"expected any of {', '.join(sorted(set(_FIELDS) - {'root'}))}"
+        named = [_toml_name(k) + _closest(k, known) for k in unknown]
+        hint = (
+            "" if all("did you mean" in n for n in named) else f"; expected any of {', '.join(map(_toml_name, known))}"
         )
+        raise ConfigError(f"{path.name}: unknown setting(s) {', '.join(named)}{hint}")
     return {k: v for k, v in table.items() if k != "root"}
+
+
+def _toml_name(field: str) -> str:
+    """How a field is spelled in agentd.toml: ``check_min_lines`` is ``[check] min_lines``."""
+    return f"[check] {field.removeprefix('check_')}" if field.startswith("check_") else field
+
+
+def _closest(field: str, known: list[str]) -> str:
+    """A suggestion from the same table: ``[check] min_line`` is compared with ``[check]`` keys."""
+    table = "check_" if field.startswith("check_") else ""
+    peers = [f.removeprefix(table) for f in known if f.startswith("check_") == bool(table)]
+    return did_you_mean(field.removeprefix(table), peers)
+
+
+def did_you_mean(given: str, choices: list[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices``, or nothing when none is close."""
+    close = difflib.get_close_matches(given, choices, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:

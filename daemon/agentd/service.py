@@ -10,6 +10,7 @@ interpreter, so the service uses exactly the agentd that installed it.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -102,14 +103,14 @@ def install(root: Path, start: bool = True, environ: Mapping[str, str] | None = 
         ["systemctl", "--user", "enable", "--now", instance],
     ]
     if not start:
-        done.append("to start it: " + " && ".join(" ".join(c) for c in commands))
+        done.append("to start it: " + " && ".join(shlex.join(c) for c in commands))
         return done
     if shutil.which("systemctl") is None:
-        raise OSError("systemctl not found; run: " + " && ".join(" ".join(c) for c in commands))
+        raise OSError("systemctl not found; run: " + " && ".join(shlex.join(c) for c in commands))
     for command in commands:
         result = subprocess.run(command, capture_output=True, text=True, timeout=60)
         if result.returncode != 0:
-            raise OSError(f"`{' '.join(command)}` failed: {result.stderr.strip() or result.stdout.strip()}")
-        done.append("ran " + " ".join(command))
-    done.append(f"logs: journalctl --user -u {instance} -f")
+            raise OSError(f"`{shlex.join(command)}` failed: {result.stderr.strip() or result.stdout.strip()}")
+        done.append("ran " + shlex.join(command))
+    done.append(f"logs: journalctl --user -u {shlex.quote(instance)} -f")
     return done
