@@ -26,6 +26,7 @@ import orjson
 from . import __version__
 from .config import CONFIG_FILE, Config, find_root
 from .exceptions import AgentdError, AlreadyRunning, ConfigError, ControlError, RequestError
+from .progress import Progress, progress_line
 
 # The engine (networkx, Jinja2: ~130 ms of imports) is imported where a command needs it, so
 # `agentd build --jobs` can start parsing in workers first and `agentd status` starts fast.
@@ -462,7 +463,9 @@ def summary(record: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _build_here(config: Config, restore: bool = True, fresh: Sequence[str] = ()) -> BuildReport:
+def _build_here(
+    config: Config, restore: bool = True, fresh: Sequence[str] = (), progress: Progress | None = None
+) -> BuildReport:
     """A build in this process (``agentd build``; ``agentd rebuild`` without a daemon, with
     ``restore=False`` or the ``fresh`` agents, as the daemon's ``rebuild`` does)."""
     _check_workspace(config)
@@ -477,6 +480,7 @@ def _build_here(config: Config, restore: bool = True, fresh: Sequence[str] = ())
     engine.parse_ahead = parsing
     engine.restore = restore
     engine.fresh = set(fresh)
+    engine.progress = progress
     try:
         report = engine.build()
     finally:
@@ -489,7 +493,8 @@ def _build_here(config: Config, restore: bool = True, fresh: Sequence[str] = ())
 
 
 def _cmd_build(config: Config, args: argparse.Namespace) -> int:
-    report = _build_here(config)
+    with progress_line(args.quiet) as progress:
+        report = _build_here(config, progress=progress)
     print_errors(report, sys.stderr)
     if not args.quiet:
         print(summary(report.record()))
@@ -509,7 +514,8 @@ def _cmd_rebuild(config: Config, args: argparse.Namespace) -> int:
 
             ws = Workspace(config)
             check_agents(args.agents, [k[1] for p in ws.agent_paths() if (k := ws.classify(p)) and k[0] == "agent"])
-        report = _build_here(config, restore=bool(args.agents), fresh=args.agents)
+        with progress_line(args.quiet) as progress:
+            report = _build_here(config, restore=bool(args.agents), fresh=args.agents, progress=progress)
         record, errors = report.record(), [str(e) for e in report.errors]
     for error in errors:
         print(f"error: {error}", file=sys.stderr)
