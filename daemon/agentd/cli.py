@@ -774,7 +774,8 @@ def _cmd_check(config: Config, args: argparse.Namespace) -> int:
     from .check import Checker
 
     _check_workspace(config)
-    findings = Checker(config).run()
+    with progress_line(args.quiet) as progress:
+        findings = Checker(config, progress).run()
     errors = sum(f.severity == "error" for f in findings)
     warnings = len(findings) - errors
     failed = errors > 0 or (args.strict and warnings > 0)
@@ -826,7 +827,8 @@ def _cmd_verify(config: Config, args: argparse.Namespace) -> int:
         from .verify import verify
 
         _check_workspace(config)
-        done = verify(config)
+        with progress_line(args.quiet) as progress:
+            done = verify(config, progress=progress)
         result, out = {**done.to_dict(), "diffs": done.diffs}, config.output_dir
     ok = not (result["differing"] or result["missing"] or result["stale"] or result["errors"])
     if args.json:
@@ -851,12 +853,15 @@ def _cmd_verify(config: Config, args: argparse.Namespace) -> int:
     return EXIT_FAILED
 
 
-def _memory_engine(config: Config) -> Engine:
+def _memory_engine(config: Config, quiet: bool) -> Engine:
     from .build import Engine
 
     _check_workspace(config)
     engine = Engine(config)
-    report = engine.build(write=False)
+    with progress_line(quiet) as progress:
+        engine.progress = progress
+        report = engine.build(write=False)
+    engine.progress = None
     print_errors(report, sys.stderr)
     return engine
 
@@ -869,7 +874,7 @@ def _cmd_graph(config: Config, args: argparse.Namespace) -> int:
             print(f"error: {error}", file=sys.stderr)
         graph = reply["graph"]
     else:
-        engine = _memory_engine(config)
+        engine = _memory_engine(config, args.quiet)
         graph = engine.graph.to_json() if args.format == "json" else engine.graph.to_dot()
     if args.format == "json":
         sys.stdout.write(orjson.dumps(graph, option=orjson.OPT_INDENT_2).decode() + "\n")
@@ -888,7 +893,7 @@ def _cmd_affected(config: Config, args: argparse.Namespace) -> int:
             print(f"error: {error}", file=sys.stderr)
         result = {"agents": reply["agents"], "sections": reply["sections"]}
     else:
-        result = _memory_engine(config).affected(paths)
+        result = _memory_engine(config, args.quiet).affected(paths)
     if args.json:
         sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
