@@ -1,4 +1,5 @@
-"""The progress line of long work: on a terminal's stderr only, erased when done."""
+"""The progress line of long work: on a terminal's stderr only, erased when done, never
+sharing a line with the daemon's log."""
 
 from __future__ import annotations
 
@@ -25,6 +26,13 @@ def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("progress") / "ws"
     make_workspace(REPO, root, AGENTS)
     return root
+
+
+@pytest.fixture
+def slow(tiny: Path) -> Path:
+    """The tiny workspace, its builds slowed to ~0.5 s: long enough for a line to be drawn."""
+    slow_down(tiny / "templates/sections/summary.j2", 500_000)
+    return tiny
 
 
 def on_pty(*args: str, until: str | None = None, timeout: float = 90) -> str:
@@ -80,12 +88,24 @@ def test_cold_build_on_a_tty_shows_progress_then_erases_it(synthetic: Path) -> N
     assert not [line for line in screen(text) if "sections]" in line]
 
 
-def test_no_progress_in_a_pipe_or_with_quiet(tiny: Path) -> None:
+def test_no_progress_in_a_pipe_or_with_quiet(slow: Path) -> None:
     """Off a terminal nothing but the summary, no carriage return or escape; with -q on a
-    terminal nothing at all (builds slowed to ~0.5 s: long enough for a line to be drawn)."""
-    slow_down(tiny / "templates/sections/summary.j2", 500_000)
-    piped = run_cli("build", "--root", str(tiny), "--no-cache")
+    terminal nothing at all."""
+    piped = run_cli("build", "--root", str(slow), "--no-cache")
     assert piped.returncode == 0, piped.stderr
     assert piped.stderr == ""
     assert "\r" not in piped.stdout and "\x1b" not in piped.stdout
-    assert on_pty("build", "--root", str(tiny), "--no-cache", "-q") == ""
+    assert on_pty("build", "--root", str(slow), "--no-cache", "-q") == ""
+
+
+def test_watch_erases_progress_before_every_log_line(slow: Path) -> None:
+    """The daemon's first build shows progress on a terminal, and a log line written while it
+    is drawn (SIGTERM's, mid-build) erases it first: every log line is on a line of its own."""
+    text = on_pty(
+        "watch", "--root", str(slow), "--no-cache", "--log-format", "console", "--color", "never",
+        until="sections]",
+    )  # fmt: skip
+    shown = screen(text)
+    assert not [line for line in shown if "sections]" in line], shown
+    for event in ("build.started", "watch.signal", "build.finished", "watch.stopped"):
+        assert [line for line in shown if re.match(rf"\S+ \[\w+ *\] {event} ", line)], (event, shown)

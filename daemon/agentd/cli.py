@@ -634,10 +634,12 @@ def _cmd_watch(config: Config, args: argparse.Namespace) -> int:
     from .server import Server
 
     _check_workspace(config)
-    log.configure(config.log_format, config.log_level, color=args.color)
-    keep = ("output_dir", "debounce_ms", "step_ms", "socket", "cache", "jobs")
-    overrides = {k: v for k, v in vars(args).items() if k in keep and v is not None}
-    return Server(config, overrides).run()
+    # Installed before the log: a log line erases the line of a full build first.
+    with progress_line(args.quiet or config.log_format == "json", start=False) as progress:
+        log.configure(config.log_format, config.log_level, color=args.color)
+        keep = ("output_dir", "debounce_ms", "step_ms", "socket", "cache", "jobs")
+        overrides = {k: v for k, v in vars(args).items() if k in keep and v is not None}
+        return Server(config, overrides, progress=progress).run()
 
 
 def _cmd_status(config: Config, args: argparse.Namespace) -> int:
