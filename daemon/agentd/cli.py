@@ -738,10 +738,20 @@ def _cmd_bench(config: Config, args: argparse.Namespace) -> int:
         raise ConfigError("--agents needs sizes >= 1 and --trials at least 2")
     trials = 6 if args.quick else args.trials
 
-    def log(message: str) -> None:
-        print(f"  ... {message}", file=sys.stderr, flush=True)
+    with progress_line(args.quiet) as progress:
 
-    report = run(config.root, sizes, trials, args.output, log, only=args.only)
+        def log(message: str | None) -> None:
+            if progress is None:
+                if message:
+                    print(f"  ... {message}", file=sys.stderr, flush=True)
+                return
+            # On a terminal the phase running is the progress line, printed with its time when done.
+            if progress.label:
+                print(f"  ... {progress.label} ({progress.elapsed()} s)", file=sys.stderr, flush=True)
+            progress.start(message)
+
+        report = run(config.root, sizes, trials, args.output, log, only=args.only)
+        log(None)
     print(cli_table(report) if args.only == "cli" else table(report))
     return EXIT_OK
 
