@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import graph as g
 from .cache import Caches, Counters, Rendered
@@ -36,6 +36,9 @@ from .render import BASE_TEMPLATE, Renderer, anchor, section_title
 from .store import Store
 from .trace import MISSING, TrackedMapping, TrackedValue, fingerprint
 from .workspace import AgentSource, Delta, ParseAhead, Read, Workspace, locate, source_line
+
+if TYPE_CHECKING:
+    from .progress import Progress
 
 SECTION_DIR = "sections"
 OUTPUT_SUFFIX = ".md"
@@ -187,6 +190,9 @@ class Engine:
         #: kept per agent until the agent is composed again (the daemon's output gates).
         self.output_check: Callable[[str, bytes, Plan], list[Any]] | None = None
         self.findings: dict[str, list[Any]] = {}
+        #: Told the sections a build renders and each agent's as they are done (a progress line
+        #: on a terminal, ``progress.py``); None: nobody asks.
+        self.progress: Progress | None = None
         self._to_check: list[tuple[str, bytes | None, Plan]] = []
         self._relations: Relations | None = None
         self._agent_set_checked: tuple[bytes, tuple[str, ...]] | None = None
@@ -229,6 +235,9 @@ class Engine:
         sections = sum(map(len, todo.values()))
         held = sum(map(len, self._blocked.values()))  # still blocked: not visited, not reused
         skeletons = self._skeletons_wanted(todo)
+        progress = self.progress
+        if progress is not None and sections:
+            progress.count(sections, "sections")
         done: set[str] = set()
         if self._parallel(sections + len(skeletons)) and len(todo.keys() | skeletons) > 1:
             done = self._render_in_workers(todo, skeletons, catalog, old_sections, report, write)
@@ -237,6 +246,8 @@ class Engine:
         for agent_id, metas in todo.items():  # all of them, or what the workers left
             if agent_id not in done:
                 self._render_agent(agent_id, metas, catalog, old_sections, report, write)
+                if progress is not None:
+                    progress.advance(len(metas))
         planned = sum(len(p.metas) for p in self.plans.values()) - held
         report.sections_reused = planned - report.sections_restored - sections
         self.caches.l3.counters.hits += report.sections_reused  # used as they were, unvisited
@@ -812,12 +823,15 @@ class Engine:
         # (its sections' bytes in the result) is composed at once, so they are not all held.
         done: set[str] = set()
         composed_there: list[tuple[Result, dict[str, Counters]]] = []
+        progress = self.progress
         try:
             for result, counters in self._pool.render(journal, tasks, finish_early=report.cold):
                 if unwritten and self.store:
                     self.store.flush()
                     unwritten = False
                 done.add(result[0])
+                if progress is not None:  # results stream back per chunk of ~32 sections
+                    progress.advance(len(todo.get(result[0], ())))
                 if result[5] is None:
                     self._worker_result(result, counters, catalog, old, report, write)
                 else:

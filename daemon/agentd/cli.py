@@ -27,6 +27,7 @@ import orjson
 from . import __version__
 from .config import CONFIG_FILE, Config, did_you_mean, find_root
 from .exceptions import AgentdError, AlreadyRunning, ConfigError, ControlError, RequestError
+from .progress import Progress, progress_line
 
 # The engine (networkx, Jinja2: ~130 ms of imports) is imported where a command needs it, so
 # `agentd build --jobs` can start parsing in workers first and `agentd status` starts fast.
@@ -548,7 +549,9 @@ def summary(record: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _build_here(config: Config, restore: bool = True, fresh: Sequence[str] = ()) -> BuildReport:
+def _build_here(
+    config: Config, restore: bool = True, fresh: Sequence[str] = (), progress: Progress | None = None
+) -> BuildReport:
     """A build in this process (``agentd build``; ``agentd rebuild`` without a daemon, with
     ``restore=False`` or the ``fresh`` agents, as the daemon's ``rebuild`` does)."""
     _check_workspace(config)
@@ -563,6 +566,7 @@ def _build_here(config: Config, restore: bool = True, fresh: Sequence[str] = ())
     engine.parse_ahead = parsing
     engine.restore = restore
     engine.fresh = set(fresh)
+    engine.progress = progress
     try:
         report = engine.build()
     finally:
@@ -575,7 +579,8 @@ def _build_here(config: Config, restore: bool = True, fresh: Sequence[str] = ())
 
 
 def _cmd_build(config: Config, args: argparse.Namespace) -> int:
-    report = _build_here(config)
+    with progress_line(args.quiet) as progress:
+        report = _build_here(config, progress=progress)
     print_errors(report, sys.stderr)
     if not args.quiet:
         print(summary(report.record()))
@@ -595,7 +600,8 @@ def _cmd_rebuild(config: Config, args: argparse.Namespace) -> int:
 
             ws = Workspace(config)
             check_agents(args.agents, [k[1] for p in ws.agent_paths() if (k := ws.classify(p)) and k[0] == "agent"])
-        report = _build_here(config, restore=bool(args.agents), fresh=args.agents)
+        with progress_line(args.quiet) as progress:
+            report = _build_here(config, restore=bool(args.agents), fresh=args.agents, progress=progress)
         record, errors = report.record(), [str(e) for e in report.errors]
     for error in errors:
         print(f"error: {error}", file=sys.stderr)
@@ -714,10 +720,12 @@ def _cmd_watch(config: Config, args: argparse.Namespace) -> int:
     from .server import Server
 
     _check_workspace(config)
-    log.configure(config.log_format, config.log_level, color=args.color)
-    keep = ("output_dir", "debounce_ms", "step_ms", "socket", "cache", "jobs")
-    overrides = {k: v for k, v in vars(args).items() if k in keep and v is not None}
-    return Server(config, overrides).run()
+    # Installed before the log: a log line erases the line of a full build first.
+    with progress_line(args.quiet or config.log_format == "json", start=False) as progress:
+        log.configure(config.log_format, config.log_level, color=args.color)
+        keep = ("output_dir", "debounce_ms", "step_ms", "socket", "cache", "jobs")
+        overrides = {k: v for k, v in vars(args).items() if k in keep and v is not None}
+        return Server(config, overrides, progress=progress).run()
 
 
 def _cmd_status(config: Config, args: argparse.Namespace) -> int:
@@ -819,10 +827,20 @@ def _cmd_bench(config: Config, args: argparse.Namespace) -> int:
         raise ConfigError("--agents needs sizes >= 1 and --trials at least 2")
     trials = 6 if args.quick else args.trials
 
-    def log(message: str) -> None:
-        print(f"  ... {message}", file=sys.stderr, flush=True)
+    with progress_line(args.quiet) as progress:
 
-    report = run(config.root, sizes, trials, args.output, log, only=args.only)
+        def log(message: str | None) -> None:
+            if progress is None:
+                if message:
+                    print(f"  ... {message}", file=sys.stderr, flush=True)
+                return
+            # On a terminal the phase running is the progress line, printed with its time when done.
+            if progress.label:
+                print(f"  ... {progress.label} ({progress.elapsed()} s)", file=sys.stderr, flush=True)
+            progress.start(message)
+
+        report = run(config.root, sizes, trials, args.output, log, only=args.only)
+        log(None)
     print(cli_table(report) if args.only == "cli" else table(report))
     return EXIT_OK
 
@@ -857,7 +875,8 @@ def _cmd_check(config: Config, args: argparse.Namespace) -> int:
     from .check import Checker
 
     _check_workspace(config)
-    findings = Checker(config).run()
+    with progress_line(args.quiet) as progress:
+        findings = Checker(config, progress).run()
     errors = sum(f.severity == "error" for f in findings)
     warnings = len(findings) - errors
     failed = errors > 0 or (args.strict and warnings > 0)
@@ -909,7 +928,8 @@ def _cmd_verify(config: Config, args: argparse.Namespace) -> int:
         from .verify import verify
 
         _check_workspace(config)
-        done = verify(config)
+        with progress_line(args.quiet) as progress:
+            done = verify(config, progress=progress)
         result, out = {**done.to_dict(), "diffs": done.diffs}, config.output_dir
     ok = not (result["differing"] or result["missing"] or result["stale"] or result["errors"])
     if args.format == "json":
@@ -934,12 +954,15 @@ def _cmd_verify(config: Config, args: argparse.Namespace) -> int:
     return EXIT_FAILED
 
 
-def _memory_engine(config: Config) -> Engine:
+def _memory_engine(config: Config, quiet: bool) -> Engine:
     from .build import Engine
 
     _check_workspace(config)
     engine = Engine(config)
-    report = engine.build(write=False)
+    with progress_line(quiet) as progress:
+        engine.progress = progress
+        report = engine.build(write=False)
+    engine.progress = None
     print_errors(report, sys.stderr)
     return engine
 
@@ -952,7 +975,7 @@ def _cmd_graph(config: Config, args: argparse.Namespace) -> int:
             print(f"error: {error}", file=sys.stderr)
         graph = reply["graph"]
     else:
-        engine = _memory_engine(config)
+        engine = _memory_engine(config, args.quiet)
         graph = engine.graph.to_json() if args.format == "json" else engine.graph.to_dot()
     if args.format == "json":
         sys.stdout.write(orjson.dumps(graph, option=orjson.OPT_INDENT_2).decode() + "\n")
@@ -971,7 +994,7 @@ def _cmd_affected(config: Config, args: argparse.Namespace) -> int:
             print(f"error: {error}", file=sys.stderr)
         result = {"agents": reply["agents"], "sections": reply["sections"]}
     else:
-        result = _memory_engine(config).affected(paths)
+        result = _memory_engine(config, args.quiet).affected(paths)
     if args.format == "json":
         sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:

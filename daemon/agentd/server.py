@@ -32,6 +32,7 @@ from .exceptions import BuildFailed, ConfigError, RequestError, WriteError
 from .log import get_logger
 from .notify import Notifier
 from .output import MANIFEST
+from .progress import Progress
 from .status import Monitor, error_fields
 from .store import open_store
 from .verify import VerifyResult, verify
@@ -96,8 +97,12 @@ class WriteRetry:
 class Server:
     """A running ``agentd watch`` for one workspace."""
 
-    def __init__(self, config: Config, overrides: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self, config: Config, overrides: Mapping[str, Any] | None = None, progress: Progress | None = None
+    ) -> None:
         self.config = config
+        #: The progress line of full builds (the first, a rescan, a reload), on a terminal.
+        self.progress = progress
         self._overrides = dict(overrides or {})  # CLI flags: they still win after a reload
         self.engine = self._new_engine(config)
         self.pending = Pending()
@@ -401,7 +406,16 @@ class Server:
         if self._engine_failed:
             self._replace_engine(self.config)
             paths = None
-        report = self.engine.build(paths, build_id=build_id)
+        # Only full builds: an edit's build is over in well under a second.
+        progress = self.progress if paths is None else None
+        self.engine.progress = progress
+        if progress is not None:
+            progress.start()
+        try:
+            report = self.engine.build(paths, build_id=build_id)
+        finally:
+            if progress is not None:
+                progress.stop()
         self._engine_failed = False
         self._retry_s = 0.0
         return report

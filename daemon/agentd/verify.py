@@ -16,6 +16,7 @@ from pathlib import Path
 from .build import OUTPUT_SUFFIX, Engine
 from .config import Config
 from .output import OutputDir
+from .progress import Progress
 
 
 @dataclasses.dataclass
@@ -42,12 +43,14 @@ class VerifyResult:
         }
 
 
-def verify(config: Config, diff_lines: int = 20) -> VerifyResult:
+def verify(config: Config, diff_lines: int = 20, progress: Progress | None = None) -> VerifyResult:
     """Clean-build into a temporary folder and compare with ``config.output_path``."""
     result = VerifyResult()
     with tempfile.TemporaryDirectory(prefix="agentd-verify-") as tmp:
         clean_dir = Path(tmp)
-        report = Engine(dataclasses.replace(config, output_dir=str(clean_dir))).build()
+        engine = Engine(dataclasses.replace(config, output_dir=str(clean_dir)))
+        engine.progress = progress
+        report = engine.build()
         result.errors = [str(e) for e in report.errors]
         clean = {p.name: p.read_bytes() for p in clean_dir.glob(f"*{OUTPUT_SUFFIX}")}
         ours = {n for n in OutputDir(config.output_path).files if n.endswith(OUTPUT_SUFFIX)}
