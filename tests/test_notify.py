@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import shutil
 import signal
@@ -11,8 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import orjson
 import pytest
 
+from agentd.log import is_journal
 from agentd.notify import Notifier
 from agentd.service import escape_path, unit_text
 from conftest import REPO, run_cli, run_daemon, set_config
@@ -105,6 +108,47 @@ async def test_sighup_recompiles_everything_and_rebuilds(tiny: Path) -> None:
         assert build["sections_rendered"] + build["sections_restored"] == 7  # valid renders come from the store
         assert build["caches"]["L1"]["misses"] == 9  # every template compiled anew
         assert (tiny / "reloaded/alpha.md").exists()
+
+
+# -- the journal ---------------------------------------------------------------------------------
+
+
+async def test_journal_lines_have_priorities_lead_keys_and_capped_lists(tiny: Path) -> None:
+    """On the stream $JOURNAL_STREAM names, every line starts with its sd-daemon priority, then
+    event, level and timestamp; lists in build lines stop at 20 names and a count."""
+    beta = (tiny / "agents/beta.yaml").read_text()
+    for i in range(23):  # 25 agents
+        (tiny / f"agents/extra-{i:02d}.yaml").write_text(beta)
+    env = {"AGENTD_SLOW_TEMPLATE_MS": "0"}  # warm builds raise warnings
+    async with run_daemon(tiny, "--jobs", "1", env=env, journal=True) as d:
+        alpha = tiny / "agents/alpha.yaml"
+        alpha.write_text(alpha.read_text().replace("skills: [a1, a2]", "skills: [a1]"))
+        await d.next_build()
+        (tiny / "templates/sections/peers.j2").write_text("{{ oops }\n")
+        await d.next_build()
+    lines = {orjson.loads(line[3:])["event"]: line for line in d.raw}
+    for event, level, priority in (
+        ("watch.ready", "info", "<6>"), ("build.finished", "info", "<6>"),
+        ("alert.raised", "warning", "<4>"), ("build.error", "error", "<3>"),
+    ):  # fmt: skip
+        assert lines[event].startswith(f'{priority}{{"event":"{event}","level":"{level}","timestamp":"'), lines[event]
+    cold = d.builds[0]
+    assert cold["outputs_written"] == 25 and cold["sections_rendered"] == 76
+    for key, total in (("agents_rendered", 25), ("written", 25), ("rendered", 76)):
+        assert len(cold[key]) == 21 and cold[key][-1] == f"... {total - 20} more", key
+
+
+def test_only_the_stream_journal_stream_names_is_the_journal(tmp_path: Path) -> None:
+    """A stream is the journal only when its device and inode are $JOURNAL_STREAM's: not
+    another file, not a malformed or empty value, not a stream without a descriptor."""
+    with open(tmp_path / "a", "w") as a, open(tmp_path / "b", "w") as b:
+        st = os.fstat(a.fileno())
+        value = f"{st.st_dev}:{st.st_ino}"
+        assert is_journal(a, value)
+        assert not is_journal(b, value)
+        for other in ("", None, "12", f"{st.st_dev}:x"):
+            assert not is_journal(a, other)
+        assert not is_journal(io.StringIO(), value)
 
 
 # -- the unit ------------------------------------------------------------------------------------

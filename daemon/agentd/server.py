@@ -48,9 +48,10 @@ MAX_SETTLE_S = 2.0
 #: A build the environment stopped is retried after 1 s, then twice as long each time, up to this.
 MAX_RETRY_S = 30.0
 
-#: Lists in a log line beyond this length are cut (a cold build of 1,000 agents renders 9,000
-#: sections; the counts are logged in full).
-LOG_LIST_LIMIT = 50
+#: Lists in a log line (and its event) beyond this length are cut to their first names and a
+#: count (``_capped``): a cold build of 1,000 agents renders 9,000 sections, and one journal
+#: line of every name helps nobody. The record's counts stay exact.
+LOG_LIST_LIMIT = 20
 
 
 class WriteRetry:
@@ -460,16 +461,16 @@ class Server:
             self._emit("error", "build.error", **error_fields(error))
         if errors_before and not report.errors:
             self._emit("info", "build.errors_cleared", previous_errors=errors_before)
-        last = dict(self.monitor.last_build or {})
+        last = _capped_fields(self.monitor.last_build or {})
         last.pop("build_id", None)  # bound in the context already
-        last.pop("findings", None)  # logged in full below
+        last.pop("findings", None)  # a count there; the findings themselves below
         self._emit(
             "info",
             "build.finished",
             **last,
             rendered=_capped(report.sections_rendered),
             written=_capped(report.written),
-            removed=report.removed,
+            removed=_capped(report.removed),
             findings=_capped([f.format() for f in report.findings]),
         )
 
@@ -522,7 +523,7 @@ class Server:
             config = self.config
         result = await asyncio.to_thread(verify, config)
         log = self.log.info if result.ok else self.log.warning
-        log("verify.finished", **result.to_dict())
+        log("verify.finished", **_capped_fields(result.to_dict()))  # the reply to `verify` has them all
         return result
 
     # -- the status socket ------------------------------------------------------------------
@@ -637,9 +638,16 @@ async def _first(*events: asyncio.Event, timeout: float | None = None) -> None:
 
 
 def _capped(items: list[str]) -> list[str]:
+    """The one place lists in log lines and events are cut: the first ``LOG_LIST_LIMIT`` names
+    and ``"... N more"``, so the field keeps its type (a list of strings) for ``jq``."""
     if len(items) <= LOG_LIST_LIMIT:
         return items
     return [*items[:LOG_LIST_LIMIT], f"... {len(items) - LOG_LIST_LIMIT} more"]
+
+
+def _capped_fields(record: Mapping[str, Any]) -> dict[str, Any]:
+    """``record`` with every list in it capped, for a log line."""
+    return {k: _capped(v) if isinstance(v, list) else v for k, v in record.items()}
 
 
 def _string_list(request: dict[str, Any], key: str, required: bool) -> list[str] | None:
