@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import orjson
 import pytest
@@ -18,7 +19,7 @@ import pytest
 from agentd.log import is_journal
 from agentd.notify import Notifier
 from agentd.service import escape_path, unit_text
-from conftest import REPO, run_cli, run_daemon, set_config
+from conftest import REPO, run_cli, run_daemon, set_config, slow_down
 
 
 class NotifySink:
@@ -47,13 +48,15 @@ class NotifySink:
             await asyncio.sleep(0.02)
 
     def kinds(self) -> list[str]:
-        order = ("READY", "RELOADING", "STOPPING", "WATCHDOG")
+        order = ("READY", "RELOADING", "STOPPING", "WATCHDOG", "EXTEND_TIMEOUT_USEC")
         return [next((k for k in order if k in m), "STATUS") for m in self.drain()]
 
 
 async def test_notify_sequence(tiny: Path, tmp_path: Path) -> None:
-    """READY after the first build, STATUS per build, WATCHDOG pings, RELOADING then READY on
-    SIGHUP, STOPPING on SIGTERM — in that order."""
+    """EXTEND_TIMEOUT_USEC while the first build runs, READY after it, STATUS per build,
+    WATCHDOG pings, RELOADING, EXTEND_TIMEOUT_USEC then READY on SIGHUP, STOPPING on SIGTERM —
+    in that order."""
+    slow_down(tiny / "templates/sections/summary.j2", 200_000)
     sink = NotifySink(str(tmp_path / "notify.sock"))
     env = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "200000"}
     async with run_daemon(tiny, env=env) as d:
@@ -74,7 +77,14 @@ async def test_notify_sequence(tiny: Path, tmp_path: Path) -> None:
         d.proc.terminate()
         assert await asyncio.wait_for(d.proc.wait(), 10) == 0
     await sink.wait_for("STOPPING")
+    extend = next(m for m in sink.messages if "EXTEND_TIMEOUT_USEC" in m)
+    assert int(extend["EXTEND_TIMEOUT_USEC"]) >= 10_000_000
     kinds = [k for k in sink.kinds() if k != "WATCHDOG"]
+    # Only while systemd waits for READY=1: before the first, between RELOADING and the second.
+    first_ready, reloading = kinds.index("READY"), kinds.index("RELOADING")
+    assert kinds[0] == "EXTEND_TIMEOUT_USEC" and "EXTEND_TIMEOUT_USEC" not in kinds[first_ready:reloading]
+    assert "EXTEND_TIMEOUT_USEC" in kinds[reloading:]
+    kinds = [k for k in kinds if k != "EXTEND_TIMEOUT_USEC"]
     assert kinds[0] == "READY"
     assert kinds.index("RELOADING") < len(kinds) - 1 - kinds[::-1].index("READY") < kinds.index("STOPPING")
     assert kinds[-1] == "STOPPING"
@@ -166,6 +176,7 @@ def test_unit_has_the_promised_settings() -> None:
         "Type=notify", "WatchdogSec=30", "ExecReload=/bin/kill -HUP $MAINPID", "Restart=on-failure",
         "StartLimitBurst=5", "RuntimeDirectory=agentd", "Environment=AGENTD_LOG_FORMAT=json",
         "ExecStart=/usr/bin/env agentd watch --root %f", "RestartPreventExitStatus=2 4",
+        "SyslogIdentifier=agentd", "TimeoutStartSec=30",
     ):  # fmt: skip
         assert line in text.splitlines(), line
 
@@ -185,12 +196,15 @@ def test_systemd_analyze_verify_passes(tmp_path: Path) -> None:
 
 
 def test_service_install_writes_the_unit(tiny: Path, tmp_path: Path) -> None:
-    """`agentd service install --no-start` writes a unit that runs this interpreter and says
-    how to start the workspace's instance."""
+    """`agentd service install --no-start` writes a unit that runs this interpreter, names the
+    README of its agentd as documentation, and says how to start the workspace's instance."""
     result = run_cli("service", "install", "--no-start", cwd=tiny, env={"XDG_CONFIG_HOME": str(tmp_path / "cfg")})
     assert result.returncode == 0, result.stderr
     unit = tmp_path / "cfg/systemd/user/agentd@.service"
     assert f"ExecStart={sys.executable} -m agentd watch --root %f" in unit.read_text()
+    docs = next(line for line in unit.read_text().splitlines() if line.startswith("Documentation="))
+    readme = Path(unquote(urlparse(docs.removeprefix("Documentation=").replace("%%", "%")).path))
+    assert readme.read_text().startswith("# agentd\n")
     assert f"systemctl --user enable --now agentd@{escape_path(tiny)}.service" in result.stdout
     if shutil.which("systemd-analyze"):
         verified = _verify(unit, tmp_path)

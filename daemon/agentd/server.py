@@ -17,7 +17,7 @@ import os
 import signal
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,11 @@ MAX_SETTLE_S = 2.0
 
 #: A build the environment stopped is retried after 1 s, then twice as long each time, up to this.
 MAX_RETRY_S = 30.0
+
+#: Until READY=1, systemd is asked every ``EXTEND_EVERY_S`` for ``EXTEND_BY_S`` more (see
+#: ``Server._extending_start``).
+EXTEND_EVERY_S = 10.0
+EXTEND_BY_S = 30.0
 
 #: Lists in a log line (and its event) beyond this length are cut to their first names and a
 #: count (``_capped``): a cold build of 1,000 agents renders 9,000 sections, and one journal
@@ -181,13 +186,14 @@ class Server:
             step_ms=self.config.step_ms,
             debounce_ms=self.config.debounce_ms,
         )
-        # The socket first (status answers "starting"), then the watchers, then the first
-        # build: an edit made during the first build is queued, not missed.
-        await self.control.start()
-        if self.control.stale_replaced:
-            self.log.warning("socket.stale_replaced", socket=str(self.socket_path))
-        await self._start_watchers(root_too=True)
-        await self._build(None)
+        async with self._extending_start():
+            # The socket first (status answers "starting"), then the watchers, then the first
+            # build: an edit made during the first build is queued, not missed.
+            await self.control.start()
+            if self.control.stale_replaced:
+                self.log.warning("socket.stale_replaced", socket=str(self.socket_path))
+            await self._start_watchers(root_too=True)
+            await self._build(None)
         self.notifier.ready(self.monitor.one_line())
         self._ready = True
         if self.notifier.watchdog_interval:
@@ -502,11 +508,34 @@ class Server:
         ``ExecReload``). A build in flight finishes first."""
         self.notifier.reloading()
         self.log.info("watch.reloading")
-        await self._adopt(self._read_config() or self.config)
-        await self._start_watchers(root_too=False)
-        await self._build(None)
+        async with self._extending_start():
+            await self._adopt(self._read_config() or self.config)
+            await self._start_watchers(root_too=False)
+            await self._build(None)
         self.notifier.ready(self.monitor.one_line())
         self.log.info("watch.reloaded")
+
+    @contextlib.asynccontextmanager
+    async def _extending_start(self) -> AsyncIterator[None]:
+        """Keep systemd waiting for READY=1 while the first build (or a reload's) runs: a cold
+        build of a large workspace outlasts any fixed ``TimeoutStartSec=``. The requests come
+        from the event loop, so a start that hangs stops asking and still times out."""
+        if not self.notifier.enabled:
+            yield
+            return
+
+        async def extend() -> None:
+            while True:
+                self.notifier.extend_timeout(EXTEND_BY_S)
+                await asyncio.sleep(EXTEND_EVERY_S)
+
+        task = asyncio.create_task(extend())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def _watchdog(self, every: float) -> None:
         """WATCHDOG=1 from the event loop itself: if the loop blocks, the pings stop and systemd
