@@ -112,7 +112,7 @@ class BuildReport:
             "outputs_removed": len(self.removed),
             "errors": len(self.errors),
             "findings": len(self.findings),
-            "caches": {k: {"hits": c.hits, "misses": c.misses} for k, c in self.caches.items()},
+            "caches": {k: {"hits": c.hits, "misses": c.misses, "expected": c.expected} for k, c in self.caches.items()},
         }
 
 
@@ -868,8 +868,9 @@ class Engine:
             stored = None
             if self.store is not None and self._restorable(agent_id):
                 stored = self.store.lookup(node, self.current_fp, data=False)
-            if stored is None:
+            if stored is None:  # dirty: an input changed, or it is new or dropped on request
                 self.caches.l3.counters.misses += 1
+                self.caches.l3.counters.expected += 1
                 todo.setdefault(agent_id, []).append(meta)
                 continue
             self.caches.l3.counters.hits += 1
@@ -992,6 +993,8 @@ class Engine:
         if self.store:
             entry = self.store.lookup(g.section_node(*key), self.current_fp)
         if entry is None:
+            # Valid, yet lost to memory, the output and the store: the one L3 miss not bound to happen.
+            self.caches.l3.counters.misses += 1
             entry = self._render_one(plan, meta, self._context(plan, catalog))
             if self.store:  # its stored bytes were evicted or damaged: store them again
                 self.store.put(g.section_node(*key), entry)

@@ -121,8 +121,12 @@ class Monitor:
             for f in gate_errors
         ]
         self.state = "error" if self.errors else "idle"
-        self._check_slow_templates(report)
+        # A cold build (the first, a rebuild of everything, a reload) renders everything at
+        # once, in workers that share the cores, from empty caches: it says nothing of either.
         if not report.cold:
+            self._check_slow_templates(report)
+            if self._window.maxlen != self.config.hit_rate_window:  # a reload changed it
+                self._window = deque(self._window, maxlen=self.config.hit_rate_window)
             self._window.append(report.caches)
             self._check_hit_rates()
 
@@ -131,20 +135,32 @@ class Monitor:
 
     # -- alerts -------------------------------------------------------------------------------
     def _raise(self, key: str, **fields: Any) -> None:
-        if any(a["key"] == key for a in self.alerts):
-            return
+        """Raise the alert, or bring a raised one's values up to date (logged once, when raised)."""
+        for alert in self.alerts:
+            if alert["key"] == key:
+                alert.update(fields)
+                return
         alert = {"key": key, "since": time.time(), **fields}
         self.alerts.append(alert)
-        self.alert_history.append(alert)
+        self.alert_history.append(dict(alert))
         self.log.warning("alert.raised", **alert)
 
-    def _clear(self, key: str) -> None:
-        kept = [a for a in self.alerts if a["key"] != key]
-        if len(kept) != len(self.alerts):
-            self.alerts = kept
-            self.log.info("alert.cleared", key=key)
+    def _clear(self, key: str, **fields: Any) -> None:
+        """End the alert, if raised; ``fields``: the values that end it."""
+        ended = [a for a in self.alerts if a["key"] == key]
+        if not ended:
+            return
+        self.alerts = [a for a in self.alerts if a["key"] != key]
+        now = time.time()
+        for entry in reversed(self.alert_history):
+            if entry["key"] == key and "cleared" not in entry:
+                entry["cleared"] = now
+                break
+        self.log.info("alert.cleared", key=key, kind=ended[0]["kind"], since=ended[0]["since"], **fields)
 
     def _check_slow_templates(self, report: BuildReport) -> None:
+        """Each template rendered in this build is judged by its slowest render in it; one not
+        rendered keeps its state."""
         limit = self.config.slow_template_ms
         slowest: dict[str, float] = {}
         for name, seconds in report.timings:
@@ -154,25 +170,23 @@ class Monitor:
             if ms > limit:
                 self._raise(key, kind="slow_template", template=name, ms=round(ms, 2), threshold_ms=limit)
             else:
-                self._clear(key)
+                self._clear(key, template=name, ms=round(ms, 2), threshold_ms=limit)
 
     def _check_hit_rates(self) -> None:
+        """Judge each watched layer over the window, once it is full: hits out of the lookups
+        that could have hit (``Counters.could_hit``). A window with none of those is fine."""
+        if len(self._window) < self.config.hit_rate_window:
+            return
         floor = self.config.hit_rate_floor
-        for layer in self.config.hit_rate_layers:
-            hits = sum(c[layer].hits for c in self._window if layer in c)
-            total = hits + sum(c[layer].misses for c in self._window if layer in c)
+        for layer in ("L1", "L2", "L3", "L4"):
             key = f"low_hit_rate:{layer}"
-            if total and hits / total < floor:
-                self._raise(
-                    key,
-                    kind="low_hit_rate",
-                    layer=layer,
-                    hit_rate=round(hits / total, 4),
-                    floor=floor,
-                    builds=len(self._window),
-                )
-            elif total:
-                self._clear(key)
+            hits = sum(c[layer].hits for c in self._window if layer in c)
+            could = sum(c[layer].could_hit for c in self._window if layer in c)
+            rate = round(hits / could, 4) if could else None
+            if layer in self.config.hit_rate_layers and rate is not None and rate < floor:
+                self._raise(key, kind="low_hit_rate", layer=layer, hit_rate=rate, floor=floor, builds=len(self._window))
+            else:
+                self._clear(key, layer=layer, hit_rate=rate, floor=floor, builds=len(self._window))
 
     # -- reading ------------------------------------------------------------------------------
     def uptime_s(self) -> float:
@@ -219,6 +233,7 @@ class Monitor:
                     "hits": last.hits,
                     "misses": last.misses,
                     "evictions": last.evictions,
+                    "expected": last.expected,
                     "hit_rate": last.hit_rate,
                 },
             }
