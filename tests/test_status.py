@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import subprocess
 import sys
@@ -26,16 +27,38 @@ def test_no_daemon_exits_3_saying_where_it_looked(tiny: Path) -> None:
 
 
 async def test_healthy_daemon_table(tiny: Path) -> None:
-    """A healthy daemon's status is a readable table and exits 0, asked from a subfolder."""
+    """A healthy daemon's status is a readable table and exits 0, asked from a subfolder:
+    sections the store gave back count as reused, the last build's age is shown, sizes are in
+    SI units; --json prints the stats reply with the documented keys, its peak RSS never below
+    the current one."""
+    assert run_cli("build", cwd=tiny).returncode == 0  # the daemon's first build comes from the store
     async with run_daemon(tiny):
         result = await asyncio.to_thread(run_cli, "status", cwd=tiny / "agents" / "traits")
         assert result.returncode == 0, result.stderr
         out = result.stdout
         assert "state       idle" in out
-        for row in ("L1 ", "L2 ", "L3 ", "L4 ", "slowest templates", "sections/summary.j2"):
+        assert re.search(
+            r"^builds      1  last 1-[0-9a-f]{8} \d+s ago: [\d.]+ ms, 0 rendered / 7 reused \(7 from the store\)",
+            out,
+            re.M,
+        ), out
+        for row in ("L1 ", "L2 ", "L3 ", "L4 "):
             assert row in out, row
         assert "alerts      none" in out and "errors      none" in out
-        assert "memory      rss" in out
+        assert re.search(r"^memory      rss [\d.]+ MB \(peak [\d.]+ MB\)", out, re.M), out
+        assert "KB" not in out and "KiB" not in out
+        data = orjson.loads((await asyncio.to_thread(run_cli, "status", "--json", cwd=tiny)).stdout)
+        assert {
+            "state", "pid", "version", "uptime_s", "builds", "last_build", "last_build_age_s", "caches",
+            "templates", "alerts", "errors", "rss_bytes", "peak_rss_bytes", "watcher",
+        } <= set(data)  # fmt: skip
+        last = data["last_build"]
+        for key in ("build_id", "start", "duration_ms", "changed", "agents_rendered", "sections_rendered",
+                    "sections_reused", "sections_restored", "sections_cut_off", "outputs_written",
+                    "outputs_unchanged"):  # fmt: skip
+            assert key in last, key
+        assert last["sections_restored"] == 7 and data["last_build_age_s"] >= 0
+        assert 0 < data["rss_bytes"] <= data["peak_rss_bytes"]
 
 
 async def test_errors_exit_1_and_are_listed_with_location(tiny: Path) -> None:
@@ -49,20 +72,6 @@ async def test_errors_exit_1_and_are_listed_with_location(tiny: Path) -> None:
         data = orjson.loads((await asyncio.to_thread(run_cli, "status", "--json", cwd=tiny)).stdout)
         assert data["state"] == "error"
         assert {e["location"] for e in data["errors"]} == {"templates/sections/peers.j2:1"}
-
-
-async def test_json_is_the_stats_reply(tiny: Path) -> None:
-    """--json prints the stats reply with the documented top-level keys."""
-    async with run_daemon(tiny):
-        data = orjson.loads((await asyncio.to_thread(run_cli, "status", "--json", cwd=tiny)).stdout)
-        assert {
-            "state", "pid", "version", "uptime_s", "builds", "last_build", "caches", "templates",
-            "alerts", "errors", "rss_bytes", "peak_rss_bytes", "watcher",
-        } <= set(data)  # fmt: skip
-        last = data["last_build"]
-        for key in ("build_id", "start", "duration_ms", "changed", "agents_rendered", "sections_rendered",
-                    "sections_reused", "sections_cut_off", "outputs_written", "outputs_unchanged"):  # fmt: skip
-            assert key in last, key
 
 
 async def test_watch_refreshes(tiny: Path) -> None:

@@ -159,7 +159,7 @@ class Engine:
         self.fresh: set[str] = set()
         self.workspace = Workspace(config)
         self.workspace.parsed_cache = store
-        budget = config.memory_budget_mb * 1024 * 1024
+        budget = config.memory_budget_mb * 1_000_000  # SI, as agentd prints sizes
         self.caches = Caches(budget or None)
         #: Digest of every section's current output, kept even when L3 drops the bytes.
         self.section_digests: dict[tuple[str, str], bytes] = {}
