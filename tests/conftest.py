@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import resource
 import shutil
 import signal
@@ -256,21 +257,24 @@ def run_cli(
 class Daemon:
     """A running ``agentd watch`` process and the JSON log events it has printed."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, root: Path) -> None:
+    def __init__(
+        self, proc: asyncio.subprocess.Process, root: Path, stderr: asyncio.StreamReader | None = None
+    ) -> None:
         self.proc = proc
         self.root = root
+        self.stderr = stderr or proc.stderr
         self.events: list[dict[str, Any]] = []
         self.raw: list[str] = []
         self._changed = asyncio.Event()
         self._reader = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
-        assert self.proc.stderr is not None
-        async for line in self.proc.stderr:
+        assert self.stderr is not None
+        async for line in self.stderr:
             text = line.decode(errors="replace").rstrip("\n")
             self.raw.append(text)
-            try:
-                self.events.append(orjson.loads(text))
+            try:  # after the journal's priority prefix, if any (``journal=True``)
+                self.events.append(orjson.loads(re.sub(r"^<\d>", "", text)))
             except orjson.JSONDecodeError:
                 continue
             self._changed.set()
@@ -329,14 +333,25 @@ async def run_daemon(
     env: dict[str, str] | None = None,
     nofile: int | None = None,
     prefix: Sequence[str] = (),
+    journal: bool = False,
 ) -> AsyncIterator[Daemon]:
     """Start ``agentd watch`` on ``root``, wait until it is ready, stop it (SIGTERM) on exit.
     ``nofile``: the daemon's file-descriptor limit (RLIMIT_NOFILE); ``prefix``: a command to
-    run it under (``setpriv`` ...)."""
+    run it under (``setpriv`` ...); ``journal``: its stderr is a pipe named by
+    ``$JOURNAL_STREAM``, as journald's stream is under systemd."""
 
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
+    stderr: int = asyncio.subprocess.PIPE
+    reader: asyncio.StreamReader | None = None
+    if journal:
+        read_end, stderr = os.pipe()
+        st = os.fstat(stderr)  # both ends are the one pipe inode
+        env = {**(env or {}), "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+        reader = asyncio.StreamReader(limit=2**20)
+        loop = asyncio.get_running_loop()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_end, "rb"))
     proc = await asyncio.create_subprocess_exec(
         *prefix,
         sys.executable,
@@ -350,11 +365,13 @@ async def run_daemon(
         *args,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
+        stderr=stderr,
         env={**os.environ, **(env or {})},
         preexec_fn=None if nofile is None else limit,
     )
-    daemon = Daemon(proc, root)
+    if journal:
+        os.close(stderr)  # the daemon holds the write end; EOF comes when it exits
+    daemon = Daemon(proc, root, reader)
     try:
         await daemon.wait_for(lambda e: e.get("event") == "watch.ready", timeout=30)
         yield daemon

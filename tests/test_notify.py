@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import shlex
 import shutil
@@ -11,12 +12,15 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
+import orjson
 import pytest
 
+from agentd.log import is_journal
 from agentd.notify import Notifier
 from agentd.service import escape_path, unit_text
-from conftest import REPO, run_cli, run_daemon, set_config
+from conftest import REPO, run_cli, run_daemon, set_config, slow_down
 
 
 class NotifySink:
@@ -45,13 +49,15 @@ class NotifySink:
             await asyncio.sleep(0.02)
 
     def kinds(self) -> list[str]:
-        order = ("READY", "RELOADING", "STOPPING", "WATCHDOG")
+        order = ("READY", "RELOADING", "STOPPING", "WATCHDOG", "EXTEND_TIMEOUT_USEC")
         return [next((k for k in order if k in m), "STATUS") for m in self.drain()]
 
 
 async def test_notify_sequence(tiny: Path, tmp_path: Path) -> None:
-    """READY after the first build, STATUS per build, WATCHDOG pings, RELOADING then READY on
-    SIGHUP, STOPPING on SIGTERM — in that order."""
+    """EXTEND_TIMEOUT_USEC while the first build runs, READY after it, STATUS per build,
+    WATCHDOG pings, RELOADING, EXTEND_TIMEOUT_USEC then READY on SIGHUP, STOPPING on SIGTERM —
+    in that order."""
+    slow_down(tiny / "templates/sections/summary.j2", 200_000)
     sink = NotifySink(str(tmp_path / "notify.sock"))
     env = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "200000"}
     async with run_daemon(tiny, env=env) as d:
@@ -72,7 +78,14 @@ async def test_notify_sequence(tiny: Path, tmp_path: Path) -> None:
         d.proc.terminate()
         assert await asyncio.wait_for(d.proc.wait(), 10) == 0
     await sink.wait_for("STOPPING")
+    extend = next(m for m in sink.messages if "EXTEND_TIMEOUT_USEC" in m)
+    assert int(extend["EXTEND_TIMEOUT_USEC"]) >= 10_000_000
     kinds = [k for k in sink.kinds() if k != "WATCHDOG"]
+    # Only while systemd waits for READY=1: before the first, between RELOADING and the second.
+    first_ready, reloading = kinds.index("READY"), kinds.index("RELOADING")
+    assert kinds[0] == "EXTEND_TIMEOUT_USEC" and "EXTEND_TIMEOUT_USEC" not in kinds[first_ready:reloading]
+    assert "EXTEND_TIMEOUT_USEC" in kinds[reloading:]
+    kinds = [k for k in kinds if k != "EXTEND_TIMEOUT_USEC"]
     assert kinds[0] == "READY"
     assert kinds.index("RELOADING") < len(kinds) - 1 - kinds[::-1].index("READY") < kinds.index("STOPPING")
     assert kinds[-1] == "STOPPING"
@@ -108,6 +121,47 @@ async def test_sighup_recompiles_everything_and_rebuilds(tiny: Path) -> None:
         assert (tiny / "reloaded/alpha.md").exists()
 
 
+# -- the journal ---------------------------------------------------------------------------------
+
+
+async def test_journal_lines_have_priorities_lead_keys_and_capped_lists(tiny: Path) -> None:
+    """On the stream $JOURNAL_STREAM names, every line starts with its sd-daemon priority, then
+    event, level and timestamp; lists in build lines stop at 20 names and a count."""
+    beta = (tiny / "agents/beta.yaml").read_text()
+    for i in range(23):  # 25 agents
+        (tiny / f"agents/extra-{i:02d}.yaml").write_text(beta)
+    env = {"AGENTD_SLOW_TEMPLATE_MS": "0"}  # warm builds raise warnings
+    async with run_daemon(tiny, "--jobs", "1", env=env, journal=True) as d:
+        alpha = tiny / "agents/alpha.yaml"
+        alpha.write_text(alpha.read_text().replace("skills: [a1, a2]", "skills: [a1]"))
+        await d.next_build()
+        (tiny / "templates/sections/peers.j2").write_text("{{ oops }\n")
+        await d.next_build()
+    lines = {orjson.loads(line[3:])["event"]: line for line in d.raw}
+    for event, level, priority in (
+        ("watch.ready", "info", "<6>"), ("build.finished", "info", "<6>"),
+        ("alert.raised", "warning", "<4>"), ("build.error", "error", "<3>"),
+    ):  # fmt: skip
+        assert lines[event].startswith(f'{priority}{{"event":"{event}","level":"{level}","timestamp":"'), lines[event]
+    cold = d.builds[0]
+    assert cold["outputs_written"] == 25 and cold["sections_rendered"] == 76
+    for key, total in (("agents_rendered", 25), ("written", 25), ("rendered", 76)):
+        assert len(cold[key]) == 21 and cold[key][-1] == f"... {total - 20} more", key
+
+
+def test_only_the_stream_journal_stream_names_is_the_journal(tmp_path: Path) -> None:
+    """A stream is the journal only when its device and inode are $JOURNAL_STREAM's: not
+    another file, not a malformed or empty value, not a stream without a descriptor."""
+    with open(tmp_path / "a", "w") as a, open(tmp_path / "b", "w") as b:
+        st = os.fstat(a.fileno())
+        value = f"{st.st_dev}:{st.st_ino}"
+        assert is_journal(a, value)
+        assert not is_journal(b, value)
+        for other in ("", None, "12", f"{st.st_dev}:x"):
+            assert not is_journal(a, other)
+        assert not is_journal(io.StringIO(), value)
+
+
 # -- the unit ------------------------------------------------------------------------------------
 
 
@@ -123,6 +177,7 @@ def test_unit_has_the_promised_settings() -> None:
         "Type=notify", "WatchdogSec=30", "ExecReload=/bin/kill -HUP $MAINPID", "Restart=on-failure",
         "StartLimitBurst=5", "RuntimeDirectory=agentd", "Environment=AGENTD_LOG_FORMAT=json",
         "ExecStart=/usr/bin/env agentd watch --root %f", "RestartPreventExitStatus=2 4",
+        "SyslogIdentifier=agentd", "TimeoutStartSec=30",
     ):  # fmt: skip
         assert line in text.splitlines(), line
 
@@ -142,12 +197,15 @@ def test_systemd_analyze_verify_passes(tmp_path: Path) -> None:
 
 
 def test_service_install_writes_the_unit(tiny: Path, tmp_path: Path) -> None:
-    """`agentd service install --no-start` writes a unit that runs this interpreter and says
-    how to start the workspace's instance."""
+    """`agentd service install --no-start` writes a unit that runs this interpreter, names the
+    README of its agentd as documentation, and says how to start the workspace's instance."""
     result = run_cli("service", "install", "--no-start", cwd=tiny, env={"XDG_CONFIG_HOME": str(tmp_path / "cfg")})
     assert result.returncode == 0, result.stderr
     unit = tmp_path / "cfg/systemd/user/agentd@.service"
     assert f"ExecStart={sys.executable} -m agentd watch --root %f" in unit.read_text()
+    docs = next(line for line in unit.read_text().splitlines() if line.startswith("Documentation="))
+    readme = Path(unquote(urlparse(docs.removeprefix("Documentation=").replace("%%", "%")).path))
+    assert readme.read_text().startswith("# agentd\n")
     instance = shlex.quote(f"agentd@{escape_path(tiny)}.service")  # \x2d in it: pasted into bash as is
     assert f"systemctl --user enable --now {instance}" in result.stdout
     if shutil.which("systemd-analyze"):

@@ -115,7 +115,7 @@ class BuildReport:
             "outputs_removed": len(self.removed),
             "errors": len(self.errors),
             "findings": len(self.findings),
-            "caches": {k: {"hits": c.hits, "misses": c.misses} for k, c in self.caches.items()},
+            "caches": {k: {"hits": c.hits, "misses": c.misses, "expected": c.expected} for k, c in self.caches.items()},
         }
 
 
@@ -162,7 +162,7 @@ class Engine:
         self.fresh: set[str] = set()
         self.workspace = Workspace(config)
         self.workspace.parsed_cache = store
-        budget = config.memory_budget_mb * 1024 * 1024
+        budget = config.memory_budget_mb * 1_000_000  # SI, as agentd prints sizes
         self.caches = Caches(budget or None)
         #: Digest of every section's current output, kept even when L3 drops the bytes.
         self.section_digests: dict[tuple[str, str], bytes] = {}
@@ -882,8 +882,9 @@ class Engine:
             stored = None
             if self.store is not None and self._restorable(agent_id):
                 stored = self.store.lookup(node, self.current_fp, data=False)
-            if stored is None:
+            if stored is None:  # dirty: an input changed, or it is new or dropped on request
                 self.caches.l3.counters.misses += 1
+                self.caches.l3.counters.expected += 1
                 todo.setdefault(agent_id, []).append(meta)
                 continue
             self.caches.l3.counters.hits += 1
@@ -1006,6 +1007,8 @@ class Engine:
         if self.store:
             entry = self.store.lookup(g.section_node(*key), self.current_fp)
         if entry is None:
+            # Valid, yet lost to memory, the output and the store: the one L3 miss not bound to happen.
+            self.caches.l3.counters.misses += 1
             entry = self._render_one(plan, meta, self._context(plan, catalog))
             if self.store:  # its stored bytes were evicted or damaged: store them again
                 self.store.put(g.section_node(*key), entry)

@@ -7,6 +7,11 @@
 
 Rendered text is kept as UTF-8 bytes: one non-Latin-1 character (an em dash, a box-drawing
 char) makes CPython store a whole ``str`` at 2-4 bytes per character (PEP 393).
+
+A miss is *expected* when no cache could have hit: the entry was dropped because an input it
+read changed (or the entry's key is new: new inputs, a new agent), so it is made again by
+design. Only the other misses, of entries a layer held valid and lost (to its memory budget),
+say something about the caches: the hit-rate alerts judge ``hits / could_hit``.
 """
 
 from __future__ import annotations
@@ -24,11 +29,19 @@ class Counters:
     hits: int = 0
     misses: int = 0
     evictions: int = 0
+    #: Of ``misses``, those bound to happen (see the module's docstring).
+    expected: int = 0
 
     @property
     def hit_rate(self) -> float | None:
+        """Of all lookups (what the caches answered, misses by design included)."""
         total = self.hits + self.misses
         return self.hits / total if total else None
+
+    @property
+    def could_hit(self) -> int:
+        """Lookups that could have hit: all but the expected misses."""
+        return self.hits + self.misses - self.expected
 
     def snapshot(self) -> Counters:
         return dataclasses.replace(self)
@@ -37,9 +50,15 @@ class Counters:
         self.hits += other.hits
         self.misses += other.misses
         self.evictions += other.evictions
+        self.expected += other.expected
 
     def since(self, before: Counters) -> Counters:
-        return Counters(self.hits - before.hits, self.misses - before.misses, self.evictions - before.evictions)
+        return Counters(
+            self.hits - before.hits,
+            self.misses - before.misses,
+            self.evictions - before.evictions,
+            self.expected - before.expected,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +86,8 @@ class Layer(Generic[K, V]):
         self.budget = budget
         self._entries: dict[K, V] = {}  # insertion order = recency (a hit moves to the end)
         self._bytes = 0
+        #: Keys dropped by the budget while still valid: a miss of one was not bound to happen.
+        self._lost: set[K] = set()
 
     @staticmethod
     def size_of(value: Any) -> int:
@@ -75,7 +96,7 @@ class Layer(Generic[K, V]):
     def get(self, key: K) -> V | None:
         value = self._entries.get(key)
         if value is None:
-            self.counters.misses += 1
+            self._miss(key)
         else:
             self.counters.hits += 1
             if self.budget is not None:  # most recently used last
@@ -89,8 +110,13 @@ class Layer(Generic[K, V]):
         if same:
             self.counters.hits += 1
         else:
-            self.counters.misses += 1
+            self._miss(key)  # a different value: what it fingerprints changed
         return same
+
+    def _miss(self, key: K) -> None:
+        self.counters.misses += 1
+        if key not in self._lost:
+            self.counters.expected += 1
 
     def peek(self, key: K) -> V | None:
         """Look without counting (bookkeeping, not a cache use)."""
@@ -102,12 +128,19 @@ class Layer(Generic[K, V]):
             self._bytes -= self.size_of(old)
         self._entries[key] = value
         self._bytes += self.size_of(value)
+        self._lost.discard(key)
         if self.budget is not None:
             while self._bytes > self.budget and len(self._entries) > 1:
-                self.pop(next(iter(self._entries)))
+                oldest = next(iter(self._entries))
+                self._drop(oldest)
+                self._lost.add(oldest)
 
     def pop(self, key: K) -> V | None:
         """Drop an entry because its inputs changed (counted as an eviction)."""
+        self._lost.discard(key)
+        return self._drop(key)
+
+    def _drop(self, key: K) -> V | None:
         old = self._entries.pop(key, None)
         if old is not None:
             self._bytes -= self.size_of(old)
@@ -168,6 +201,7 @@ class Caches:
                 "hits": c.hits,
                 "misses": c.misses,
                 "evictions": c.evictions,
+                "expected": c.expected,
                 "hit_rate": c.hit_rate,
             }
             for name, (entries, size, c) in rows.items()

@@ -722,7 +722,10 @@ def _cmd_watch(config: Config, args: argparse.Namespace) -> int:
     _check_workspace(config)
     # Installed before the log: a log line erases the line of a full build first.
     with progress_line(args.quiet or config.log_format == "json", start=False) as progress:
-        log.configure(config.log_format, config.log_level, color=args.color)
+        # systemd names the stream it gives us (systemd.exec(5)); log.py checks it is stderr.
+        log.configure(
+            config.log_format, config.log_level, color=args.color, journal_stream=os.environ.get("JOURNAL_STREAM")
+        )
         keep = ("output_dir", "debounce_ms", "step_ms", "socket", "cache", "jobs")
         overrides = {k: v for k, v in vars(args).items() if k in keep and v is not None}
         return Server(config, overrides, progress=progress).run()

@@ -56,7 +56,7 @@ ACCEPT_LOG_EVERY_S = 60.0
 SUBSCRIBE = "subscribe"
 #: A subscriber is dropped (closed) once this much waits for it unread (events, and replies to
 #: what it asked meanwhile), beyond what the kernel and the transport already buffer.
-SUBSCRIBER_BACKLOG_BYTES = 1 << 20
+SUBSCRIBER_BACKLOG_BYTES = 1_000_000  # 1 MB: SI, as agentd prints sizes
 #: On shutdown, how long subscribers get to take what was queued for them before they are closed.
 SUBSCRIBER_FLUSH_S = 2.0
 

@@ -51,6 +51,11 @@ class Notifier:
         usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
         self.send("RELOADING=1", f"MONOTONIC_USEC={usec}", "STATUS=reloading")
 
+    def extend_timeout(self, seconds: float) -> None:
+        """Ask for ``seconds`` more before systemd gives up on the start (or reload) in
+        progress; it counts only once ``TimeoutStartSec=`` has passed (sd_notify(3))."""
+        self.send(f"EXTEND_TIMEOUT_USEC={round(seconds * 1_000_000)}")
+
     def stopping(self) -> None:
         self.send("STOPPING=1", "STATUS=stopping")
 

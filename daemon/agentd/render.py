@@ -146,8 +146,9 @@ class _Environment(jinja2.Environment):
         key = (weakref.ref(self.loader), name)
         if self.cache is not None and key in self.cache:
             self.caches.l1_counters.hits += 1
-        else:
+        else:  # never evicted (cache_size=-1): the template is new, changed or broken
             self.caches.l1_counters.misses += 1
+            self.caches.l1_counters.expected += 1
         record(g.template_node(name), self.fingerprints.get(name, MISSING))
         return super()._load_template(name, globals)
 

@@ -17,7 +17,7 @@ import os
 import signal
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +49,15 @@ MAX_SETTLE_S = 2.0
 #: A build the environment stopped is retried after 1 s, then twice as long each time, up to this.
 MAX_RETRY_S = 30.0
 
-#: Lists in a log line beyond this length are cut (a cold build of 1,000 agents renders 9,000
-#: sections; the counts are logged in full).
-LOG_LIST_LIMIT = 50
+#: Until READY=1, systemd is asked every ``EXTEND_EVERY_S`` for ``EXTEND_BY_S`` more (see
+#: ``Server._extending_start``).
+EXTEND_EVERY_S = 10.0
+EXTEND_BY_S = 30.0
+
+#: Lists in a log line (and its event) beyond this length are cut to their first names and a
+#: count (``_capped``): a cold build of 1,000 agents renders 9,000 sections, and one journal
+#: line of every name helps nobody. The record's counts stay exact.
+LOG_LIST_LIMIT = 20
 
 
 class WriteRetry:
@@ -185,13 +191,14 @@ class Server:
             step_ms=self.config.step_ms,
             debounce_ms=self.config.debounce_ms,
         )
-        # The socket first (status answers "starting"), then the watchers, then the first
-        # build: an edit made during the first build is queued, not missed.
-        await self.control.start()
-        if self.control.stale_replaced:
-            self.log.warning("socket.stale_replaced", socket=str(self.socket_path))
-        await self._start_watchers(root_too=True)
-        await self._build(None)
+        async with self._extending_start():
+            # The socket first (status answers "starting"), then the watchers, then the first
+            # build: an edit made during the first build is queued, not missed.
+            await self.control.start()
+            if self.control.stale_replaced:
+                self.log.warning("socket.stale_replaced", socket=str(self.socket_path))
+            await self._start_watchers(root_too=True)
+            await self._build(None)
         self.notifier.ready(self.monitor.one_line())
         self._ready = True
         if self.notifier.watchdog_interval:
@@ -474,16 +481,16 @@ class Server:
             self._emit("error", "build.error", **error_fields(error))
         if errors_before and not report.errors:
             self._emit("info", "build.errors_cleared", previous_errors=errors_before)
-        last = dict(self.monitor.last_build or {})
+        last = _capped_fields(self.monitor.last_build or {})
         last.pop("build_id", None)  # bound in the context already
-        last.pop("findings", None)  # logged in full below
+        last.pop("findings", None)  # a count there; the findings themselves below
         self._emit(
             "info",
             "build.finished",
             **last,
             rendered=_capped(report.sections_rendered),
             written=_capped(report.written),
-            removed=report.removed,
+            removed=_capped(report.removed),
             findings=_capped([f.format() for f in report.findings]),
         )
 
@@ -515,11 +522,34 @@ class Server:
         ``ExecReload``). A build in flight finishes first."""
         self.notifier.reloading()
         self.log.info("watch.reloading")
-        await self._adopt(self._read_config() or self.config)
-        await self._start_watchers(root_too=False)
-        await self._build(None)
+        async with self._extending_start():
+            await self._adopt(self._read_config() or self.config)
+            await self._start_watchers(root_too=False)
+            await self._build(None)
         self.notifier.ready(self.monitor.one_line())
         self.log.info("watch.reloaded")
+
+    @contextlib.asynccontextmanager
+    async def _extending_start(self) -> AsyncIterator[None]:
+        """Keep systemd waiting for READY=1 while the first build (or a reload's) runs: a cold
+        build of a large workspace outlasts any fixed ``TimeoutStartSec=``. The requests come
+        from the event loop, so a start that hangs stops asking and still times out."""
+        if not self.notifier.enabled:
+            yield
+            return
+
+        async def extend() -> None:
+            while True:
+                self.notifier.extend_timeout(EXTEND_BY_S)
+                await asyncio.sleep(EXTEND_EVERY_S)
+
+        task = asyncio.create_task(extend())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def _watchdog(self, every: float) -> None:
         """WATCHDOG=1 from the event loop itself: if the loop blocks, the pings stop and systemd
@@ -536,7 +566,7 @@ class Server:
             config = self.config
         result = await asyncio.to_thread(verify, config)
         log = self.log.info if result.ok else self.log.warning
-        log("verify.finished", **result.to_dict())
+        log("verify.finished", **_capped_fields(result.to_dict()))  # the reply to `verify` has them all
         return result
 
     # -- the status socket ------------------------------------------------------------------
@@ -651,9 +681,16 @@ async def _first(*events: asyncio.Event, timeout: float | None = None) -> None:
 
 
 def _capped(items: list[str]) -> list[str]:
+    """The one place lists in log lines and events are cut: the first ``LOG_LIST_LIMIT`` names
+    and ``"... N more"``, so the field keeps its type (a list of strings) for ``jq``."""
     if len(items) <= LOG_LIST_LIMIT:
         return items
     return [*items[:LOG_LIST_LIMIT], f"... {len(items) - LOG_LIST_LIMIT} more"]
+
+
+def _capped_fields(record: Mapping[str, Any]) -> dict[str, Any]:
+    """``record`` with every list in it capped, for a log line."""
+    return {k: _capped(v) if isinstance(v, list) else v for k, v in record.items()}
 
 
 def _string_list(request: dict[str, Any], key: str, required: bool) -> list[str] | None:

@@ -5,6 +5,12 @@ way ``systemd-escape --path`` does (``/home/me/agents`` -> ``home-me-agents``), 
 turns it back into the path. ``systemd/agentd@.service`` in the repository is this module's
 ``unit_text()`` with a ``PATH`` lookup; ``install`` writes one that names the running
 interpreter, so the service uses exactly the agentd that installed it.
+
+``Documentation=`` names only what is true of the unit it is in: an installed unit runs one
+known agentd, whose package holds the README (``agentd/README.md``, a link to the top-level one
+in a checkout, a copy in a wheel), so it names that file. The shipped unit may run whichever
+agentd ``PATH`` finds, wherever it is installed: no path or address is known to hold its
+documentation (the project has no man page and no published home), so it names none.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ _UNIT = """\
 # or let `agentd service install --root ~/agents` do it.
 [Unit]
 Description=agentd incremental agent builder for %f
-After=default.target
+{documentation}After=default.target
 StartLimitIntervalSec=120
 StartLimitBurst=5
 
@@ -38,6 +44,11 @@ NotifyAccess=main
 {exec_start}
 ExecReload=/bin/kill -HUP $MAINPID
 {environment}Environment=AGENTD_LOG_FORMAT=json
+# journald tags the lines "agentd", not "env" or the interpreter's name
+SyslogIdentifier=agentd
+# Until READY=1, agentd asks for 30 s more every 10 s (EXTEND_TIMEOUT_USEC) while its event
+# loop runs, so a long first build is waited for and a hung start fails in 30 s.
+TimeoutStartSec=30
 RuntimeDirectory=agentd
 RuntimeDirectoryMode=0700
 RuntimeDirectoryPreserve=yes
@@ -57,10 +68,19 @@ def unit_text(python: str | None = None) -> str:
     if python:
         exec_start = f"ExecStart={python} -m agentd watch --root %f"
         environment = ""
+        documentation = f"Documentation={readme().as_uri().replace('%', '%%')}\n"  # % starts a specifier
     else:
         exec_start = "ExecStart=/usr/bin/env agentd watch --root %f"
         environment = "Environment=PATH=%h/.local/bin:/usr/local/bin:/usr/bin:/bin\n"
-    return _UNIT.format(exec_start=exec_start, environment=environment, no_restart=NO_RESTART_CODES)
+        documentation = "# No Documentation=: PATH picks the agentd; `agentd service install` names its README.\n"
+    return _UNIT.format(
+        exec_start=exec_start, environment=environment, documentation=documentation, no_restart=NO_RESTART_CODES
+    )
+
+
+def readme() -> Path:
+    """The README of this agentd's package (see the module's docstring)."""
+    return Path(__file__).with_name("README.md").resolve()
 
 
 def escape_path(path: Path) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import resource
 import time
 from collections import deque
 from typing import Any
@@ -71,16 +70,21 @@ def error_fields(error: AgentdError) -> dict[str, Any]:
     return {"path": None, "line": None, "location": None, "message": str(error), "text": str(error)}
 
 
-def rss_bytes() -> int:
+def memory() -> tuple[int, int]:
+    """Resident set size now and at its peak, in bytes: ``VmRSS`` and ``VmHWM`` of
+    ``/proc/self/status`` (proc(5)), read at once, so the peak is never below the current
+    value (the kernel reports the high-water mark as at least the current RSS). (0, 0) off
+    Linux."""
+    values = {}
     try:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):  # not Linux
-        return 0
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                key, _, rest = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    values[key] = int(rest.split()[0]) * 1024  # proc's "kB" is KiB
+    except (OSError, ValueError, IndexError):
+        return 0, 0
+    return values.get("VmRSS", 0), values.get("VmHWM", 0)
 
 
 class Monitor:
@@ -88,6 +92,7 @@ class Monitor:
         self.config = config
         self.started = time.time()
         self._started_mono = time.monotonic()
+        self._last_build_mono: float | None = None
         self.state = "starting"
         self.builds = 0
         self.last_build: dict[str, Any] | None = None
@@ -104,6 +109,7 @@ class Monitor:
     def record_build(self, report: BuildReport, findings: list[Any] | None = None) -> None:
         """``findings``: the output gates' current findings for every agent (``check``)."""
         self.builds += 1
+        self._last_build_mono = time.monotonic()
         self.last_caches = report.caches
         self.last_build = report.record()
         for name, seconds in report.timings:
@@ -121,8 +127,12 @@ class Monitor:
             for f in gate_errors
         ]
         self.state = "error" if self.errors else "idle"
-        self._check_slow_templates(report)
+        # A cold build (the first, a rebuild of everything, a reload) renders everything at
+        # once, in workers that share the cores, from empty caches: it says nothing of either.
         if not report.cold:
+            self._check_slow_templates(report)
+            if self._window.maxlen != self.config.hit_rate_window:  # a reload changed it
+                self._window = deque(self._window, maxlen=self.config.hit_rate_window)
             self._window.append(report.caches)
             self._check_hit_rates()
 
@@ -131,20 +141,32 @@ class Monitor:
 
     # -- alerts -------------------------------------------------------------------------------
     def _raise(self, key: str, **fields: Any) -> None:
-        if any(a["key"] == key for a in self.alerts):
-            return
+        """Raise the alert, or bring a raised one's values up to date (logged once, when raised)."""
+        for alert in self.alerts:
+            if alert["key"] == key:
+                alert.update(fields)
+                return
         alert = {"key": key, "since": time.time(), **fields}
         self.alerts.append(alert)
-        self.alert_history.append(alert)
+        self.alert_history.append(dict(alert))
         self.log.warning("alert.raised", **alert)
 
-    def _clear(self, key: str) -> None:
-        kept = [a for a in self.alerts if a["key"] != key]
-        if len(kept) != len(self.alerts):
-            self.alerts = kept
-            self.log.info("alert.cleared", key=key)
+    def _clear(self, key: str, **fields: Any) -> None:
+        """End the alert, if raised; ``fields``: the values that end it."""
+        ended = [a for a in self.alerts if a["key"] == key]
+        if not ended:
+            return
+        self.alerts = [a for a in self.alerts if a["key"] != key]
+        now = time.time()
+        for entry in reversed(self.alert_history):
+            if entry["key"] == key and "cleared" not in entry:
+                entry["cleared"] = now
+                break
+        self.log.info("alert.cleared", key=key, kind=ended[0]["kind"], since=ended[0]["since"], **fields)
 
     def _check_slow_templates(self, report: BuildReport) -> None:
+        """Each template rendered in this build is judged by its slowest render in it; one not
+        rendered keeps its state."""
         limit = self.config.slow_template_ms
         slowest: dict[str, float] = {}
         for name, seconds in report.timings:
@@ -154,25 +176,23 @@ class Monitor:
             if ms > limit:
                 self._raise(key, kind="slow_template", template=name, ms=round(ms, 2), threshold_ms=limit)
             else:
-                self._clear(key)
+                self._clear(key, template=name, ms=round(ms, 2), threshold_ms=limit)
 
     def _check_hit_rates(self) -> None:
+        """Judge each watched layer over the window, once it is full: hits out of the lookups
+        that could have hit (``Counters.could_hit``). A window with none of those is fine."""
+        if len(self._window) < self.config.hit_rate_window:
+            return
         floor = self.config.hit_rate_floor
-        for layer in self.config.hit_rate_layers:
-            hits = sum(c[layer].hits for c in self._window if layer in c)
-            total = hits + sum(c[layer].misses for c in self._window if layer in c)
+        for layer in ("L1", "L2", "L3", "L4"):
             key = f"low_hit_rate:{layer}"
-            if total and hits / total < floor:
-                self._raise(
-                    key,
-                    kind="low_hit_rate",
-                    layer=layer,
-                    hit_rate=round(hits / total, 4),
-                    floor=floor,
-                    builds=len(self._window),
-                )
-            elif total:
-                self._clear(key)
+            hits = sum(c[layer].hits for c in self._window if layer in c)
+            could = sum(c[layer].could_hit for c in self._window if layer in c)
+            rate = round(hits / could, 4) if could else None
+            if layer in self.config.hit_rate_layers and rate is not None and rate < floor:
+                self._raise(key, kind="low_hit_rate", layer=layer, hit_rate=rate, floor=floor, builds=len(self._window))
+            else:
+                self._clear(key, layer=layer, hit_rate=rate, floor=floor, builds=len(self._window))
 
     # -- reading ------------------------------------------------------------------------------
     def uptime_s(self) -> float:
@@ -198,6 +218,10 @@ class Monitor:
             "uptime_s": self.uptime_s(),
             "builds": self.builds,
             "last_build": self.last_build,
+            # On the monotonic clock, from the build's end: a wall-clock jump cannot skew it.
+            "last_build_age_s": (
+                None if self._last_build_mono is None else round(time.monotonic() - self._last_build_mono, 3)
+            ),
         }
 
     def summary(self) -> dict[str, Any]:
@@ -210,6 +234,7 @@ class Monitor:
 
     def stats(self, engine: Engine) -> dict[str, Any]:
         lifetime = engine.caches.stats()
+        rss, peak = memory()
         caches = {}
         for layer, data in lifetime.items():
             last = self.last_caches.get(layer, Counters())
@@ -219,6 +244,7 @@ class Monitor:
                     "hits": last.hits,
                     "misses": last.misses,
                     "evictions": last.evictions,
+                    "expected": last.expected,
                     "hit_rate": last.hit_rate,
                 },
             }
@@ -229,8 +255,8 @@ class Monitor:
             "alerts": list(self.alerts),
             "alert_history": list(self.alert_history),
             "errors": self.errors,
-            "rss_bytes": rss_bytes(),
-            "peak_rss_bytes": peak_rss_bytes(),
+            "rss_bytes": rss,
+            "peak_rss_bytes": peak,
             "watcher": dict(self.watcher),
         }
 
@@ -243,9 +269,14 @@ def render_table(stats: dict[str, Any]) -> str:
     ]
     b = stats.get("last_build")
     if b:
+        # Sections the store gave back were reused as much as those kept in memory.
+        reused = b["sections_reused"] + b["sections_restored"]
+        restored = f" ({b['sections_restored']} from the store)" if b["sections_restored"] else ""
+        age = stats.get("last_build_age_s")
+        ago = f" {_duration(age)} ago" if age is not None else ""
         lines.append(
-            f"builds      {stats['builds']}  last {b['build_id']}: {b['duration_ms']:.1f} ms, "
-            f"{b['sections_rendered']} rendered / {b['sections_reused']} reused / {b['sections_cut_off']} cut off, "
+            f"builds      {stats['builds']}  last {b['build_id']}{ago}: {b['duration_ms']:.1f} ms, "
+            f"{b['sections_rendered']} rendered / {reused} reused{restored} / {b['sections_cut_off']} cut off, "
             f"{b['outputs_written']} written / {b['outputs_unchanged']} unchanged"
         )
         if b["changed"]:
@@ -253,12 +284,13 @@ def render_table(stats: dict[str, Any]) -> str:
             lines.append(f"changed     {shown}")
     else:
         lines.append(f"builds      {stats['builds']}")
-    lines += ["", "cache  entries      bytes  hit rate (life)  last build   hits/misses   evictions"]
+    lines += ["", "cache  entries      bytes  hit rate (life)  last build   hits/misses (expected)  evictions"]
     for layer, c in stats["caches"].items():
         last = c["last_build"]
+        counts = f"{c['hits']:>6}/{c['misses']} ({c.get('expected', 0)})"
         lines.append(
-            f"{layer:<5}{c['entries']:>9}{_size(c['bytes']):>11}  {_rate(c['hit_rate']):>15}"
-            f"  {_rate(last['hit_rate']):>10}  {c['hits']:>6}/{c['misses']:<6}  {c['evictions']:>9}"
+            f"{layer:<5}{c['entries']:>9}{format_size(c['bytes']):>11}  {_rate(c['hit_rate']):>15}"
+            f"  {_rate(last['hit_rate']):>10}  {counts:<22}{c['evictions']:>11}"
         )
     slow = sorted(stats["templates"].items(), key=lambda kv: kv[1]["p95_ms"], reverse=True)[:5]
     if slow:
@@ -280,7 +312,7 @@ def render_table(stats: dict[str, Any]) -> str:
         lines.append(f"  {e['location'] or ''} {e['message']}".rstrip())
     w = stats["watcher"]
     lines.append(
-        f"memory      rss {_size(stats['rss_bytes'])} (peak {_size(stats['peak_rss_bytes'])});"
+        f"memory      rss {format_size(stats['rss_bytes'])} (peak {format_size(stats['peak_rss_bytes'])});"
         f"  watcher: {w['batches']} batches, {w['events']} events"
     )
     return "\n".join(lines)
@@ -290,12 +322,14 @@ def _rate(value: float | None) -> str:
     return "-" if value is None else f"{value:.1%}"
 
 
-def _size(n: int) -> str:
+def format_size(n: int) -> str:
+    """Sizes in SI units (1 kB = 1000 B), as everywhere agentd prints or takes one
+    (``memory_budget_mb``, ``agentd cache``, the bench)."""
     value = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1024 or unit == "GB":
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
+        value /= 1000
     return f"{n} B"
 
 
