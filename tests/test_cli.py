@@ -173,7 +173,7 @@ def _replace(path: Path, old: str, new: str) -> None:
             "{{ section.title }}",
             "{{ section.title }} {{ agent.descriptoin }}",
             [
-                "undefined variable: agent 'alpha' has no key 'descriptoin'",
+                "undefined variable: agent has no key 'descriptoin'",
                 'File "templates/sections/traits.j2", line 1',
                 "(while rendering section 'traits' of agent 'alpha' (agents/alpha.yaml))",
             ],
