@@ -353,7 +353,8 @@ def test_parallel_build_is_byte_identical(corpus_copy, tmp_path: Path) -> None: 
     sequential = run_cli("build", "--jobs", "1", "--no-cache", cwd=root)
     assert parallel.returncode == sequential.returncode == 1
     assert parallel.stderr == sequential.stderr
-    assert "undefined variable" in parallel.stderr and 'File "templates/sections/troubleshooting.j2"' in parallel.stderr
+    assert "templates/sections/troubleshooting.j2:27:48: undefined variable" in parallel.stderr
+    assert "(in 8 agents: " in parallel.stderr  # one error, its agents gathered from both workers
 
 
 def test_jobs_flag_validation(tiny: Path) -> None:
@@ -541,7 +542,7 @@ async def test_watch_keeps_the_readers_of_a_broken_agent_until_it_is_fixed(tiny:
         assert len(errors) == 2 and build["written"] == []
         assert isinstance(own["line"], int)
         assert block["message"].startswith(f"blocked by agents/alpha.yaml:{own['line']}:")
-        assert block["location"] == own["location"] and "'beta'" in block["context"]
+        assert block["location"] == own["location"] and block["agents"] == ["beta"]
         assert stamps(tiny) == before
         edit(tiny / "agents/alpha.yaml", "skills: [a1, a2", "skills: [a1, a2]")
         build = await d.next_build()

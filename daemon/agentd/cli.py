@@ -19,12 +19,13 @@ import shlex
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 
 from . import __version__
 from .config import CONFIG_FILE, Config, find_root
+from .console import print_errors
 from .exceptions import AgentdError, AlreadyRunning, ConfigError, ControlError, RequestError
 
 # The engine (networkx, Jinja2: ~130 ms of imports) is imported where a command needs it, so
@@ -430,9 +431,12 @@ def _check_workspace(config: Config) -> None:
             )
 
 
-def print_errors(report: BuildReport, stream: TextIO) -> None:
-    for error in report.errors:
-        print(f"error: {error}", file=stream)
+def _print_errors(errors: Sequence[AgentdError], args: argparse.Namespace) -> None:
+    """A build's errors (grouped) as blocks on stderr, as ``agentd watch`` shows them."""
+    from .console import print_errors
+    from .status import error_fields
+
+    print_errors([error_fields(e) for e in errors], sys.stderr, args.color)
 
 
 def summary(record: Mapping[str, Any]) -> str:
@@ -490,7 +494,7 @@ def _build_here(config: Config, restore: bool = True, fresh: Sequence[str] = ())
 
 def _cmd_build(config: Config, args: argparse.Namespace) -> int:
     report = _build_here(config)
-    print_errors(report, sys.stderr)
+    _print_errors(report.errors, args)
     if not args.quiet:
         print(summary(report.record()))
     return EXIT_OK if report.ok else EXIT_FAILED
@@ -500,7 +504,7 @@ def _cmd_rebuild(config: Config, args: argparse.Namespace) -> int:
     path = _daemon(config, args, output=True)
     if path is not None:
         record = _ask(path, "rebuild", **({"agents": args.agents} if args.agents else {}))
-        errors = [e["text"] for e in record["errors"]]
+        errors = record["errors"]
     else:
         if args.agents:
             _check_workspace(config)
@@ -510,9 +514,10 @@ def _cmd_rebuild(config: Config, args: argparse.Namespace) -> int:
             ws = Workspace(config)
             check_agents(args.agents, [k[1] for p in ws.agent_paths() if (k := ws.classify(p)) and k[0] == "agent"])
         report = _build_here(config, restore=bool(args.agents), fresh=args.agents)
-        record, errors = report.record(), [str(e) for e in report.errors]
-    for error in errors:
-        print(f"error: {error}", file=sys.stderr)
+        from .status import error_fields
+
+        record, errors = report.record(), [error_fields(e) for e in report.errors]
+    print_errors(errors, sys.stderr, args.color)
     if not getattr(args, "quiet", False):
         print(summary(record))
     return EXIT_FAILED if errors else EXIT_OK
@@ -845,13 +850,13 @@ def _cmd_verify(config: Config, args: argparse.Namespace) -> int:
     return EXIT_FAILED
 
 
-def _memory_engine(config: Config) -> Engine:
+def _memory_engine(config: Config, args: argparse.Namespace) -> Engine:
     from .build import Engine
 
     _check_workspace(config)
     engine = Engine(config)
     report = engine.build(write=False)
-    print_errors(report, sys.stderr)
+    _print_errors(report.errors, args)
     return engine
 
 
@@ -859,11 +864,10 @@ def _cmd_graph(config: Config, args: argparse.Namespace) -> int:
     path = _daemon(config, args)
     if path is not None:
         reply = _ask(path, "graph", format=args.format)
-        for error in reply["errors"]:
-            print(f"error: {error}", file=sys.stderr)
+        print_errors(reply["errors"], sys.stderr, args.color)
         graph = reply["graph"]
     else:
-        engine = _memory_engine(config)
+        engine = _memory_engine(config, args)
         graph = engine.graph.to_json() if args.format == "json" else engine.graph.to_dot()
     if args.format == "json":
         sys.stdout.write(orjson.dumps(graph, option=orjson.OPT_INDENT_2).decode() + "\n")
@@ -878,11 +882,10 @@ def _cmd_affected(config: Config, args: argparse.Namespace) -> int:
     path = _daemon(config, args)
     if path is not None:
         reply = _ask(path, "affected", paths=[str(p) for p in paths])
-        for error in reply["errors"]:
-            print(f"error: {error}", file=sys.stderr)
+        print_errors(reply["errors"], sys.stderr, args.color)
         result = {"agents": reply["agents"], "sections": reply["sections"]}
     else:
-        result = _memory_engine(config).affected(paths)
+        result = _memory_engine(config, args).affected(paths)
     if args.json:
         sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
