@@ -10,6 +10,7 @@ import pytest
 
 from agentd.build import BuildReport, Engine
 from agentd.config import Config
+from agentd.exceptions import SourceError
 from agentd.workspace import Delta
 from conftest import EDIT_KINDS, clean_build, read_outputs, run_cli, run_daemon
 
@@ -200,9 +201,10 @@ def test_template_error_is_not_cached(tiny: Path) -> None:
     e.build()
     edit(tiny / "templates/sections/summary.j2", "{{ agent.description }}", "{{ agent.descr }}")
     report = e.build([tiny / "templates/sections/summary.j2"])
-    assert len(report.errors) == 2  # alpha and beta
+    (error,) = report.errors  # one mistake, met by both agents
+    assert isinstance(error, SourceError) and error.agents == ("alpha", "beta")
     report = e.build([])
-    assert len(report.errors) == 2  # still failing, still reported: not a cached result
+    assert len(report.errors) == 1  # still failing, still reported: not a cached result
     edit(tiny / "templates/sections/summary.j2", "{{ agent.descr }}", "{{ agent.description }}")
     report = e.build([tiny / "templates/sections/summary.j2"])
     assert report.ok
@@ -351,7 +353,8 @@ def test_parallel_build_is_byte_identical(corpus_copy, tmp_path: Path) -> None: 
     sequential = run_cli("build", "--jobs", "1", "--no-cache", cwd=root)
     assert parallel.returncode == sequential.returncode == 1
     assert parallel.stderr == sequential.stderr
-    assert "undefined variable" in parallel.stderr and 'File "templates/sections/troubleshooting.j2"' in parallel.stderr
+    assert "templates/sections/troubleshooting.j2:27:48: undefined variable" in parallel.stderr
+    assert "(in 8 agents: " in parallel.stderr  # one error, its agents gathered from both workers
 
 
 def test_jobs_flag_validation(tiny: Path) -> None:
@@ -539,7 +542,7 @@ async def test_watch_keeps_the_readers_of_a_broken_agent_until_it_is_fixed(tiny:
         assert len(errors) == 2 and build["written"] == []
         assert isinstance(own["line"], int)
         assert block["message"].startswith(f"blocked by agents/alpha.yaml:{own['line']}:")
-        assert block["location"] == own["location"] and "'beta'" in block["context"]
+        assert block["location"] == own["location"] and block["agents"] == ["beta"]
         assert stamps(tiny) == before
         edit(tiny / "agents/alpha.yaml", "skills: [a1, a2", "skills: [a1, a2]")
         build = await d.next_build()

@@ -146,9 +146,11 @@ def _replace(path: Path, old: str, new: str) -> None:
             "skills: [a1, a2]",
             "skills: [a1, a2",
             [
-                "agents/alpha.yaml: malformed YAML: '[' on line 3 has no closing ']'",
-                'File "agents/alpha.yaml", line 3',  # where the "[" opens, not where libyaml gave up
+                # where the "[" opens, not where libyaml gave up
+                "agents/alpha.yaml:3:9: malformed YAML: '[' on line 3 has no closing ']'",
+                "   3 | skills: [a1, a2\n     |         ^\n",
                 "blocked by agents/alpha.yaml:3: agent 'alpha' does not load",  # beta lists its peers
+                "(in agent beta)",
             ],
         ),
         (
@@ -156,9 +158,9 @@ def _replace(path: Path, old: str, new: str) -> None:
             "## {{",
             '{% import "fragments/list-itemz.j2" as l %}\n## {{',
             [
-                "templates/sections/traits.j2: template 'fragments/list-itemz.j2' not found",
-                'File "templates/sections/traits.j2", line 1',
-                '{% import "fragments/list-itemz.j2" as l %}',
+                "templates/sections/traits.j2:1:12: template 'fragments/list-itemz.j2' not found",
+                '   1 | {% import "fragments/list-itemz.j2" as l %}\n     |            ^^^^^^^^^^^^^^^^^^^^^^^\n',
+                "(in agent alpha)",
             ],
         ),
         (
@@ -166,9 +168,8 @@ def _replace(path: Path, old: str, new: str) -> None:
             '-traits.j2" %}',
             '-traits.j2" }',
             [
-                "templates/sections/traits.j2: template syntax error",
-                'File "templates/sections/traits.j2", line 4',
-                '{% include "traits/" ~ kind ~ "-traits.j2" }',
+                "templates/sections/traits.j2:4:44: template syntax error: unexpected '}'",
+                '   4 | {% include "traits/" ~ kind ~ "-traits.j2" }\n',
             ],
         ),
         (
@@ -176,9 +177,9 @@ def _replace(path: Path, old: str, new: str) -> None:
             "{{ section.title }}",
             "{{ section.title }} {{ agent.descriptoin }}",
             [
-                "undefined variable: agent 'alpha' has no key 'descriptoin'",
-                'File "templates/sections/traits.j2", line 1',
-                "(while rendering section 'traits' of agent 'alpha' (agents/alpha.yaml))",
+                "templates/sections/traits.j2:1:55: undefined variable: agent has no key 'descriptoin'",
+                "   1 | ## {{ section.number }}. {{ section.title }} {{ agent.descriptoin }}\n",
+                " ^^^^^^^^^^^\n  (in agent alpha)\n",
             ],
         ),
         (
@@ -186,9 +187,8 @@ def _replace(path: Path, old: str, new: str) -> None:
             "safety: [careful]",
             "safety: [careful, reckless]",
             [
-                "agents/alpha.yaml: unknown trait 'reckless' of kind 'safety'; expected one of: careful",
-                'File "agents/alpha.yaml", line 7',
-                "safety: [careful, reckless]",
+                "agents/alpha.yaml:7:21: unknown trait 'reckless' of kind 'safety'; expected one of: careful",
+                "   7 | safety: [careful, reckless]\n     |                   ^^^^^^^^\n",
             ],
         ),
         (
@@ -196,8 +196,8 @@ def _replace(path: Path, old: str, new: str) -> None:
             "sections: [summary, peers, traits, shared]",
             "sections: [summary, peers, trait, shared]",
             [
-                "agents/alpha.yaml: unknown section 'trait'; expected one of: peers, shared, summary, traits",
-                'File "agents/alpha.yaml", line 5',
+                "agents/alpha.yaml:5:28: unknown section 'trait'; expected one of: peers, shared, summary, traits",
+                "   5 | sections: [summary, peers, trait, shared]\n",
             ],
         ),
         (
@@ -205,9 +205,8 @@ def _replace(path: Path, old: str, new: str) -> None:
             "name: Alpha",
             "id: alfa\nname: Alpha",
             [
-                "id 'alfa' does not match the file name; expected 'alpha'",
-                'File "agents/alpha.yaml", line 1',
-                "id: alfa",
+                "agents/alpha.yaml:1:5: id 'alfa' does not match the file name; expected 'alpha'",
+                "   1 | id: alfa\n     |     ^^^^\n",
                 "blocked by agents/alpha.yaml:1: agent 'alpha' does not load",
             ],
         ),
@@ -223,9 +222,10 @@ def _replace(path: Path, old: str, new: str) -> None:
     ],
 )
 def test_error_names_file_line_and_expectation(tiny: Path, file: str, old: str, new: str, expected: list[str]) -> None:
-    """Each error case exits 1 with file, line, the offending line and what was expected;
-    the other agent is still built, unless alpha's source does not load: beta, which lists
-    alpha among its peers, is then reported blocked by it (once)."""
+    """Each error case exits 1 with file:line:col, the offending line with a caret under the
+    mistake, what was expected and the agent whose build met it; the other agent is still built,
+    unless alpha's source does not load: beta, which lists alpha among its peers, is then
+    reported blocked by it (once)."""
     _replace(tiny / file, old, new)
     result = run_cli("build", cwd=tiny)
     assert result.returncode == 1

@@ -83,9 +83,10 @@ async def test_every_command_and_reply_shape(tiny: Path) -> None:
 
 
 async def test_subscribe_streams_the_logged_builds_and_errors(tiny: Path) -> None:
-    """A subscriber gets build.started/build.finished after an edit (the log's records), a
-    build.error for a broken template and build.errors_cleared once fixed, replies in line with
-    the events, and watch.stopping then the end of the stream when the daemon stops."""
+    """A subscriber gets build.started/build.finished after an edit (the log's records), one
+    build.error for a broken template every agent renders, build.error_fixed and
+    build.errors_cleared once fixed, replies in line with the events, and watch.stopping then the
+    end of the stream when the daemon stops."""
     async with run_daemon(tiny) as d:
         reader, writer = await asyncio.open_unix_connection(str(sock_of(tiny)), limit=1 << 24)
 
@@ -102,7 +103,14 @@ async def test_subscribe_streams_the_logged_builds_and_errors(tiny: Path) -> Non
             "id": "s",
             "result": {
                 "subscribed": True,
-                "events": ["build.started", "build.error", "build.finished", "build.errors_cleared", "watch.stopping"],
+                "events": [
+                    "build.started",
+                    "build.error",
+                    "build.error_fixed",
+                    "build.finished",
+                    "build.errors_cleared",
+                    "watch.stopping",
+                ],
             },
         }
         alpha = tiny / "agents/alpha.yaml"
@@ -117,14 +125,19 @@ async def test_subscribe_streams_the_logged_builds_and_errors(tiny: Path) -> Non
         good = peers.read_text()
         peers.write_text("{{ oops }\n")
         broken = await until("build.finished")
-        errors = [e for e in broken if e["event"] == "build.error"]
-        assert errors and {(e["path"], e["line"]) for e in errors} == {("templates/sections/peers.j2", 1)}
-        assert all(e["message"] and e["build_id"] == broken[-1]["build_id"] for e in errors)
-        assert broken[-1]["errors"] == len(errors)
+        (error,) = [e for e in broken if e["event"] == "build.error"]
+        assert (error["path"], error["line"], error["build_id"]) == (
+            "templates/sections/peers.j2",
+            1,
+            broken[-1]["build_id"],
+        )
+        assert error["message"].startswith("template syntax error") and broken[-1]["errors"] == 1
         peers.write_text(good)
         fixed = await until("build.finished")
-        assert [e["event"] for e in fixed] == ["build.started", "build.errors_cleared", "build.finished"]
-        assert fixed[1]["previous_errors"] == len(errors) and fixed[-1]["errors"] == 0
+        events = ["build.started", "build.error_fixed", "build.errors_cleared", "build.finished"]
+        assert [e["event"] for e in fixed] == events
+        assert fixed[1]["location"] == "templates/sections/peers.j2:1"
+        assert fixed[2]["previous_errors"] == 1 and fixed[-1]["errors"] == 0
 
         writer.write(b'{"command": "ping", "id": 2}\n')
         pong = orjson.loads(await asyncio.wait_for(reader.readline(), 10))

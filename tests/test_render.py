@@ -279,7 +279,7 @@ def test_missing_macro_names_the_template_and_its_macros(tiny: Path) -> None:
 
 def test_missing_include_in_a_shared_frame_is_printed_once(tiny: Path) -> None:
     """A missing include in the frame every section extends is printed once by ``agentd
-    build``, counting the other renders that met it, not once per section of each agent."""
+    build``, naming the agents whose renders met it, not once per section of each agent."""
     write_files(tiny, FRAMED)
     write_files(
         tiny,
@@ -293,5 +293,5 @@ def test_missing_include_in_a_shared_frame_is_printed_once(tiny: Path) -> None:
     result = run_cli("build", cwd=tiny)
     assert result.returncode == 1
     assert result.stderr.count("template 'fragments/nope.j2' not found") == 1, result.stderr
-    assert 'File "templates/sections/_frame.j2", line 2' in result.stderr
-    assert "and 3 more)" in result.stderr
+    assert "templates/sections/_frame.j2:2:13: template 'fragments/nope.j2' not found" in result.stderr
+    assert "(in 2 agents: alpha, beta)" in result.stderr

@@ -62,13 +62,17 @@ async def test_healthy_daemon_table(tiny: Path) -> None:
 
 
 async def test_errors_exit_1_and_are_listed_with_location(tiny: Path) -> None:
-    """When the daemon reports errors, status lists them with file:line and exits 1."""
+    """When the daemon reports errors, status lists each once with file:line and the agents
+    that hit it, and exits 1."""
     async with run_daemon(tiny) as d:
         (tiny / "templates/sections/peers.j2").write_text("{{ oops }\n")
         await d.next_build()
         result = await asyncio.to_thread(run_cli, "status", cwd=tiny)
         assert result.returncode == 1
-        assert "templates/sections/peers.j2:1" in result.stdout
+        errors = result.stdout.split("\nerrors ", 1)[1].split("\nmemory ", 1)[0].splitlines()
+        assert errors[0].split() == ["1"] and len(errors) == 3, result.stdout  # the error once, its path once
+        assert errors[1].startswith("  templates/sections/peers.j2:1: template syntax error: ")
+        assert errors[1].count("peers.j2") == 1 and errors[2] == "    (in 2 agents: alpha, beta)"
         data = orjson.loads((await asyncio.to_thread(run_cli, "status", "--json", cwd=tiny)).stdout)
         assert data["state"] == "error"
         assert {e["location"] for e in data["errors"]} == {"templates/sections/peers.j2:1"}

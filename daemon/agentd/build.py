@@ -12,7 +12,6 @@ empty caches.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import itertools
@@ -29,7 +28,16 @@ from .cache import Caches, Counters, Rendered
 from .catalog import Relations, TrackedCatalog, blocked_error
 from .compose import Layout, Piece, Skeleton, joined, render_skeleton
 from .config import Config
-from .exceptions import AgentdError, BlockedError, ConfigError, DataError, OutputError, SourceError, WriteError
+from .exceptions import (
+    AgentdError,
+    BlockedError,
+    ConfigError,
+    DataError,
+    OutputError,
+    SourceError,
+    WriteError,
+    group_errors,
+)
 from .output import MANIFEST, OutputChanged, OutputDir, WriteOutcome
 from .pool import Composed, ComposeSpec, Pool, Result, Task, WorkerLost
 from .render import BASE_TEMPLATE, Renderer, anchor, section_title
@@ -429,7 +437,7 @@ class Engine:
         for agent_id in sorted(self.agent_errors):
             errors += (e for e in self.agent_errors[agent_id] if not isinstance(e, BlockedError))
         errors += self.write_errors.values()
-        return dedupe_errors(errors)
+        return group_errors(errors)
 
     def _blocked_errors(self) -> list[BlockedError]:
         """One error per set of broken agent sources that holds agents back, naming them (not
@@ -670,7 +678,8 @@ class Engine:
     def _context(self, plan: Plan, catalog: TrackedCatalog) -> dict[str, Any]:
         a = plan.agent
         return {
-            "agent": TrackedMapping(a.data, g.key_prefix(a.id), a.fps, a.fp, label=f"agent {a.id!r}"),
+            # Labelled "agent", not by id: a key every agent lacks is one error, not one per agent.
+            "agent": TrackedMapping(a.data, g.key_prefix(a.id), a.fps, a.fp, label="agent"),
             "sections": TrackedValue(plan.metas, g.section_list_node(a.id), plan.metas_fp),
             "traits": TrackedValue(
                 plan.traits,
@@ -909,6 +918,7 @@ class Engine:
             raise
         except SourceError as exc:
             exc.context = f"rendering section {meta['id']!r} of agent {plan.agent.id!r} ({plan.agent.path})"
+            exc.agents = (plan.agent.id,)
             raise
         reads = {**rendered.reads, g.meta_node(plan.agent.id, meta["id"]): plan.meta_fps[meta["id"]]}
         return Rendered(rendered.data, reads, fingerprint(rendered.data))
@@ -1046,6 +1056,7 @@ class Engine:
             return self.renderer.render(BASE_TEMPLATE, context)
         except SourceError as exc:
             exc.context = f"composing agent {plan.agent.id!r} ({plan.agent.path})"
+            exc.agents = (plan.agent.id,)
             raise
 
     def _skeleton(self, plan: Plan, catalog: TrackedCatalog) -> Skeleton | None:
@@ -1282,27 +1293,6 @@ class Engine:
             self.write_errors[MANIFEST] = exc  # still to save: tried again next build
         else:
             self.write_errors.pop(MANIFEST, None)
-
-
-def dedupe_errors(errors: Iterable[AgentdError]) -> list[AgentdError]:
-    """Each mistake once: source errors that differ only in what agentd was doing when it met
-    them (the same missing include in 24 sections) become one, whose context names the first
-    occasion and counts the others."""
-    unique: dict[Any, AgentdError] = {}
-    others: dict[Any, int] = {}
-    for e in errors:
-        key = (type(e), e.path, e.line, e.column, e.message) if isinstance(e, SourceError) else str(e)
-        if key in unique:
-            others[key] = others.get(key, 0) + 1
-        else:
-            unique[key] = e
-    for key, count in others.items():
-        first = unique[key]
-        assert isinstance(first, SourceError)
-        merged = copy.copy(first)
-        merged.context = f"{first.context}, and {count} more" if first.context else None
-        unique[key] = merged
-    return list(unique.values())
 
 
 def _section_reads(plan: Plan, digests: list[bytes]) -> dict[str, bytes]:

@@ -150,7 +150,7 @@ def blocked_error(
 ) -> BlockedError:
     """The error of the renders waiting for ``blockers`` (agents whose sources do not load),
     located at the first one's mistake: every reader of the same sources gets an identical
-    one (reported once), naming the ``readers`` in its context when known."""
+    one (reported once), naming the ``readers`` in its context and agents when known."""
     ids = sorted(blockers)
     errors = [broken[b] for b in ids]
     where = " and ".join(e.location for e in errors)
@@ -166,6 +166,7 @@ def blocked_error(
     error.blockers = tuple(ids)
     error.reads = reads or {}
     shown = sorted(readers)
+    error.agents = tuple(shown)
     if shown:
         more = f" and {len(shown) - READERS_SHOWN} more" if len(shown) > READERS_SHOWN else ""
         error.context = "building " + ", ".join(repr(r) for r in shown[:READERS_SHOWN]) + more

@@ -20,12 +20,13 @@ import shlex
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 
 from . import __version__
 from .config import CONFIG_FILE, Config, did_you_mean, find_root
+from .console import print_errors
 from .exceptions import AgentdError, AlreadyRunning, ConfigError, ControlError, RequestError
 from .progress import Progress, progress_line
 
@@ -517,9 +518,12 @@ def _check_workspace(config: Config) -> None:
             )
 
 
-def print_errors(report: BuildReport, stream: TextIO) -> None:
-    for error in report.errors:
-        print(f"error: {error}", file=stream)
+def _print_errors(errors: Sequence[AgentdError], args: argparse.Namespace) -> None:
+    """A build's errors (grouped) as blocks on stderr, as ``agentd watch`` shows them."""
+    from .console import print_errors
+    from .status import error_fields
+
+    print_errors([error_fields(e) for e in errors], sys.stderr, args.color)
 
 
 def summary(record: Mapping[str, Any]) -> str:
@@ -581,7 +585,7 @@ def _build_here(
 def _cmd_build(config: Config, args: argparse.Namespace) -> int:
     with progress_line(args.quiet) as progress:
         report = _build_here(config, progress=progress)
-    print_errors(report, sys.stderr)
+    _print_errors(report.errors, args)
     if not args.quiet:
         print(summary(report.record()))
     return EXIT_OK if report.ok else EXIT_FAILED
@@ -591,7 +595,7 @@ def _cmd_rebuild(config: Config, args: argparse.Namespace) -> int:
     path = _daemon(config, args, output=True)
     if path is not None:
         record = _ask(path, "rebuild", **({"agents": args.agents} if args.agents else {}))
-        errors = [e["text"] for e in record["errors"]]
+        errors = record["errors"]
     else:
         if args.agents:
             _check_workspace(config)
@@ -602,9 +606,10 @@ def _cmd_rebuild(config: Config, args: argparse.Namespace) -> int:
             check_agents(args.agents, [k[1] for p in ws.agent_paths() if (k := ws.classify(p)) and k[0] == "agent"])
         with progress_line(args.quiet) as progress:
             report = _build_here(config, restore=bool(args.agents), fresh=args.agents, progress=progress)
-        record, errors = report.record(), [str(e) for e in report.errors]
-    for error in errors:
-        print(f"error: {error}", file=sys.stderr)
+        from .status import error_fields
+
+        record, errors = report.record(), [error_fields(e) for e in report.errors]
+    print_errors(errors, sys.stderr, args.color)
     if not getattr(args, "quiet", False):
         print(summary(record))
     return EXIT_FAILED if errors else EXIT_OK
@@ -957,16 +962,16 @@ def _cmd_verify(config: Config, args: argparse.Namespace) -> int:
     return EXIT_FAILED
 
 
-def _memory_engine(config: Config, quiet: bool) -> Engine:
+def _memory_engine(config: Config, args: argparse.Namespace) -> Engine:
     from .build import Engine
 
     _check_workspace(config)
     engine = Engine(config)
-    with progress_line(quiet) as progress:
+    with progress_line(args.quiet) as progress:
         engine.progress = progress
         report = engine.build(write=False)
     engine.progress = None
-    print_errors(report, sys.stderr)
+    _print_errors(report.errors, args)
     return engine
 
 
@@ -974,11 +979,10 @@ def _cmd_graph(config: Config, args: argparse.Namespace) -> int:
     path = _daemon(config, args)
     if path is not None:
         reply = _ask(path, "graph", format=args.format)
-        for error in reply["errors"]:
-            print(f"error: {error}", file=sys.stderr)
+        print_errors(reply["errors"], sys.stderr, args.color)
         graph = reply["graph"]
     else:
-        engine = _memory_engine(config, args.quiet)
+        engine = _memory_engine(config, args)
         graph = engine.graph.to_json() if args.format == "json" else engine.graph.to_dot()
     if args.format == "json":
         sys.stdout.write(orjson.dumps(graph, option=orjson.OPT_INDENT_2).decode() + "\n")
@@ -993,11 +997,10 @@ def _cmd_affected(config: Config, args: argparse.Namespace) -> int:
     path = _daemon(config, args)
     if path is not None:
         reply = _ask(path, "affected", paths=[str(p) for p in paths])
-        for error in reply["errors"]:
-            print(f"error: {error}", file=sys.stderr)
+        print_errors(reply["errors"], sys.stderr, args.color)
         result = {"agents": reply["agents"], "sections": reply["sections"]}
     else:
-        result = _memory_engine(config, args.quiet).affected(paths)
+        result = _memory_engine(config, args).affected(paths)
     if args.format == "json":
         sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:

@@ -7,6 +7,8 @@ frame (``File "agents/x.yaml", line 12`` plus the offending line), the way
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterable
 from typing import Any
 
 
@@ -37,10 +39,18 @@ class SourceError(AgentdError):
         self.source_line = source_line
         #: What agentd was doing when it hit the error ("rendering section x of agent y").
         self.context: str | None = None
+        #: The agents whose builds hit it, sorted (``group_errors`` merges one mistake met by
+        #: several); the message itself never names them, so a shared mistake reads the same.
+        self.agents: tuple[str, ...] = ()
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Rebuilt with every field (a parallel build returns errors across processes).
         return (type(self), (self.message, self.path, self.line, self.source_line, self.column), self.__dict__)
+
+    @property
+    def problem(self) -> str:
+        """The message without its leading path: what is wrong, where ``location`` says where."""
+        return self.message.removeprefix(f"{self.path}: ")
 
     @property
     def location(self) -> str:
@@ -112,3 +122,28 @@ class RequestError(AgentdError):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+def group_errors(errors: Iterable[AgentdError]) -> list[AgentdError]:
+    """Each mistake once: source errors that differ only in what agentd was doing when it met
+    them (a typo in a section template every agent renders, the same missing include in 24
+    sections) become one, listing every agent that hit it, whose context names the first
+    occasion and counts the others. The one place errors are grouped: logs, events, the status
+    socket, ``agentd status`` and ``agentd build`` all show these groups."""
+    unique: dict[Any, AgentdError] = {}
+    others: dict[Any, list[SourceError]] = {}
+    for e in errors:
+        key = (type(e), e.path, e.line, e.column, e.message) if isinstance(e, SourceError) else str(e)
+        if key in unique:
+            assert isinstance(e, SourceError)
+            others.setdefault(key, []).append(e)
+        else:
+            unique[key] = e
+    for key, more in others.items():
+        first = unique[key]
+        assert isinstance(first, SourceError)
+        merged = copy.copy(first)
+        merged.context = f"{first.context}, and {len(more)} more" if first.context else None
+        merged.agents = tuple(sorted({a for e in (first, *more) for a in e.agents}))
+        unique[key] = merged
+    return list(unique.values())

@@ -1,4 +1,5 @@
-"""structlog, configured once: a console renderer on a TTY, JSON lines (orjson) otherwise.
+"""structlog, configured once: short console lines on a TTY (``console.py``), JSON lines
+(orjson) otherwise.
 
 Event names are fixed strings (``build.finished``, ``build.error``); data goes in keys, never in
 the message, so the JSON stream can be filtered with ``jq`` and the journal. A JSON line starts
@@ -17,6 +18,8 @@ from typing import Any, TextIO
 
 import orjson
 import structlog
+
+from .console import ConsoleRenderer, use_color
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -77,20 +80,22 @@ def configure(
     (only the CLI reads the environment)."""
     stream = stream or sys.stderr
     use_console = fmt == "console" or (fmt == "auto" and stream.isatty())
-    colors = color == "always" or (color == "auto" and stream.isatty())
-    renderer: Any = (
-        structlog.dev.ConsoleRenderer(colors=colors)
-        if use_console
-        else structlog.processors.JSONRenderer(serializer=_orjson_dumps)
-    )
-    if not use_console and is_journal(stream, journal_stream):
-        renderer = _JournalPrefix(renderer)
+    if use_console:  # short lines in local time for a person (console.py); the record at debug
+        renderer: Any = ConsoleRenderer(use_color(color, stream), verbose=level == "debug", stream=stream)
+        stamp = structlog.processors.TimeStamper(fmt="%H:%M:%S", utc=False)
+        exc: Any = structlog.processors.format_exc_info
+    else:
+        renderer = structlog.processors.JSONRenderer(serializer=_orjson_dumps)
+        if is_journal(stream, journal_stream):
+            renderer = _JournalPrefix(renderer)
+        stamp = structlog.processors.TimeStamper(fmt="iso", utc=True)
+        exc = structlog.processors.dict_tracebacks
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.dict_tracebacks if not use_console else structlog.dev.set_exc_info,
+            stamp,
+            exc,
             *(() if use_console else (_lead_keys,)),
             renderer,
         ],

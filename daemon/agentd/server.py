@@ -27,8 +27,9 @@ from . import __version__
 from .build import OUTPUT_SUFFIX, BuildReport, Engine, Plan, check_agents
 from .check import Finding, ScanMemory, check_output
 from .config import Config
+from .console import error_key
 from .control import SUBSCRIBE, ControlServer, WorkspaceLock, socket_path
-from .exceptions import BuildFailed, ConfigError, RequestError, WriteError
+from .exceptions import AgentdError, BuildFailed, ConfigError, RequestError, WriteError
 from .log import get_logger
 from .notify import Notifier
 from .output import MANIFEST
@@ -41,7 +42,14 @@ from .watch import Batch, Pending, watch_output, watch_root, watch_tree
 COMMANDS = ("ping", "status", "stats", "rebuild", "affected", "verify", "graph", SUBSCRIBE, "stop")
 
 #: What ``subscribe`` streams: the log lines of the same names, as they are logged (``_emit``).
-EVENTS = ("build.started", "build.error", "build.finished", "build.errors_cleared", "watch.stopping")
+EVENTS = (
+    "build.started",
+    "build.error",
+    "build.error_fixed",
+    "build.finished",
+    "build.errors_cleared",
+    "watch.stopping",
+)
 
 #: A settle never holds a build back longer than this, however busy the disk is.
 MAX_SETTLE_S = 2.0
@@ -396,7 +404,7 @@ class Server:
                     if self._ready:  # a pool lost to a dead worker or a rebuild: start it again now
                         self._start_workers()
                     self._known_dirs = self.engine.known_dirs()
-                errors_before = len(self.last_report.errors) if self.last_report else 0
+                errors_before = self.last_report.errors if self.last_report else []
                 self.last_report = report
                 self.retry.record(any(isinstance(e, WriteError) for e in report.errors))
                 await self._watch_output()
@@ -474,13 +482,20 @@ class Server:
         gc.collect()
         gc.freeze()
 
-    def _log_report(self, report: BuildReport, errors_before: int) -> None:
-        """One line per rebuild, from the monitor's record of it (plus the lists, capped); one
-        per error before it, and one when the errors of the build before are all gone."""
-        for error in report.errors:
-            self._emit("error", "build.error", **error_fields(error))
+    def _log_report(self, report: BuildReport, errors_before: list[AgentdError]) -> None:
+        """One line per rebuild, from the monitor's record of it (plus the lists, capped); before
+        it, one per error of the build before that is gone (and one when all are), and one per
+        distinct error (``group_errors``: a mistake every agent hits is one, listing them)."""
+        now = [error_fields(e) for e in report.errors]
+        current = {error_key(e) for e in now}
+        for fields in map(error_fields, errors_before):
+            if error_key(fields) not in current:
+                gone = {k: fields[k] for k in ("path", "line", "column", "location", "message")}
+                self._emit("info", "build.error_fixed", **gone)
         if errors_before and not report.errors:
-            self._emit("info", "build.errors_cleared", previous_errors=errors_before)
+            self._emit("info", "build.errors_cleared", previous_errors=len(errors_before))
+        for fields in now:
+            self._emit("error", "build.error", **fields)
         last = _capped_fields(self.monitor.last_build or {})
         last.pop("build_id", None)  # bound in the context already
         last.pop("findings", None)  # a count there; the findings themselves below
@@ -618,10 +633,10 @@ class Server:
             "errors": [error_fields(e) for e in report.errors],
         }
 
-    def _current_errors(self) -> list[str]:
+    def _current_errors(self) -> list[dict[str, Any]]:
         """The last build's errors, for commands that report on its state (``agentd`` prints
         them as a build in-process would)."""
-        return [str(e) for e in self.last_report.errors] if self.last_report else []
+        return [error_fields(e) for e in self.last_report.errors] if self.last_report else []
 
     async def _cmd_affected(self, request: dict[str, Any]) -> Any:
         paths = _string_list(request, "paths", required=True) or []

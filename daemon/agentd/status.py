@@ -19,6 +19,7 @@ from . import __version__
 from .build import BuildReport, Engine
 from .cache import Counters
 from .config import Config
+from .console import WIDTH, agents_note, error_header
 from .exceptions import AgentdError, SourceError
 
 #: Render samples kept per template for the percentiles.
@@ -55,19 +56,38 @@ def _percentile(ordered: list[float], q: float) -> float:
     return ordered[index]
 
 
+#: Agents an error's fields name at most (``agents_total`` counts them all).
+AGENTS_LISTED = 20
+
+
 def error_fields(error: AgentdError) -> dict[str, Any]:
-    """An error as data: file, line and message, for logs and the socket."""
+    """An error (one group of ``group_errors``) as data, for logs, events and the socket: file,
+    line, column, the message without the path, the source line and the agents that hit it."""
     if isinstance(error, SourceError):
         return {
             "path": error.path,
             "line": error.line,
+            "column": error.column,
             "location": error.location,
-            "message": error.message,
-            "source_line": error.source_line.strip() if error.source_line else None,
+            "message": error.problem,
+            "source_line": (error.source_line or "").rstrip() or None,
             "context": error.context,
+            "agents": list(error.agents[:AGENTS_LISTED]),
+            "agents_total": len(error.agents),
             "text": str(error),
         }
-    return {"path": None, "line": None, "location": None, "message": str(error), "text": str(error)}
+    return {
+        "path": None,
+        "line": None,
+        "column": None,
+        "location": None,
+        "message": str(error),
+        "source_line": None,
+        "context": None,
+        "agents": [],
+        "agents_total": 0,
+        "text": str(error),
+    }
 
 
 def memory() -> tuple[int, int]:
@@ -119,6 +139,7 @@ class Monitor:
             {
                 "path": f.path,
                 "line": f.line,
+                "column": f.column,
                 "location": f"{f.path}:{f.line}",
                 "message": f.message,
                 "rule": f.rule,
@@ -307,9 +328,12 @@ def render_table(stats: dict[str, Any]) -> str:
             else f"{a['hit_rate']:.1%} < {a['floor']:.0%}"
         )
         lines.append(f"  {a['kind']}: {detail} ({value})")
-    lines.append("errors      " + ("none" if not stats["errors"] else ""))
-    for e in stats["errors"]:
-        lines.append(f"  {e['location'] or ''} {e['message']}".rstrip())
+    lines.append("errors      " + ("none" if not stats["errors"] else str(len(stats["errors"]))))
+    for e in stats["errors"]:  # each once (grouped by the daemon), with the agents that hit it
+        lines.append("  " + error_header(e, e.get("column")))
+        note = agents_note(e, WIDTH - 4)
+        if note:
+            lines.append("    " + note)
     w = stats["watcher"]
     lines.append(
         f"memory      rss {format_size(stats['rss_bytes'])} (peak {format_size(stats['peak_rss_bytes'])});"
