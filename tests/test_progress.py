@@ -101,12 +101,13 @@ def test_no_progress_in_a_pipe_or_with_quiet(slow: Path) -> None:
 
 def test_watch_erases_progress_before_every_log_line(slow: Path) -> None:
     """The daemon's first build shows progress on a terminal, and a log line written while it
-    is drawn (SIGTERM's, mid-build) erases it first: every log line is on a line of its own."""
+    is drawn (SIGTERM's, mid-build, shown with -v) erases it first: every log line is on a line
+    of its own."""
     text = on_pty(
-        "watch", "--root", str(slow), "--no-cache", "--log-format", "console", "--color", "never",
+        "watch", "--root", str(slow), "--no-cache", "--log-format", "console", "--color", "never", "-v",
         until="sections]",
     )  # fmt: skip
     shown = screen(text)
     assert not [line for line in shown if "sections]" in line], shown
-    for event in ("build.started", "watch.signal", "build.finished", "watch.stopped"):
-        assert [line for line in shown if re.match(rf"\S+ \[\w+ *\] {event} ", line)], (event, shown)
+    for line in ("starting agentd", "watch.signal", "built 2 agents", "stopping", "stopped after"):
+        assert [seen for seen in shown if re.match(rf"\d\d:\d\d:\d\d {line}", seen)], (line, shown)
