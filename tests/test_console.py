@@ -26,13 +26,21 @@ from conftest import run_cli
 
 ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
-#: The block a typo in a section template both agents of the tiny workspace render prints.
+#: The block a typo in a section template all eight agents render prints (the tiny workspace,
+#: grown to eight by ``eight_agents``).
 TYPO_BLOCK = """\
 templates/sections/summary.j2:3:10: undefined variable: agent has no key 'descripton'
    3 | {{ agent.descripton }}
      |          ^^^^^^^^^^
-  (in 2 agents: alpha, beta)
+  (in 8 agents: alpha, beta, beta-1, beta-2, beta-3, …)
 """
+
+
+def eight_agents(root: Path) -> None:
+    """Six more agents like beta, so a shared mistake is hit by eight."""
+    beta = (root / "agents/beta.yaml").read_text()
+    for i in range(1, 7):
+        (root / f"agents/beta-{i}.yaml").write_text(beta)
 
 
 class Terminal:
@@ -117,9 +125,10 @@ def replace(path: Path, old: str, new: str) -> None:
 
 
 def test_a_rebuild_is_one_short_line_and_a_shared_error_one_block(tiny: Path) -> None:
-    """On a terminal each rebuild is one line of at most 100 columns; a typo both agents hit is
+    """On a terminal each rebuild is one line of at most 100 columns; a typo all 8 agents hit is
     one block (caret under the name, the agents listed), named in one line while it stays, then
     "fixed:"; `agentd build` prints the same block once."""
+    eight_agents(tiny)
     summary = tiny / "templates/sections/summary.j2"
     with terminal(tiny, "--color", "always") as term:
         replace(summary, "{{ agent.description }}", "{{ agent.descripton }}")
@@ -133,7 +142,7 @@ def test_a_rebuild_is_one_short_line_and_a_shared_error_one_block(tiny: Path) ->
     assert TYPO_BLOCK in shown and shown.count("agent has no key") == 2, shown  # the block, then "still:"
     assert "\nstill: templates/sections/summary.j2:3:10: undefined variable" in shown
     assert re.search(r"^\d\d:\d\d:\d\d fixed: templates/sections/summary\.j2:3$", shown, re.MULTILINE)
-    assert re.search(r"^\d\d:\d\d:\d\d watching \S*/tiny \(2 agents\) — Ctrl-C to stop$", shown, re.MULTILINE)
+    assert re.search(r"^\d\d:\d\d:\d\d watching \S*/tiny \(8 agents\) — Ctrl-C to stop$", shown, re.MULTILINE)
     assert "build_id" not in shown and "{'" not in shown  # no key=value dumps
     assert max(len(line) for line in shown.splitlines()) <= 100, shown
     assert "\x1b[" in term.text  # --color always
