@@ -426,3 +426,49 @@ def test_a_syntax_error_the_workers_meet_first_is_reported_as_in_one_process(man
         assert read_outputs(many) == clean_build(many, tmp_path / "oracle")
     finally:
         engine.close()
+
+
+async def test_verify_in_the_daemon_leaves_no_extra_workers(many: Path) -> None:
+    """``verify`` builds with an engine of its own, which forks workers for a batch this big:
+    they stop when it returns, leaving the daemon only its own pool."""
+    async with run_daemon(many, "--jobs", "2") as d:
+        pids = await started_workers(d.proc.pid)
+        result = await asyncio.to_thread(run_cli, "verify", cwd=many)
+        assert result.returncode == 0, result.stderr
+        assert outlived([p for p in workers_of(d.proc.pid) if p not in pids], timeout=2) == []
+        assert workers_of(d.proc.pid) == pids
+
+
+def test_graph_without_a_daemon_stops_its_workers(many: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``agentd graph --no-daemon`` (and ``affected``) close the engine they build with: no
+    worker it forked is left running in this process."""
+    import multiprocessing
+
+    from agentd.cli import main
+
+    monkeypatch.setenv("AGENTD_JOBS", "2")
+    for argv in (
+        ["graph", "--no-daemon"],
+        ["affected", "--no-daemon", str(many / "templates/sections/troubleshooting.j2")],
+    ):
+        assert main(["--quiet", "--root", str(many), *argv]) == 0
+        assert multiprocessing.active_children() == []
+
+
+def test_a_failed_verify_stops_its_workers(many: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine of ``verify`` is closed by ``with``, not when the garbage collector gets to
+    it: a build that fails after forking leaves no workers behind its exception."""
+    import multiprocessing
+
+    from agentd.build import Engine
+    from agentd.verify import verify
+
+    def fail(self: Engine, *args: Any) -> None:
+        assert multiprocessing.active_children()  # the batch went to workers
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(Engine, "_finish_writes", fail)
+    with pytest.raises(RuntimeError) as caught:  # the traceback holds the build's frames
+        verify(Config.load(many, {"jobs": 2}))
+    assert caught.value.__traceback__ is not None
+    assert multiprocessing.active_children() == []

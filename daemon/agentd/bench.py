@@ -125,8 +125,8 @@ def make_workspace(source: Path, dest: Path, n: int) -> list[str]:
 def naive_build(config: Config, sample: list[str] | None = None) -> float:
     """The spec's "current state": a fresh Environment (every template compiled again) per agent,
     sequential. Returns ms per agent (over ``sample`` when given)."""
-    engine = Engine(config)
-    engine.build(write=False)  # parsed sources and plans; not timed
+    with Engine(config) as engine:  # its workers stopped before timing
+        engine.build(write=False)  # parsed sources and plans; not timed
     catalog = engine._catalog(Delta(nodes={RELATIONS}))
     agents = sample or sorted(engine.plans)
     t0 = time.perf_counter()
@@ -281,8 +281,8 @@ def session_hit_rates(daemon: Daemon, ids: list[str], mix: list[int]) -> dict[st
 
 def oracle_ms(config: Config, rendered: list[str]) -> float:
     """Rendering exactly those sections with precompiled templates, in-process."""
-    engine = Engine(config)
-    engine.build(write=False)
+    with Engine(config) as engine:
+        engine.build(write=False)
     catalog = engine._catalog(Delta(nodes={RELATIONS}))
     t0 = time.perf_counter()
     for item in rendered:

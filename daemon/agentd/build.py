@@ -150,7 +150,18 @@ POOL_START_MIN_SECTIONS = 36
 class Engine:
     """Holds one workspace's caches and graph across builds (the daemon keeps one alive)."""
 
-    def __init__(self, config: Config, store: Store | None = None, jobs: int | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: Store | None = None,
+        jobs: int | None = None,
+        *,
+        restore: bool = True,
+        fresh: Iterable[str] = (),
+        parse_ahead: ParseAhead | None = None,
+        output_check: Callable[[str, bytes, Plan], list[Any]] | None = None,
+        progress: Progress | None = None,
+    ) -> None:
         self.config = config
         self.store = store
         #: Worker processes for large batches of renders (``--jobs``; see ``pool.py``).
@@ -158,16 +169,16 @@ class Engine:
         self._pool: Pool | None = None
         #: Sources being parsed in workers already (``agentd build`` starts it before importing
         #: the rest of agentd); used by the first scan.
-        self.parse_ahead: ParseAhead | None = None
+        self.parse_ahead = parse_ahead
         #: Why workers could not be started (the daemon logs it once), if they could not.
         self.pool_error: str | None = None
         self._writer: ThreadPoolExecutor | None = None
         self._writes: list[tuple[str, Plan, bytes, Future[tuple[bool, list[int]]]]] = []
         #: Take unchanged renders from the store (False for a forced rebuild: render, then save).
-        self.restore = True
+        self.restore = restore
         #: Agents never taken from the store, whatever ``restore`` says (``agentd rebuild
         #: AGENT...`` without a daemon: the others come back from the store as in a build).
-        self.fresh: set[str] = set()
+        self.fresh = set(fresh)
         self.workspace = Workspace(config)
         self.workspace.parsed_cache = store
         budget = config.memory_budget_mb * 1_000_000  # SI, as agentd prints sizes
@@ -196,11 +207,11 @@ class Engine:
         self.layouts: dict[str, Layout] = {}
         #: Called with (agent id, output bytes, plan) after every composition; its findings are
         #: kept per agent until the agent is composed again (the daemon's output gates).
-        self.output_check: Callable[[str, bytes, Plan], list[Any]] | None = None
+        self.output_check = output_check
         self.findings: dict[str, list[Any]] = {}
         #: Told the sections a build renders and each agent's as they are done (a progress line
         #: on a terminal, ``progress.py``); None: nobody asks.
-        self.progress: Progress | None = None
+        self.progress = progress
         self._to_check: list[tuple[str, bytes | None, Plan]] = []
         self._relations: Relations | None = None
         self._agent_set_checked: tuple[bytes, tuple[str, ...]] | None = None
@@ -360,6 +371,12 @@ class Engine:
                 self.jobs = 1
                 return
             self.workspace.journal = {}
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def close(self) -> None:
         """Stop the worker processes (they write their renders to the store first) and the

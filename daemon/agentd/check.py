@@ -379,16 +379,14 @@ class Checker:
     def run(self) -> list[Finding]:
         # Before the build: a schema setting that does not work is a usage error, at once.
         self._validators = {kind: self._validator(kind) for kind in ("agent", "trait")}
-        engine = Engine(self.config)
         outputs: dict[str, tuple[bytes, Plan]] = {}
 
         def keep(agent_id: str, data: bytes, plan: Plan) -> list[Any]:
             outputs[agent_id] = (data, plan)
             return []
 
-        engine.output_check = keep
-        engine.progress = self.progress
-        report = engine.build(write=False)
+        with Engine(self.config, output_check=keep, progress=self.progress) as engine:
+            report = engine.build(write=False)
         found: list[Finding] = []
         found += self._templates(engine, report.errors)
         found += self._sources(engine)

@@ -566,15 +566,8 @@ def _build_here(
     parsing = ParseAhead.start(config, config.workers, store if restore else None)  # while the engine is imported
     from .build import Engine
 
-    engine = Engine(config, store)
-    engine.parse_ahead = parsing
-    engine.restore = restore
-    engine.fresh = set(fresh)
-    engine.progress = progress
-    try:
+    with Engine(config, store, restore=restore, fresh=fresh, parse_ahead=parsing, progress=progress) as engine:
         report = engine.build()
-    finally:
-        engine.close()
     if engine.pool_error:
         _warn("workers.unavailable", error=engine.pool_error)
     if store:
@@ -963,12 +956,12 @@ def _cmd_verify(config: Config, args: argparse.Namespace) -> int:
 
 
 def _memory_engine(config: Config, args: argparse.Namespace) -> Engine:
+    """An engine built in memory, its workers stopped: the graph and ``affected`` need only
+    its state."""
     from .build import Engine
 
     _check_workspace(config)
-    engine = Engine(config)
-    with progress_line(args.quiet) as progress:
-        engine.progress = progress
+    with progress_line(args.quiet) as progress, Engine(config, progress=progress) as engine:
         report = engine.build(write=False)
     engine.progress = None
     _print_errors(report.errors, args)

@@ -156,7 +156,6 @@ class Server:
     def _new_engine(config: Config) -> Engine:
         """An engine whose every changed output goes through the output gates of ``check``."""
         log = get_logger()
-        engine = Engine(config, open_store(config, warn=log.warning))
         out = config.output_dir
 
         memory = ScanMemory()
@@ -164,8 +163,7 @@ class Server:
         def gate(agent_id: str, data: bytes, plan: Plan) -> list[Finding]:
             return check_output(f"{out}/{agent_id}{OUTPUT_SUFFIX}", data, plan.metas, config, memory)
 
-        engine.output_check = gate
-        return engine
+        return Engine(config, open_store(config, warn=log.warning), output_check=gate)
 
     def _replace_engine(self, config: Config) -> None:
         self.engine.close()

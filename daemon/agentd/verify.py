@@ -48,9 +48,8 @@ def verify(config: Config, diff_lines: int = 20, progress: Progress | None = Non
     result = VerifyResult()
     with tempfile.TemporaryDirectory(prefix="agentd-verify-") as tmp:
         clean_dir = Path(tmp)
-        engine = Engine(dataclasses.replace(config, output_dir=str(clean_dir)))
-        engine.progress = progress
-        report = engine.build()
+        with Engine(dataclasses.replace(config, output_dir=str(clean_dir)), progress=progress) as engine:
+            report = engine.build()
         result.errors = [str(e) for e in report.errors]
         clean = {p.name: p.read_bytes() for p in clean_dir.glob(f"*{OUTPUT_SUFFIX}")}
         ours = {n for n in OutputDir(config.output_path).files if n.endswith(OUTPUT_SUFFIX)}
