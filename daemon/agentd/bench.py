@@ -36,6 +36,7 @@ from .config import CONFIG_FILE, Config
 from .control import request, socket_path
 from .graph import RELATIONS, DepGraph
 from .render import BASE_TEMPLATE, Renderer
+from .status import percentile
 from .workspace import Delta, _Loader
 
 #: The edits timed through a real daemon: (label, file relative to the root, old, new).
@@ -73,10 +74,7 @@ class Timing:
 
     @property
     def p95(self) -> float:
-        if not self.samples:
-            return float("nan")
-        ordered = sorted(self.samples)
-        return ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+        return percentile(sorted(self.samples), 0.95, float("nan"))
 
     def to_dict(self) -> dict[str, Any]:
         return {"p50_ms": round(self.p50, 2), "p95_ms": round(self.p95, 2), "n": len(self.samples)}

@@ -38,18 +38,17 @@ from .exceptions import (
     WriteError,
     group_errors,
 )
-from .output import MANIFEST, OutputChanged, OutputDir, WriteOutcome
+from .output import MANIFEST, OutputChanged, OutputDir, WriteOutcome, output_agent, output_name
 from .pool import Composed, ComposeSpec, Pool, Result, Task, WorkerLost
 from .render import BASE_TEMPLATE, Renderer, anchor, section_title
 from .store import Store
 from .trace import MISSING, TrackedMapping, TrackedValue, fingerprint
-from .workspace import AgentSource, Delta, ParseAhead, Read, Workspace, locate, source_line
+from .workspace import AgentSource, Delta, ParseAhead, Read, Workspace, locate, source_line, trait_ids
 
 if TYPE_CHECKING:
     from .progress import Progress
 
 SECTION_DIR = "sections"
-OUTPUT_SUFFIX = ".md"
 
 
 @dataclasses.dataclass
@@ -277,7 +276,7 @@ class Engine:
         for agent_id, data, plan in self._to_check:
             if data is None:  # written: read it back rather than hold every output in memory
                 try:
-                    data = (self.output.path / (agent_id + OUTPUT_SUFFIX)).read_bytes()
+                    data = (self.output.path / output_name(agent_id)).read_bytes()
                 except OSError:  # deleted since: restored (and checked) by the next build
                     continue
             self._check_output(agent_id, data, plan, report)
@@ -334,11 +333,9 @@ class Engine:
         enough renders read it to go to them: they replay it (compiling the template) while
         this process invalidates, collects and deals out the batch, and this process compiles
         its own copy once the batch is rendered (its graph needs the new version's static
-        references, and its later renders the code). Compiling a 100-line section template
-        takes ~12 ms: compiled here first, it was the longest step before any worker could
-        start, with the other core idle. A 100-section batch at N = 100, save -> last output,
-        old and new processes alternating: 138.6 -> 132.0 ms (the workers start rendering
-        15-20 ms into the build instead of 23-25 ms)."""
+        references, and its later renders the code). Compiled here first, a section template
+        was the longest step before any worker could start, with the other core idle (README,
+        "Design measurements")."""
         if self._pool is None or not delta.templates:
             return False
         if len(self.graph.readers({g.template_node(name) for name in delta.templates})) < PARALLEL_MIN_SECTIONS:
@@ -409,8 +406,8 @@ class Engine:
         listed = self.output.files
         restored = []
         for name in sorted(listed if names is None else set(names) & listed.keys()):
-            agent_id = name.removesuffix(OUTPUT_SUFFIX)
-            if agent_id not in self.plans or agent_id in self.agent_errors:
+            agent_id = output_agent(name)
+            if agent_id is None or agent_id not in self.plans or agent_id in self.agent_errors:
                 continue
             if os.path.lexists(self.output.path / name):  # not gone, or back already
                 continue
@@ -502,10 +499,11 @@ class Engine:
                 prefix = g.key_prefix(name)
                 inputs.update(n for n in self.graph.g if n.startswith(prefix))
         renders = self.graph.readers(inputs)
-        sections = {r[len("section:") :] for r in renders if r.startswith("section:")}
-        sections |= {f"{a}/{m['id']}" for a in agents if a in self.plans for m in self.plans[a].metas}
-        composed = {r[len("compose:") :] for r in renders if r.startswith("compose:")}
-        composed |= {s.split("/", 1)[0] for s in sections} | agents
+        nodes = [g.parse(r) for r in renders]
+        keys = {(n.name, n.part) for n in nodes if n.kind == "section"}
+        keys |= {(a, m["id"]) for a in agents if a in self.plans for m in self.plans[a].metas}
+        sections = {f"{a}/{s}" for a, s in keys}
+        composed = {n.name for n in nodes if n.kind == "compose"} | {a for a, _ in keys} | agents
         return {"agents": sorted(composed), "sections": sorted(sections)}
 
     # -- invalidation ---------------------------------------------------------------------
@@ -514,18 +512,17 @@ class Engine:
         (to detect re-renders that come out identical)."""
         old: dict[tuple[str, str], bytes] = {}
         for node in self.graph.readers(delta.nodes):
-            kind, _, rest = node.partition(":")
+            kind, name, part = g.parse(node)
             if kind == "section":
-                agent_id, section = rest.split("/", 1)
-                digest = self._drop_section((agent_id, section))
+                digest = self._drop_section((name, part))
                 if digest is not None:
-                    old[(agent_id, section)] = digest
+                    old[(name, part)] = digest
             elif kind == "fragment":
-                self.caches.l2.pop(rest)
+                self.caches.l2.pop(name)
                 self.graph.remove([node])
             elif kind == "compose":
-                self._compose_pending.add(rest)
-                self.skeletons.pop(rest, None)
+                self._compose_pending.add(name)
+                self.skeletons.pop(name, None)
         return old
 
     def _unblock(self, old: dict[tuple[str, str], bytes]) -> None:
@@ -662,7 +659,7 @@ class Engine:
                 trait = ws.traits.get(ref)
                 if trait is None:
                     broken = ws.trait_errors.get(ref)
-                    known = sorted(r.split("/", 1)[1] for r in ws.traits if r.startswith(f"{kind}/"))
+                    known = trait_ids(ws.traits, kind)
                     why = (
                         f"trait {ref!r} does not load (see {broken.location})"
                         if broken
@@ -779,7 +776,7 @@ class Engine:
             if digest is None or (self.store is None and (layout is None or digest not in layout.spans)):
                 return None  # (with a store, the worker fetches it by digest)
             digests.append(digest)
-        name = agent_id + OUTPUT_SUFFIX
+        name = output_name(agent_id)
         return ComposeSpec(
             name=name,
             sections=tuple(m["id"] for m in plan.metas),
@@ -833,8 +830,8 @@ class Engine:
         # Workers forked before this build load the templates it compiled from the store, not
         # compiling them again: write those first. Workers forked just now have them (fork
         # copied them), and a change sent ahead (``_sync_ahead``) is replayed already; then
-        # this process writes its queue once they are rendering, not before (cold build at
-        # N = 100: ~15 ms of parses and bytecode, with one core idle).
+        # this process writes its queue once they are rendering, not before (so no core idles
+        # while it writes).
         unwritten = bool(self.store) and (forked or not journal)
         if self.store and not unwritten:
             self.store.flush()
@@ -951,8 +948,8 @@ class Engine:
         cached: bool = True,
     ) -> None:
         """Record a fresh render; ``stored``: a worker put it in the store already; not
-        ``cached``: a worker composed its agent and kept the bytes (L3 then takes them from
-        the output file, ``_section_entries``)."""
+        ``cached``: a worker composed its agent and kept the bytes (``_section_bytes`` then
+        takes them from the output file)."""
         node = g.section_node(agent_id, section)
         if cached:
             self.caches.l3.put((agent_id, section), entry)
@@ -1014,7 +1011,7 @@ class Engine:
         if self.written_layout(agent_id) is None:
             return {}
         try:
-            data = (self.output.path / (agent_id + OUTPUT_SUFFIX)).read_bytes()
+            data = (self.output.path / output_name(agent_id)).read_bytes()
         except OSError:
             return {}
         return {d: data[slice(*layout.spans[d])] for d in digests if d in layout.spans}
@@ -1022,7 +1019,7 @@ class Engine:
     def written_layout(self, agent_id: str) -> Layout | None:
         """The layout of the agent's output on disk, if that file is still as agentd wrote it."""
         layout = self.layouts.get(agent_id)
-        if layout is None or not self.output.unchanged_since_written(agent_id + OUTPUT_SUFFIX, layout.digest):
+        if layout is None or not self.output.unchanged_since_written(output_name(agent_id), layout.digest):
             return None
         return layout
 
@@ -1122,7 +1119,7 @@ class Engine:
         plan = self.plans[agent_id]
         if agent_id in self.agent_errors or agent_id in self._blocked:
             return  # keep the last good output; retried next build (blocked: once unblocked)
-        name = agent_id + OUTPUT_SUFFIX
+        name = output_name(agent_id)
         restorable = write and self.store and self._restorable(agent_id) and agent_id not in self.caches.l4
         if restorable and self._restore_compose(agent_id, name, report):
             return
@@ -1151,7 +1148,7 @@ class Engine:
             layout = self.layouts.get(agent_id)
             record = layout.to_bytes() if layout is not None and layout.digest == digest else digest
             self.store.put(node, Rendered(record, reads, fingerprint(record)))
-        name = agent_id + OUTPUT_SUFFIX
+        name = output_name(agent_id)
         if self.caches.l4.check(agent_id, digest) and self.output.owns(name):
             report.unchanged.append(name)
             return True
@@ -1185,7 +1182,7 @@ class Engine:
             self._record_write(agent_id, plan, digest, outcome, report)
 
     def _write_whole(self, plan: Plan, digest: bytes, catalog: TrackedCatalog) -> WriteOutcome:
-        name = plan.agent.id + OUTPUT_SUFFIX
+        name = output_name(plan.agent.id)
         try:
             data = self._compose_render(plan, catalog, splice=False)[0]
             assert isinstance(data, bytes)  # (not spliced)
@@ -1200,7 +1197,7 @@ class Engine:
     ) -> None:
         """Enter a write (here or in a worker) in the manifest and the report, or fail its
         agent: the output stays as it was and the agent is composed again next build."""
-        name = agent_id + OUTPUT_SUFFIX
+        name = output_name(agent_id)
         if isinstance(outcome, BaseException):
             self.caches.l4.pop(agent_id)
             self._compose_pending.add(agent_id)
@@ -1234,15 +1231,14 @@ class Engine:
         """The current value fingerprint of an input node (to validate stored renders), or None
         when it cannot be known."""
         ws = self.workspace
-        kind, _, rest = node.partition(":")
+        kind, rest, part = g.parse(node)
         if kind == "template":
             return ws.template_fps.get(rest, MISSING)
         if kind == "key":
-            agent_id, key = rest.split(":", 1)
-            agent = ws.agents.get(agent_id)
+            agent = ws.agents.get(rest)
             if agent is None:
                 return MISSING
-            return agent.fp if key == "*" else agent.fps.get(key, MISSING)
+            return agent.fp if part == "*" else agent.fps.get(part, MISSING)
         # While an agent source does not load, a render that read the catalog where it belongs
         # was blocked, never stored: nothing stored that read there is valid (``TrackedCatalog``).
         if kind == "catalog":
@@ -1257,20 +1253,18 @@ class Engine:
         if node == g.TRAIT_KINDS:
             return self.trait_kinds_fp
         if kind == "trait":
-            ref, _, key = rest.partition(":")
-            trait = ws.traits.get(ref)
+            trait = ws.traits.get(rest)
             if trait is None:
                 return MISSING
-            return trait.fp if key == "*" else trait.fps.get(key, MISSING)
+            return trait.fp if part == "*" else trait.fps.get(part, MISSING)
         if kind == "section-list":
             plan = self.plans.get(rest)
             return plan.metas_fp if plan else MISSING
         if kind == "meta":
-            agent_id, section = rest.split("/", 1)
-            plan = self.plans.get(agent_id)
-            return plan.meta_fps.get(section, MISSING) if plan else MISSING
+            plan = self.plans.get(rest)
+            return plan.meta_fps.get(part, MISSING) if plan else MISSING
         if kind == "section":
-            return self.section_digests.get(tuple(rest.split("/", 1)))  # type: ignore[arg-type]
+            return self.section_digests.get((rest, part))
         return None
 
     def _check_output(self, agent_id: str, data: bytes, plan: Plan, report: BuildReport) -> None:
@@ -1293,7 +1287,8 @@ class Engine:
         existing = set(ws.agents) | set(ws.agent_errors)
         self.write_errors = {k: v for k, v in self.write_errors.items() if k == MANIFEST}  # found anew
         for name in sorted(self.output.files):
-            if name.endswith(OUTPUT_SUFFIX) and name[: -len(OUTPUT_SUFFIX)] not in existing:
+            agent_id = output_agent(name)
+            if agent_id is not None and agent_id not in existing:
                 try:
                     if self.output.remove(name):
                         report.removed.append(name)
@@ -1301,7 +1296,7 @@ class Engine:
                     self.write_errors[name] = exc
                     self._agent_set_checked = None  # walk again next build
                     continue
-                self.caches.l4.pop(name[: -len(OUTPUT_SUFFIX)])
+                self.caches.l4.pop(agent_id)
 
     def _save_manifest(self) -> None:
         try:

@@ -70,10 +70,6 @@ class Rendered:
     #: Content fingerprint, computed once where it is needed again (sections: compose, cutoff).
     digest: bytes = b""
 
-    @property
-    def size(self) -> int:
-        return len(self.data)
-
 
 class Layer(Generic[K, V]):
     """A dict with counters and, optionally, a byte budget kept by evicting the least recently

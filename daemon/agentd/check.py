@@ -30,10 +30,12 @@ import networkx as nx
 import yaml
 from jinja2 import nodes
 
-from .build import OUTPUT_SUFFIX, Engine, Plan
+from . import graph as g
+from .build import Engine, Plan
 from .cache import Layer
 from .config import CONFIG_FILE, Config
 from .exceptions import BlockedError, ConfigError, DataError, SourceError, TemplateError
+from .output import output_name
 from .progress import Progress
 from .render import BASE_TEMPLATE, anchor
 from .workspace import (
@@ -41,10 +43,12 @@ from .workspace import (
     Unreadable,
     Workspace,
     _Loader,
+    mark_position,
     node_at,
     parse_yaml,
     position,
     read_inside,
+    trait_ids,
     yaml_mark,
     yaml_problem,
 )
@@ -236,8 +240,7 @@ def _front_matter(path: str, lines: list[str], config: Config, out: list[Finding
     try:
         data = yaml.load("\n".join(lines[1:end]), Loader=_Loader)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 2 if mark else 1
+        line = (mark_position(getattr(exc, "problem_mark", None)) or (0, 0))[0] + 1  # after the ---
         out.append(finding(path, line, 1, "front-matter", f"front matter does not parse: {exc}"))
         return end + 1
     if not isinstance(data, dict):
@@ -394,7 +397,7 @@ class Checker:
         if self.progress is not None:
             self.progress.count(len(outputs), "outputs")
         for agent_id, (data, plan) in sorted(outputs.items()):
-            rel = f"{self.config.output_dir}/{agent_id}{OUTPUT_SUFFIX}"
+            rel = f"{self.config.output_dir}/{output_name(agent_id)}"
             found += check_output(rel, data, plan.metas, self.config)
             if self.progress is not None:
                 self.progress.advance()
@@ -489,8 +492,8 @@ class Checker:
     def _unreachable(self, engine: Engine, refs: nx.DiGraph) -> list[Finding]:
         roots = {BASE_TEMPLATE} | {m["template"] for p in engine.plans.values() for m in p.metas}
         # Templates renders actually loaded (dynamic includes, include_cached) count as reached.
-        roots |= {n[len("template:") :] for n in engine.graph.g if n.startswith("template:") and any(
-            not s.startswith("template:") for s in engine.graph.g.successors(n))}  # fmt: skip
+        roots |= {g.template_name(n) for n in engine.graph.g if g.is_template(n) and any(
+            not g.is_template(s) for s in engine.graph.g.successors(n))}  # fmt: skip
         reached = set()
         for root in roots & set(refs):
             reached |= {root} | nx.descendants(refs, root)
@@ -654,7 +657,7 @@ def _static_refs(ast: nodes.Template) -> Iterator[tuple[str | None, int]]:
 
 
 def _yaml_finding(rel: str, mark: Any, rule: str, message: str) -> Finding:
-    return finding(rel, mark.line + 1 if mark else 1, mark.column + 1 if mark else 1, rule, message)
+    return finding(rel, *mark_position(mark) or (1, 1), rule, message)
 
 
 def _duplicates(rel: str, node: yaml.Node | None) -> Iterator[Finding]:
@@ -743,7 +746,7 @@ def _references(
         for kind, ids in listed_traits.items():
             for i, trait_id in enumerate(ids if isinstance(ids, list) else []):
                 if isinstance(trait_id, str) and f"{kind}/{trait_id}" not in traits:
-                    known = ", ".join(sorted(t.split("/", 1)[1] for t in traits if t.startswith(f"{kind}/")))
+                    known = ", ".join(trait_ids(traits, kind))
                     line, col = at(["traits", kind, i])
                     message = f"traits.{kind}[{i}]: no trait {trait_id!r}; expected one of: {known or '(none)'}"
                     out.append(finding(rel, line, col, "unknown-trait", message))

@@ -11,7 +11,7 @@ current output does not have.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -76,6 +76,39 @@ def fragment_node(key: str) -> str:
 
 
 RENDER_KINDS = ("section:", "compose:", "fragment:")
+_TEMPLATE = "template:"
+
+
+class Node(NamedTuple):
+    """A node id taken apart, the one place that knows how they are spelled: ``name`` is the
+    agent, template, trait reference or fragment key; ``part`` the key or section in it."""
+
+    kind: str
+    name: str
+    part: str = ""
+
+
+#: Kinds whose name carries a part after this separator (``key:AGENT:KEY``, ``section:AGENT/ID``).
+_PART_SEPARATORS = {"key": ":", "trait": ":", "meta": "/", "section": "/"}
+
+
+def parse(node: str) -> Node:
+    """The inverse of the ``*_node`` functions (``catalog``, ``catalog-relations`` and
+    ``trait-kinds`` parse to their own kind with an empty name)."""
+    kind, _, rest = node.partition(":")
+    separator = _PART_SEPARATORS.get(kind)
+    if separator is None:
+        return Node(kind, rest)
+    name, _, part = rest.partition(separator)
+    return Node(kind, name, part)
+
+
+def is_template(node: str) -> bool:
+    return node.startswith(_TEMPLATE)
+
+
+def template_name(node: str) -> str:
+    return node[len(_TEMPLATE) :]
 
 
 def is_render(node: str) -> bool:
@@ -98,7 +131,7 @@ class DepGraph:
         """Replace the static references of template ``name`` (from ``jinja2.meta``)."""
         node = template_node(name)
         for pred in [p for p in self.g.predecessors(node)] if node in self.g else []:
-            if pred.startswith("template:"):
+            if is_template(pred):
                 self.g.remove_edge(pred, node)
         self.g.add_node(node)
         for ref in referenced:
@@ -115,7 +148,7 @@ class DepGraph:
                 continue
             out.add(node)
             if node in self.g:
-                stack.extend(s for s in self.g.successors(node) if s.startswith("template:"))
+                stack.extend(s for s in self.g.successors(node) if is_template(s))
         return out
 
     # -- traced render inputs -------------------------------------------------------------
@@ -137,14 +170,12 @@ class DepGraph:
         nodes = [n for n in nodes if n in self.g]
         inputs = {p for n in nodes for p in self.g.predecessors(n)}
         self.g.remove_nodes_from(nodes)
-        self.g.remove_nodes_from(
-            [n for n in inputs if n in self.g and self.g.degree(n) == 0 and not n.startswith("template:")]
-        )
+        self.g.remove_nodes_from([n for n in inputs if n in self.g and self.g.degree(n) == 0 and not is_template(n)])
 
     def readers(self, inputs: Iterable[str]) -> set[str]:
         """Renders that read any of ``inputs`` (templates expanded through static refs)."""
         inputs = set(inputs)
-        templates = [n[len("template:") :] for n in inputs if n.startswith("template:")]
+        templates = [template_name(n) for n in inputs if is_template(n)]
         inputs |= self.template_closure(templates)
         out: set[str] = set()
         for node in inputs:
@@ -152,14 +183,11 @@ class DepGraph:
                 out.update(s for s in self.g.successors(node) if is_render(s))
         return out
 
-    def inputs_of(self, render: str) -> list[str]:
-        return sorted(self.g.predecessors(render)) if render in self.g else []
-
     # -- export ---------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
-        nodes = [{"id": n, "kind": n.split(":", 1)[0]} for n in sorted(self.g)]
+        nodes = [{"id": n, "kind": parse(n).kind} for n in sorted(self.g)]
         edges = [
-            {"source": u, "target": v, "type": "static" if v.startswith("template:") else "traced"}
+            {"source": u, "target": v, "type": "static" if is_template(v) else "traced"}
             for u, v in sorted(self.g.edges)
         ]
         return {"nodes": nodes, "edges": edges}
@@ -170,10 +198,10 @@ class DepGraph:
 
         lines = ["digraph agentd {", "  rankdir=LR;", "  node [shape=box, fontsize=10];"]
         for n in sorted(self.g):
-            kind = n.split(":", 1)[0]
+            kind = parse(n).kind
             lines.append(f"  {q(n)} [group={q(kind)}];")
         for u, v in sorted(self.g.edges):
-            style = " [style=dashed]" if v.startswith("template:") else ""
+            style = " [style=dashed]" if is_template(v) else ""
             lines.append(f"  {q(u)} -> {q(v)}{style};")
         lines.append("}")
         return "\n".join(lines) + "\n"

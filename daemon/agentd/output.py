@@ -35,6 +35,19 @@ from .exceptions import OutputError, WriteError
 from .trace import fingerprint
 
 MANIFEST = ".agentd-manifest.json"
+OUTPUT_SUFFIX = ".md"
+
+
+def output_name(agent_id: str) -> str:
+    """The file an agent is written to, in the output folder."""
+    return agent_id + OUTPUT_SUFFIX
+
+
+def output_agent(name: str) -> str | None:
+    """The agent whose output ``name`` is; None for any other file."""
+    return name[: -len(OUTPUT_SUFFIX)] if name.endswith(OUTPUT_SUFFIX) else None
+
+
 JOURNAL = ".agentd-manifest.journal"
 _TEMP_SUFFIX = ".tmp"
 #: Replaced outputs kept for unlinking later, at most (see ``OutputDir.replaced``).

@@ -19,11 +19,10 @@ the hot path and they never render from stale state:
   skeleton and where everything sits in the current output file (sections not there, e.g.
   restored from the store by an undo, the worker reads from the store by digest), the worker
   writes the new output copying what the old one keeps (``Skeleton.splice``), and only
-  digests, reads and the file's stat come back. On 2 cores a batch is
-  CPU-bound, and the parent composing 100 agents (unpickling their sections, joining and
-  writing 100 × 540 KB through a writer thread that waits for the GIL) took ~80 ms of CPU from
-  the workers. Measured on a 100-section batch at N = 100, save -> last output written:
-  138-140 -> 115-121 ms. Whatever a worker cannot compose (the output was changed behind
+  digests, reads and the file's stat come back. On 2 cores a batch is CPU-bound, and the
+  parent composing every agent (unpickling their sections, joining and writing them through a
+  writer thread that waits for the GIL) took that CPU from the workers (README, "Design
+  measurements"). Whatever a worker cannot compose (the output was changed behind
   agentd's back, a base template that inspects content) comes back as sections and is
   composed by the parent as before.
 - What can wait until a batch's last output is written (the store's transaction, unlinking
@@ -159,9 +158,8 @@ class Pool:
 
         ``finish_early``: let each worker finish its part (store transaction, unlinking) as soon
         as it has no more chunks, not when the whole batch is in. For a cold ``agentd build``,
-        whose end is when the workers' store writes are done: 1.22-1.26 -> 1.18-1.22 s at
-        N = 100. Not for edits: there the batch's last output is what counts, and a worker
-        finishing early took CPU from it (100-section batch: 103.7 -> 108.9 ms)."""
+        whose end is when the workers' store writes are done. Not for edits: there the batch's
+        last output is what counts, and a worker finishing early takes CPU from it."""
         self.sync(journal)
         try:
             chunks = _chunks(tasks, len(self._conns))
@@ -234,9 +232,8 @@ MAX_CHUNK_SECTIONS = 32
 #: Chunks dealt ahead to each worker (see ``Pool.render``).
 IN_FLIGHT = 2
 #: Renders a worker queues for the store before writing them in the middle of a batch (the
-#: daemon: ``Store.FLUSH_EVERY``): ~60 MB of sections here. Writing 256 of them took a worker
-#: ~100 ms (SQLite copying ~20 MB into its WAL and checkpointing it), and a 1,000-section batch
-#: at N = 1,000 did that twice per worker before its last output; now once it is written.
+#: daemon: ``Store.FLUSH_EVERY``): ~60 MB of sections here. A flush in the middle of a batch
+#: (SQLite copying its pages into the WAL) delays the batch's last output; after it, it does not.
 WORKER_FLUSH_EVERY = 1024
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import structlog
 
 from . import __version__
-from .build import OUTPUT_SUFFIX, BuildReport, Engine, Plan, check_agents
+from .build import BuildReport, Engine, Plan, check_agents
 from .check import Finding, ScanMemory, check_output
 from .config import Config
 from .console import error_key
@@ -32,7 +32,7 @@ from .control import SUBSCRIBE, ControlServer, WorkspaceLock, socket_path
 from .exceptions import AgentdError, BuildFailed, ConfigError, RequestError, WriteError
 from .log import get_logger
 from .notify import Notifier
-from .output import MANIFEST
+from .output import MANIFEST, output_name
 from .progress import Progress
 from .status import Monitor, error_fields
 from .store import open_store
@@ -161,7 +161,7 @@ class Server:
         memory = ScanMemory()
 
         def gate(agent_id: str, data: bytes, plan: Plan) -> list[Finding]:
-            return check_output(f"{out}/{agent_id}{OUTPUT_SUFFIX}", data, plan.metas, config, memory)
+            return check_output(f"{out}/{output_name(agent_id)}", data, plan.metas, config, memory)
 
         return Engine(config, open_store(config, warn=log.warning), output_check=gate)
 

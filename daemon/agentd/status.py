@@ -43,15 +43,16 @@ class TemplateStats:
         ordered = sorted(self.samples)
         return {
             "renders": self.renders,
-            "p50_ms": round(_percentile(ordered, 0.50), 3),
-            "p95_ms": round(_percentile(ordered, 0.95), 3),
+            "p50_ms": round(percentile(ordered, 0.50, 0.0), 3),
+            "p95_ms": round(percentile(ordered, 0.95, 0.0), 3),
             "max_ms": round(self.max_ms, 3),
         }
 
 
-def _percentile(ordered: list[float], q: float) -> float:
+def percentile(ordered: list[float], q: float, empty: float) -> float:
+    """The nearest-rank ``q`` quantile of sorted samples (``empty`` when there are none)."""
     if not ordered:
-        return 0.0
+        return empty
     index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
     return ordered[index]
 
@@ -64,30 +65,35 @@ def error_fields(error: AgentdError) -> dict[str, Any]:
     """An error (one group of ``group_errors``) as data, for logs, events and the socket: file,
     line, column, the message without the path, the source line and the agents that hit it."""
     if isinstance(error, SourceError):
-        return {
-            "path": error.path,
-            "line": error.line,
-            "column": error.column,
-            "location": error.location,
-            "message": error.problem,
-            "source_line": (error.source_line or "").rstrip() or None,
-            "context": error.context,
-            "agents": list(error.agents[:AGENTS_LISTED]),
-            "agents_total": len(error.agents),
-            "text": str(error),
-        }
-    return {
-        "path": None,
-        "line": None,
-        "column": None,
-        "location": None,
-        "message": str(error),
-        "source_line": None,
-        "context": None,
-        "agents": [],
-        "agents_total": 0,
-        "text": str(error),
-    }
+        return _error_dict(
+            error.path,
+            error.line,
+            error.column,
+            error.location,
+            error.problem,
+            str(error),
+            source_line=(error.source_line or "").rstrip() or None,
+            context=error.context,
+            agents=list(error.agents[:AGENTS_LISTED]),
+            agents_total=len(error.agents),
+        )
+    text = str(error)
+    return _error_dict(None, None, None, None, text, text, source_line=None, context=None, agents=[], agents_total=0)
+
+
+def _error_dict(
+    path: str | None,
+    line: int | None,
+    column: int | None,
+    location: str | None,
+    message: str,
+    text: str,
+    **details: Any,
+) -> dict[str, Any]:
+    """The shape every error takes in logs, events and the socket (``details`` between the
+    message and the text, in their order)."""
+    fields = {"path": path, "line": line, "column": column, "location": location, "message": message}
+    return {**fields, **details, "text": text}
 
 
 def memory() -> tuple[int, int]:
@@ -136,15 +142,7 @@ class Monitor:
             self.templates.setdefault(name, TemplateStats()).add(seconds * 1000)
         gate_errors = [f for f in findings or [] if f.severity == "error"]
         self.errors = [error_fields(e) for e in report.errors] + [
-            {
-                "path": f.path,
-                "line": f.line,
-                "column": f.column,
-                "location": f"{f.path}:{f.line}",
-                "message": f.message,
-                "rule": f.rule,
-                "text": f.format(),
-            }
+            _error_dict(f.path, f.line, f.column, f"{f.path}:{f.line}", f.message, f.format(), rule=f.rule)
             for f in gate_errors
         ]
         self.state = "error" if self.errors else "idle"

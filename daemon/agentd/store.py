@@ -34,7 +34,7 @@ import hashlib
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +50,7 @@ STORE_FILE = f"{statedir.STATE_DIR}/cache.sqlite3"
 #: 3: a composition's layout names its skeleton and every gap in order (``compose.Layout``).
 #: 4: a blob's data is its last column. SQLite keeps a 60 KB row's tail in a chain of overflow
 #: pages that it can only walk in order, so a digest stored after the data cost a walk through
-#: all of them: looking up every digest of an N = 100 store (1,348; a restart looks up ~1,000)
-#: 17.5 -> 7.5 ms.
+#: all of them.
 FORMAT = "4"
 _META = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
 #: Every table an agentd store has had (format 1 had no ``deps`` and ``aux``).
@@ -256,9 +255,8 @@ class Store:
             if found != FORMAT:
                 raise _OtherFormat(f"written in store format {found}, this agentd reads format {FORMAT}")
             db.execute("PRAGMA journal_mode=WAL")
-            # No fsync, not even at checkpoints (NORMAL fsyncs there): a cold build writes ~50 MB
-            # of renders at N = 100, and those fsyncs cost ~120 ms of it (measured: cold build
-            # --jobs 2 1,260-1,330 -> 1,135-1,176 ms, --jobs 1 2,000-2,040 -> 1,857-1,872 ms).
+            # No fsync, not even at checkpoints (NORMAL fsyncs there): a cold build writes tens of
+            # MB of renders, and those fsyncs were a tenth of its time.
             # The store is a cache: a process crash loses nothing (the OS has the data); an OS
             # crash or power loss may damage it, and damage is caught (row checksums, a
             # malformed file set aside) and only costs renders, never output.
@@ -416,8 +414,7 @@ class Store:
     def put(self, unit: str, rendered: Rendered) -> None:
         """Queue a render; ``flush`` writes the queue in one transaction. Past FLUSH_EVERY
         queued, each put tries to write them *if no other process is writing*: worker
-        processes share the store, and one waiting for another's transaction is not rendering
-        (measured in a cold ``--jobs 2`` build at N = 100: 15-25 ms of waiting per flush). Past
+        processes share the store, and one waiting for another's transaction is not rendering. Past
         4x FLUSH_EVERY it waits, to bound memory."""
         if self._paused:
             return
@@ -516,10 +513,6 @@ class Store:
         # longer than _TIMEOUT_S): either way no longer queued. The cache never fails a build.
         if self._guard(run, True):
             self._pending, self._pending_aux = [], {}
-
-    def forget(self, units: Iterable[str]) -> None:
-        """Drop dependency records (the blobs stay: content-addressed, they may serve again)."""
-        self._guard(lambda db: db.executemany("DELETE FROM deps WHERE unit=?", [(u,) for u in units]), None)
 
     # -- maintenance --------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

@@ -44,9 +44,6 @@ class Trace:
         #: The trace of the render this one runs inside (a fragment's caller), if any.
         self.outer = outer
 
-    def merge(self, other: Trace) -> None:
-        self.reads.update(other.reads)
-
 
 _current: contextvars.ContextVar[Trace | None] = contextvars.ContextVar("agentd_trace", default=None)
 

@@ -13,9 +13,9 @@ import difflib
 import tempfile
 from pathlib import Path
 
-from .build import OUTPUT_SUFFIX, Engine
+from .build import Engine
 from .config import Config
-from .output import OutputDir
+from .output import OUTPUT_SUFFIX, OutputDir, output_agent
 from .progress import Progress
 
 
@@ -52,7 +52,7 @@ def verify(config: Config, diff_lines: int = 20, progress: Progress | None = Non
             report = engine.build()
         result.errors = [str(e) for e in report.errors]
         clean = {p.name: p.read_bytes() for p in clean_dir.glob(f"*{OUTPUT_SUFFIX}")}
-        ours = {n for n in OutputDir(config.output_path).files if n.endswith(OUTPUT_SUFFIX)}
+        ours = {n for n in OutputDir(config.output_path).files if output_agent(n) is not None}
         for name in sorted(clean.keys() | ours):
             result.checked += 1
             target = config.output_path / name

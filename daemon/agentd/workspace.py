@@ -259,7 +259,7 @@ def load_yaml(text: str, path: str) -> Any:
         return parse_yaml(text)
     except yaml.MarkedYAMLError as exc:
         mark, unclosed = yaml_mark(exc)
-        line = mark.line + 1 if mark else None
+        line, column = mark_position(mark) or (None, None)
         problem = yaml_problem(exc, text)
         if isinstance(exc, DuplicateKey | AliasBomb) or problem == TAB_MESSAGE:
             message = f"{path}: {problem}"
@@ -268,9 +268,7 @@ def load_yaml(text: str, path: str) -> Any:
         else:
             context = f" ({exc.context})" if exc.context else ""
             message = f"{path}: malformed YAML: {problem}{context}"
-        raise DataError(
-            message, path, line, source_line(text, line), column=mark.column + 1 if mark else None
-        ) from None
+        raise DataError(message, path, line, source_line(text, line), column=column) from None
     except yaml.YAMLError as exc:
         raise DataError(f"{path}: malformed YAML: {exc}", path) from None
 
@@ -284,9 +282,9 @@ class ParseAhead:
 
     The caller is one of the parsers: ``jobs - 1`` workers start at once, and when the caller
     is ready it takes sources from the same queue until none is left, so all of them run out of
-    work together. (A ``ProcessPoolExecutor`` with ``jobs`` workers left one core idle for
-    ~120 ms at N = 100 while the caller, slowed by the workers, was still compiling; its
-    executor thread, which hands workers their next task, waits for the caller's GIL.)"""
+    work together. (A ``ProcessPoolExecutor`` with ``jobs`` workers left one core idle while the
+    caller, slowed by the workers, was still compiling; its executor thread, which hands
+    workers their next task, waits for the caller's GIL.)"""
 
     #: Forking pays off from this many sources to parse.
     MIN_FILES = 16
@@ -540,10 +538,21 @@ def node_at(root: yaml.Node | None, keys: Iterable[str | int]) -> tuple[yaml.Nod
     return node, key_node
 
 
+def trait_ids(refs: Iterable[str], kind: str) -> list[str]:
+    """The ids of the traits of one kind among references ``kind/id``, sorted (what an unknown
+    trait's message offers)."""
+    return sorted(ref.split("/", 1)[1] for ref in refs if ref.startswith(f"{kind}/"))
+
+
 def position(*candidates: yaml.Node | None) -> tuple[int, int] | None:
     """1-based (line, column) of the first node given that exists."""
     node = next((n for n in candidates if n is not None), None)
-    return (node.start_mark.line + 1, node.start_mark.column + 1) if node is not None else None
+    return mark_position(node.start_mark) if node is not None else None
+
+
+def mark_position(mark: yaml.Mark | None) -> tuple[int, int] | None:
+    """1-based (line, column) of a YAML mark (PyYAML counts from 0); None without one."""
+    return (mark.line + 1, mark.column + 1) if mark is not None else None
 
 
 def locate(text: str, keys: Iterable[str | int]) -> int | None:
