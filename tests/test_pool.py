@@ -472,3 +472,12 @@ def test_a_failed_verify_stops_its_workers(many: Path, monkeypatch: pytest.Monke
         verify(Config.load(many, {"jobs": 2}))
     assert caught.value.__traceback__ is not None
     assert multiprocessing.active_children() == []
+
+
+def test_the_pool_does_not_import_the_engine() -> None:
+    """Workers are driven through ``pool.Work``: the pool knows nothing of ``build.py``."""
+    import subprocess
+    import sys
+
+    code = 'import agentd.pool, sys; assert "agentd.build" not in sys.modules, "agentd.build imported"'
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(REPO / "daemon")})

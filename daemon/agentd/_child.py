@@ -7,10 +7,11 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
+    from multiprocessing.process import BaseProcess
 
 
 def _prctl() -> Callable[..., int] | None:
@@ -49,3 +50,51 @@ def detach_signals(parent: int, parent_ends: Iterable[Connection] = ()) -> None:
         os._exit(1)
     for end in parent_ends:
         end.close()
+
+
+#: A forked helper as its parent sees it: the parent's end of the pipe, and the process.
+Child = tuple["Connection", "BaseProcess"]
+
+
+def fork(context: Any, target: Callable[..., None], name: str, children: list[Child], *args: Any) -> Child:
+    """Fork a helper running ``target(conn, parent_ends, parent_pid, *args)``, after
+    ``children`` (whose pipe ends it closes: see ``detach_signals``), and append it to them.
+    The pipe is closed again when the fork fails, so a refused start leaks no descriptor."""
+    parent, child = context.Pipe()
+    try:
+        proc = context.Process(
+            target=target,
+            args=(child, [*(c for c, _p in children), parent], os.getpid(), *args),
+            name=name,
+            daemon=True,
+        )
+        proc.start()
+    except BaseException:
+        parent.close()
+        raise
+    finally:
+        child.close()
+    children.append((parent, proc))
+    return parent, proc
+
+
+def stop(children: list[Child], timeout: float | None) -> None:
+    """Stop helpers: with a ``timeout``, ask each to finish (``None`` on its pipe) and kill the
+    ones that take longer; without one, their work is not wanted: terminate them."""
+    for conn, _proc in children:
+        if timeout is not None:
+            try:
+                conn.send(None)
+            except OSError:
+                pass
+        # Closed before waiting: a helper stopped mid-batch may be sending what nobody will
+        # read; the closed socket ends that send at once (the None stays readable).
+        conn.close()
+    for _conn, proc in children:
+        if timeout is None:
+            proc.terminate()
+        proc.join(timeout)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    children.clear()

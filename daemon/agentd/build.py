@@ -18,7 +18,7 @@ import itertools
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,7 +39,7 @@ from .exceptions import (
     group_errors,
 )
 from .output import MANIFEST, OutputChanged, OutputDir, WriteOutcome, output_agent, output_name
-from .pool import Composed, ComposeSpec, Pool, Result, Task, WorkerLost
+from .pool import WORKER_FLUSH_EVERY, Composed, ComposeSpec, Pool, Result, Task, WorkerLost
 from .render import BASE_TEMPLATE, Renderer, anchor, section_title
 from .store import Store
 from .trace import MISSING, TrackedMapping, TrackedValue, fingerprint
@@ -349,9 +349,6 @@ class Engine:
             return False
         return True
 
-    def worker_catalog(self) -> TrackedCatalog:
-        return self._catalog(Delta())
-
     def _parallel(self, sections: int) -> bool:
         if self.jobs < 2:
             return False
@@ -361,8 +358,10 @@ class Engine:
         """Fork the worker processes now (the daemon does this after its first build, so no
         edit ever waits for a pool to start)."""
         if self.jobs > 1 and self._pool is None:
+            if self.store is not None:
+                self.store.close()  # never carry an open SQLite connection across fork()
             try:
-                self._pool = Pool(self, self.jobs)
+                self._pool = Pool(_Worker(self), self.jobs)
             except OSError as exc:  # no processes to be had (limits): render here from now on
                 self.pool_error = f"cannot start {self.jobs} worker processes: {exc}; rendering in-process"
                 self.jobs = 1
@@ -714,17 +713,82 @@ class Engine:
         write: bool,
     ) -> None:
         """Render an agent's dirty sections and compose it while they are in L3."""
-        plan = self.plans[agent_id]
-        errors: list[AgentdError] = []
-        context = self._context(plan, catalog)
-        for meta in metas:
-            try:
-                rendered = self._render_one(plan, meta, context)
-            except SourceError as exc:
-                errors.append(exc)  # stays dirty: retried next build
-                continue
-            self._keep_section(agent_id, meta["id"], rendered, old, report)
-        self._agent_rendered(agent_id, self._hold_blocked(agent_id, errors, old), catalog, report, write)
+        result = self._run_task(Task(agent_id, [m["id"] for m in metas]), catalog)
+        self._take_result(result, catalog, old, report, write)
+
+    def _run_task(self, task: Task, catalog: TrackedCatalog) -> Result:
+        """Render one agent's share of a batch (and its skeleton, and compose it, when asked):
+        the one render path, in this process and in the workers. Renders go to the store as
+        they are made."""
+        plan = self.plans[task.agent]
+        saved, self.renderer.timings = self.renderer.timings, []
+        try:
+            context = self._context(plan, catalog)
+            metas = plan.meta_by_id
+            result = Result(task.agent, [], [], self.renderer.timings)
+            for section in task.sections:
+                try:
+                    entry = self._render_one(plan, metas[section], context)
+                except SourceError as exc:
+                    result.errors.append(exc)  # stays dirty: retried next build
+                    continue
+                result.rendered.append((section, entry))
+                if self.store is not None:
+                    self.store.put(g.section_node(task.agent, section), entry)
+            if task.skeleton:
+                try:
+                    result.skeleton, result.made_skeleton = self.render_skeleton(plan, catalog), True
+                except SourceError:
+                    pass  # the daemon renders it again and reports the error where it composes
+            if task.compose is not None and not result.errors:
+                result.composed = self._compose_task(plan, task.compose, dict(result.rendered), result, catalog)
+        finally:
+            self.renderer.timings = saved
+        if result.composed is not None:  # the daemon needs their digests and reads, not their bytes
+            result.rendered = [(s, Rendered(b"", entry.reads, entry.digest)) for s, entry in result.rendered]
+        return result
+
+    def _compose_task(
+        self, plan: Plan, spec: ComposeSpec, rendered: dict[str, Rendered], result: Result, catalog: TrackedCatalog
+    ) -> Composed | None:
+        """In a worker: compose and write the agent as the daemon would; None when this worker
+        cannot (the daemon composes it from the sections sent back)."""
+        agent_id = plan.agent.id
+        skeleton = spec.skeleton or result.skeleton
+        if skeleton is None:
+            return None
+        digests: list[bytes] = []
+        for section, known in zip(spec.sections, spec.digests, strict=True):
+            digest = rendered[section].digest if section in rendered else known
+            if digest is None:
+                return None
+            digests.append(digest)
+        output_digest = skeleton.output_digest(digests)
+        if output_digest == spec.current:
+            return Composed(output_digest, None, None)
+        old = None
+        self.layouts.pop(agent_id, None)
+        if spec.layout is not None:
+            # This worker's copies of the manifest entry and the layout, brought up to the
+            # daemon's, so that the daemon's own unchanged-file check serves.
+            self.output.files.pop(spec.name, None)
+            if spec.entry is not None:
+                self.output.files[spec.name] = spec.entry
+            self.layouts[agent_id] = spec.layout
+            old = self.written_layout(agent_id)
+        have = {entry.digest: entry.data for entry in rendered.values()}
+        assembled = self._assemble(plan, skeleton, catalog, digests, have, old, render=False)
+        if assembled is None:
+            return None  # changed behind agentd's back, not stored: the daemon has the bytes
+        _digests, pieces, layout = assembled
+        outcome: WriteOutcome
+        try:
+            outcome = self.output.write_file(spec.name, pieces, layout.digest, spec.entry)
+        except OutputChanged:
+            return None  # changed since the check above: the daemon composes it from bytes
+        except (OutputError, OSError) as exc:
+            outcome = exc
+        return Composed(layout.digest, layout, outcome)
 
     def _hold_blocked(
         self, agent_id: str, errors: list[AgentdError], old: dict[tuple[str, str], bytes]
@@ -839,52 +903,53 @@ class Engine:
         for agent_id in sorted(todo.keys() | skeletons):
             sections = [m["id"] for m in todo.get(agent_id, [])]
             spec = self._compose_spec(agent_id, set(sections), agent_id in skeletons) if write else None
-            tasks.append((agent_id, sections, agent_id in skeletons, spec))
+            tasks.append(Task(agent_id, sections, agent_id in skeletons, spec))
         # What a worker composed is recorded after the batch's last result: the workers write
         # those outputs, and on two cores every ms of bookkeeping here (graph, store records,
         # manifest: ~0.4 ms per agent) would be taken from them. An agent left to this process
         # (its sections' bytes in the result) is composed at once, so they are not all held.
         done: set[str] = set()
-        composed_there: list[tuple[Result, dict[str, Counters]]] = []
+        composed_there: list[Result] = []
         progress = self.progress
         try:
-            for result, counters in self._pool.render(journal, tasks, finish_early=report.cold):
+            for result in self._pool.render(journal, tasks, finish_early=report.cold):
                 if unwritten and self.store:
                     self.store.flush()
                     unwritten = False
-                done.add(result[0])
+                done.add(result.agent)
                 if progress is not None:  # results stream back per chunk of ~32 sections
-                    progress.advance(len(todo.get(result[0], ())))
-                if result[5] is None:
-                    self._worker_result(result, counters, catalog, old, report, write)
+                    progress.advance(len(todo.get(result.agent, ())))
+                if result.composed is None:
+                    self._take_result(result, catalog, old, report, write)
                 else:
-                    composed_there.append((result, counters))
+                    composed_there.append(result)
         except WorkerLost:
             self.close()
         except BaseException:
             self.close()  # chunks still in flight would answer the next batch
             raise
-        for result, counters in composed_there:
-            self._worker_result(result, counters, catalog, old, report, write)
+        for result in composed_there:
+            self._take_result(result, catalog, old, report, write)
         return done
 
-    def _worker_result(
+    def _take_result(
         self,
         result: Result,
-        counters: dict[str, Counters],
         catalog: TrackedCatalog,
         old: dict[tuple[str, str], bytes],
         report: BuildReport,
         write: bool,
     ) -> None:
-        agent_id, entries, errors, timings, skeleton, composed = result
-        self.caches.add(counters)
-        self.renderer.timings += timings
-        if skeleton is not None:
-            self.skeletons[agent_id] = skeleton[0]
-        for section, entry in entries:
-            self._keep_section(agent_id, section, entry, old, report, stored=True, cached=composed is None)
-        self._agent_rendered(agent_id, self._hold_blocked(agent_id, errors, old), catalog, report, write, composed)
+        """Record what a task did (here or in a worker) and compose its agent unless done."""
+        agent_id = result.agent
+        self.caches.add(result.counters)
+        self.renderer.timings += result.timings
+        if result.made_skeleton:
+            self.skeletons[agent_id] = result.skeleton
+        for section, entry in result.rendered:
+            self._keep_section(agent_id, section, entry, old, report, cached=result.composed is None)
+        errors = self._hold_blocked(agent_id, result.errors, old)
+        self._agent_rendered(agent_id, errors, catalog, report, write, result.composed)
 
     def _collect(self, old: dict[tuple[str, str], bytes], report: BuildReport) -> dict[str, list[dict[str, Any]]]:
         """The dirty sections (invalidated, new, or failed last time) that the store cannot
@@ -944,20 +1009,16 @@ class Engine:
         entry: Rendered,
         old: dict[tuple[str, str], bytes],
         report: BuildReport,
-        stored: bool = False,
         cached: bool = True,
     ) -> None:
-        """Record a fresh render; ``stored``: a worker put it in the store already; not
-        ``cached``: a worker composed its agent and kept the bytes (``_section_bytes`` then
-        takes them from the output file)."""
+        """Record a fresh render (``_run_task`` stored it); not ``cached``: a worker composed
+        its agent and kept the bytes (``_section_bytes`` then takes them from the output file)."""
         node = g.section_node(agent_id, section)
         if cached:
             self.caches.l3.put((agent_id, section), entry)
         self.section_digests[(agent_id, section)] = entry.digest
         self._dirty.discard((agent_id, section))
         self.graph.set_inputs(node, entry.reads)
-        if self.store and not stored:
-            self.store.put(node, entry)
         report.sections_rendered.append(f"{agent_id}/{section}")
         if old.get((agent_id, section)) == entry.digest:
             report.sections_cut_off += 1
@@ -965,22 +1026,31 @@ class Engine:
             self._compose_pending.add(agent_id)
 
     def _section_bytes(
-        self, plan: Plan, catalog: TrackedCatalog, old: Layout | None
-    ) -> tuple[list[bytes], dict[bytes, bytes]]:
-        """Every section's digest for composing, and the bytes of those the output on disk
-        (``old``: as written, or None) does not hold. Bytes the memory budget dropped from L3
-        are sliced out of the output, or read from the store by their digest (a lookup by
-        inputs would cost a dependency record, a fingerprint per input and a second query)."""
+        self,
+        plan: Plan,
+        catalog: TrackedCatalog,
+        old: Layout | None,
+        given: Sequence[bytes | None],
+        have: dict[bytes, bytes],
+        render: bool = True,
+    ) -> tuple[list[bytes], dict[bytes, bytes]] | None:
+        """Every section's digest for composing (``given``: the ones known, None for a section
+        to find by its inputs), and the bytes of those neither ``have`` nor the output on disk
+        (``old``: as written, or None) holds. Bytes the memory budget dropped from L3 are
+        sliced out of the output, or read from the store by their digest (a lookup by inputs
+        would cost a dependency record, a fingerprint per input and a second query). A section
+        found nowhere is rendered again; not by a worker (``render`` False: None), whose
+        daemon has its bytes."""
         keys = [(plan.agent.id, meta["id"]) for meta in plan.metas]
-        digests = [self.section_digests.get(key) for key in keys]
+        digests = list(given)
         spans = old.spans if old is not None else {}
-        have: dict[bytes, bytes] = {}
         wanted: dict[bytes, tuple[str, str]] = {}
         for index, key in enumerate(keys):
-            if digests[index] in spans:
+            if digests[index] in spans or digests[index] in have:
                 continue
             entry = self.caches.l3.peek(key)
-            if entry is not None:
+            # (A worker's L3 may hold an older render than the daemon's digest names.)
+            if entry is not None and digests[index] in (None, entry.digest):
                 digests[index] = entry.digest
                 have[entry.digest] = entry.data
             elif (known := digests[index]) is not None:
@@ -997,6 +1067,8 @@ class Engine:
         complete: list[bytes] = []
         for known, meta in zip(digests, plan.metas, strict=True):
             if known is None or (known not in have and known not in spans):
+                if not render:
+                    return None
                 entry = self._section_entry(plan, meta, catalog)
                 known = entry.digest
                 have[known] = entry.data
@@ -1049,19 +1121,44 @@ class Engine:
         disk already holds (``Skeleton.splice``) where it can, for ``write_file``."""
         agent_id = plan.agent.id
         skeleton = self._skeleton(plan, catalog)
-        old = self.written_layout(agent_id) if splice and skeleton is not None else None
-        digests, have = self._section_bytes(plan, catalog, old)
-        section_reads = _section_reads(plan, digests)
+        known = [self.section_digests.get((agent_id, meta["id"])) for meta in plan.metas]
         if skeleton is not None:
-            spliced = skeleton.splice(digests, have, old)
-            assert spliced is not None  # every section is in ``have`` or in ``old``
-            pieces, layout = spliced
-            self.layouts[agent_id] = layout
+            old = self.written_layout(agent_id) if splice else None
+            assembled = self._assemble(plan, skeleton, catalog, known, {}, old)
+            assert assembled is not None  # (a section found nowhere is rendered again)
+            digests, pieces, layout = assembled
             data = joined(pieces)
-            return pieces if data is None else data, {**skeleton.reads, **section_reads}, layout.digest
+            return pieces if data is None else data, {**skeleton.reads, **_section_reads(plan, digests)}, layout.digest
+        gathered = self._section_bytes(plan, catalog, None, known, {})
+        assert gathered is not None
+        digests, have = gathered
         self.layouts.pop(agent_id, None)
         rendered = self._render_base(plan, catalog, [have[d].decode() for d in digests])
-        return rendered.data, {**rendered.reads, **section_reads}, fingerprint(rendered.data)
+        return rendered.data, {**rendered.reads, **_section_reads(plan, digests)}, fingerprint(rendered.data)
+
+    def _assemble(
+        self,
+        plan: Plan,
+        skeleton: Skeleton,
+        catalog: TrackedCatalog,
+        known: Sequence[bytes | None],
+        have: dict[bytes, bytes],
+        old: Layout | None,
+        render: bool = True,
+    ) -> tuple[list[bytes], list[Piece], Layout] | None:
+        """The one gather-and-splice, in this process and in the workers: the bytes of every
+        section the output on disk (``old``) does not hold, around the skeleton. Returns every
+        section's digest, the pieces for ``write_file`` and the new layout; None when a
+        section is found nowhere and not ``render`` (see ``_section_bytes``)."""
+        gathered = self._section_bytes(plan, catalog, old, known, have, render)
+        if gathered is None:
+            return None
+        digests, have = gathered
+        spliced = skeleton.splice(digests, have, old)
+        assert spliced is not None  # every section is in ``have`` or in ``old``
+        pieces, layout = spliced
+        self.layouts[plan.agent.id] = layout
+        return digests, pieces, layout
 
     def _render_base(self, plan: Plan, catalog: TrackedCatalog, contents: list[str]) -> Rendered:
         context = self._context(plan, catalog)
@@ -1314,3 +1411,38 @@ def _section_reads(plan: Plan, digests: list[bytes]) -> dict[str, bytes]:
         reads[g.section_node(plan.agent.id, meta["id"])] = digest
         reads[g.meta_node(plan.agent.id, meta["id"])] = plan.meta_fps[meta["id"]]
     return reads
+
+
+class _Worker:
+    """The engine as a pool worker (``pool.Work``): a forked copy of the daemon's engine,
+    kept in step by replaying the files the daemon re-read."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.catalog: TrackedCatalog | None = None
+
+    def enter(self) -> None:
+        engine = self.engine
+        if engine.store is not None:
+            engine.store.abandon()
+            engine.store.FLUSH_EVERY = WORKER_FLUSH_EVERY
+        engine.workspace.journal = None
+        engine.output.replaced = []
+        self.catalog = engine._catalog(Delta())
+
+    def replay(self, journal: dict[Path, Read]) -> None:
+        self.catalog = self.engine.replay(journal)
+
+    def run(self, task: Task) -> Result:
+        caches = self.engine.caches
+        assert self.catalog is not None
+        before = caches.counters()
+        result = self.engine._run_task(task, self.catalog)
+        result.counters = {k: v.since(before[k]) for k, v in caches.counters().items()}
+        return result
+
+    def finish_batch(self) -> None:
+        """The store writes of the batch's renders, unlinking the outputs it replaced."""
+        if self.engine.store is not None:
+            self.engine.store.flush()
+        self.engine.output.remove_replaced()

@@ -31,6 +31,10 @@ the hot path and they never render from stale state:
 
 A worker that dies costs nothing but speed: the parent renders the rest of the batch itself
 and starts a new pool for the next one.
+
+The pool knows nothing of the engine: it drives a ``Work`` (enter, replay, run a task, finish
+the batch) that the engine side implements with the same render and compose code it runs
+itself, and passes ``Task``/``Result`` values.
 """
 
 from __future__ import annotations
@@ -38,23 +42,20 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import multiprocessing.connection
-import os
 import queue
 import threading
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from . import graph as g
-from ._child import detach_signals
+from ._child import Child, detach_signals, fork, stop
 from .cache import Counters, Rendered
 from .compose import Layout, Skeleton
-from .exceptions import AgentdError, OutputError, SourceError
-from .output import OutputChanged, WriteOutcome
+from .exceptions import AgentdError
+from .output import WriteOutcome
 
 if TYPE_CHECKING:
-    from .build import Engine
     from .workspace import Read
 
 
@@ -88,20 +89,57 @@ class Composed:
     outcome: WriteOutcome | None
 
 
-#: One agent's share of a batch: (agent id, section ids to render, render its skeleton too,
-#: compose and write it too).
-Task = tuple[str, list[str], bool, ComposeSpec | None]
-#: What comes back per agent: (agent id, rendered sections, errors, timings, the skeleton in a
-#: 1-tuple when asked for and rendered: ``(None,)`` means "not composable", the composition).
-#: Sections of a composed agent come back without their bytes.
-Result = tuple[
-    str,
-    list[tuple[str, Rendered]],
-    list[AgentdError],
-    list[tuple[str, float]],
-    tuple[Skeleton | None] | None,
-    Composed | None,
-]
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """One agent's share of a batch."""
+
+    agent: str
+    #: Section ids to render.
+    sections: list[str]
+    #: Render its skeleton too.
+    skeleton: bool = False
+    #: Compose and write it too (None: the daemon composes it).
+    compose: ComposeSpec | None = None
+
+    @property
+    def weight(self) -> int:
+        """A skeleton (two renders of the base template) costs about what a section does."""
+        return len(self.sections) + self.skeleton
+
+
+@dataclasses.dataclass
+class Result:
+    """What a task did. Sections of an agent composed where it was rendered come back without
+    their bytes (the daemon needs their digests and reads)."""
+
+    agent: str
+    rendered: list[tuple[str, Rendered]]
+    errors: list[AgentdError]
+    #: (template, seconds) for every render of the task.
+    timings: list[tuple[str, float]]
+    #: Whether the skeleton was rendered (asked for and no error), and the skeleton (None: the
+    #: agent is not composable).
+    made_skeleton: bool = False
+    skeleton: Skeleton | None = None
+    composed: Composed | None = None
+    #: What the task did to a worker's caches (empty when run where the caches are the daemon's).
+    counters: dict[str, Counters] = dataclasses.field(default_factory=dict)
+
+
+class Work(Protocol):
+    """What a worker process does, as the pool drives it (the engine side implements it)."""
+
+    def enter(self) -> None:
+        """Become a worker: called once, first thing after the fork."""
+
+    def replay(self, journal: dict[Path, Read]) -> None:
+        """Reach the daemon's state from the files it re-read since the last batch."""
+
+    def run(self, task: Task) -> Result:
+        """Render (and maybe compose and write) one agent's share of a batch."""
+
+    def finish_batch(self) -> None:
+        """Do what could wait until the batch's last output was written."""
 
 
 class WorkerLost(Exception):
@@ -109,49 +147,27 @@ class WorkerLost(Exception):
 
 
 class Pool:
-    """``jobs`` forked workers. Create it from the thread that runs builds."""
+    """``jobs`` forked workers doing ``work``. Create it from the thread that runs builds, with
+    no SQLite connection open (never carried across ``fork()``)."""
 
-    def __init__(self, engine: Engine, jobs: int) -> None:
+    def __init__(self, work: Work, jobs: int) -> None:
         context = multiprocessing.get_context("fork")
-        self._conns: list[multiprocessing.connection.Connection] = []
-        self._procs: list[multiprocessing.process.BaseProcess] = []
-        store = engine.store
-        if store is not None:
-            store.close()  # never carry an open SQLite connection across fork()
+        self._children: list[Child] = []
         try:
             for _ in range(jobs):
-                self._start(context, engine)
+                fork(context, _serve, "agentd-worker", self._children, work)
         except OSError:  # fork() refused (process limits): stop the ones that started
-            _shutdown(self._conns, self._procs, 10.0)
+            stop(self._children, 10.0)
             raise
+        self._conns = [conn for conn, _proc in self._children]
         # An engine dropped without ``close()`` still stops its workers.
-        self._finalizer = weakref.finalize(self, _shutdown, self._conns, self._procs, 10.0)
-
-    def _start(self, context: Any, engine: Engine) -> None:
-        parent, child = context.Pipe()
-        try:
-            proc = context.Process(
-                target=_serve,
-                args=(engine, child, [*self._conns, parent], os.getpid()),
-                name="agentd-worker",
-                daemon=True,
-            )
-            proc.start()
-        except BaseException:
-            parent.close()
-            raise
-        finally:
-            child.close()
-        self._conns.append(parent)
-        self._procs.append(proc)
+        self._finalizer = weakref.finalize(self, stop, self._children, 10.0)
 
     @property
     def size(self) -> int:
-        return len(self._procs)
+        return len(self._children)
 
-    def render(
-        self, journal: dict[Path, Read], tasks: list[Task], finish_early: bool = False
-    ) -> Iterator[tuple[Result, dict[str, Counters]]]:
+    def render(self, journal: dict[Path, Read], tasks: list[Task], finish_early: bool = False) -> Iterator[Result]:
         """Render ``tasks`` after bringing every worker up to ``journal``; yield each agent's
         result as it arrives. Raises ``WorkerLost`` (after which the pool is unusable); a caller
         that stops early must ``close()`` the pool (chunks would still be in flight).
@@ -172,13 +188,11 @@ class Pool:
             while any(queued.values()):
                 for ready in multiprocessing.connection.wait([c for c, n in queued.items() if n]):
                     conn = ready  # type: ignore[assignment]
-                    results, counters = conn.recv()
+                    results = conn.recv()
                     queued[conn] += self._give(conn, chunks) - 1
                     if finish_early and not queued[conn]:
                         conn.send(("idle", None))
-                    for result in results:
-                        yield result, counters
-                        counters = {}
+                    yield from results
             if not finish_early:
                 for conn in self._conns:
                     conn.send(("idle", None))
@@ -187,7 +201,7 @@ class Pool:
 
     def sync(self, journal: dict[Path, Read]) -> None:
         """Send every worker the files the daemon re-read since their last batch, to replay
-        (``Engine.replay``) before their next chunk. Raises ``WorkerLost``."""
+        (``Work.replay``) before their next chunk. Raises ``WorkerLost``."""
         if not journal:
             return
         try:
@@ -208,24 +222,6 @@ class Pool:
         self._finalizer()
 
 
-def _shutdown(
-    conns: list[multiprocessing.connection.Connection], procs: list[multiprocessing.process.BaseProcess], timeout: float
-) -> None:
-    for conn in conns:
-        try:
-            conn.send(None)
-        except OSError:
-            pass
-        # Closed before waiting: a worker stopped mid-batch may be sending results nobody will
-        # read; the closed socket ends that send at once (the None stays readable).
-        conn.close()
-    for proc in procs:
-        proc.join(timeout)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-
-
 #: Most sections per chunk: each result message holds this many ~60 KB renders, pickled and
 #: unpickled at once in the daemon (bigger chunks only add to its peak memory).
 MAX_CHUNK_SECTIONS = 32
@@ -240,43 +236,33 @@ WORKER_FLUSH_EVERY = 1024
 def _chunks(tasks: list[Task], workers: int) -> list[list[Task]]:
     """Split a batch into ~8 chunks per worker by section count (agents stay whole), biggest
     first so the slowest chunk does not start last. Returned reversed: ``pop()`` takes next."""
-    total = sum(_weight(task) for task in tasks)
+    total = sum(task.weight for task in tasks)
     target = min(MAX_CHUNK_SECTIONS, max(1, total // (workers * 8)))
     chunks: list[list[Task]] = []
     current: list[Task] = []
     size = 0
     for task in tasks:
         current.append(task)
-        size += _weight(task)
+        size += task.weight
         if size >= target:
             chunks.append(current)
             current, size = [], 0
     if current:
         chunks.append(current)
-    chunks.sort(key=lambda c: sum(map(_weight, c)))
+    chunks.sort(key=lambda c: sum(task.weight for task in c))
     return chunks
-
-
-def _weight(task: Task) -> int:
-    """A skeleton (two renders of the base template) costs about what a section does."""
-    return len(task[1]) + task[2]
 
 
 # -- in the worker ------------------------------------------------------------------------------
 def _serve(
-    engine: Engine,
     conn: multiprocessing.connection.Connection,
     parent_ends: list[multiprocessing.connection.Connection],
     parent: int,
+    work: Work,
 ) -> None:
     """A worker's loop: sync, render chunks, finish the batch when idle, exit on ``None`` or EOF."""
     detach_signals(parent, parent_ends)  # when the parent dies, every worker sees EOF and exits
-    if engine.store is not None:
-        engine.store.abandon()
-        engine.store.FLUSH_EVERY = WORKER_FLUSH_EVERY
-    engine.workspace.journal = None
-    engine.output.replaced = []
-    catalog = engine.worker_catalog()
+    work.enter()
     outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
     sender = threading.Thread(target=_send, args=(conn, outbox), name="agentd-send", daemon=True)
     sender.start()
@@ -289,25 +275,14 @@ def _serve(
             break
         kind, payload = message
         if kind == "sync":
-            catalog = engine.replay(payload)
+            work.replay(payload)
         elif kind == "render":
-            before = engine.caches.counters()
-            results = [_render(engine, catalog, *task) for task in payload]
-            counters = {k: v.since(before[k]) for k, v in engine.caches.counters().items()}
-            outbox.put((results, counters))
+            outbox.put([work.run(task) for task in payload])
         elif kind == "idle":
-            _finish_batch(engine)
+            work.finish_batch()
     outbox.put(None)
     sender.join()
-    _finish_batch(engine)
-
-
-def _finish_batch(engine: Engine) -> None:
-    """What can wait until the batch's last output is written: the store writes of its
-    renders, unlinking the outputs it replaced."""
-    if engine.store is not None:
-        engine.store.flush()
-    engine.output.remove_replaced()
+    work.finish_batch()
 
 
 def _send(conn: multiprocessing.connection.Connection, outbox: queue.SimpleQueue[Any]) -> None:
@@ -320,79 +295,3 @@ def _send(conn: multiprocessing.connection.Connection, outbox: queue.SimpleQueue
             conn.send(message)
         except OSError:
             return  # the daemon is gone: the main loop sees EOF and exits
-
-
-def _render(
-    engine: Engine, catalog: Any, agent_id: str, sections: list[str], skeleton: bool, compose: ComposeSpec | None
-) -> Result:
-    engine.renderer.timings = []
-    plan = engine.plans[agent_id]
-    metas = plan.meta_by_id
-    context = engine._context(plan, catalog)
-    entries: list[tuple[str, Rendered]] = []
-    errors: list[AgentdError] = []
-    for section in sections:
-        try:
-            entry = engine._render_one(plan, metas[section], context)
-        except SourceError as exc:
-            errors.append(exc)
-            continue
-        entries.append((section, entry))
-        if engine.store is not None:
-            engine.store.put(g.section_node(agent_id, section), entry)
-    made: tuple[Skeleton | None] | None = None
-    if skeleton:
-        try:
-            made = (engine.render_skeleton(plan, catalog),)
-        except SourceError:
-            pass  # the daemon renders it again and reports the error where it composes
-    composed = None
-    if compose is not None and not errors:
-        composed = _compose(engine, agent_id, compose, dict(entries), made[0] if made else None)
-    if composed is not None:  # the daemon needs their digests and reads, not their bytes
-        entries = [(section, Rendered(b"", entry.reads, entry.digest)) for section, entry in entries]
-    return agent_id, entries, errors, engine.renderer.timings, made, composed
-
-
-def _compose(
-    engine: Engine, agent_id: str, spec: ComposeSpec, rendered: dict[str, Rendered], made: Skeleton | None
-) -> Composed | None:
-    """Compose and write the agent as the daemon would; None when this worker cannot (the
-    daemon composes it from the sections sent back)."""
-    skeleton = spec.skeleton or made
-    if skeleton is None:
-        return None
-    digests: list[bytes] = []
-    for section, known in zip(spec.sections, spec.digests, strict=True):
-        digest = rendered[section].digest if section in rendered else known
-        if digest is None:
-            return None
-        digests.append(digest)
-    output_digest = skeleton.output_digest(digests)
-    if output_digest == spec.current:
-        return Composed(output_digest, None, None)
-    old = None
-    if spec.layout is not None:
-        # This worker's copies of the manifest entry and the layout, brought up to the
-        # daemon's, so that the daemon's own unchanged-file check serves.
-        engine.output.files.pop(spec.name, None)
-        if spec.entry is not None:
-            engine.output.files[spec.name] = spec.entry
-        engine.layouts[agent_id] = spec.layout
-        old = engine.written_layout(agent_id)
-    have = {entry.digest: entry.data for entry in rendered.values()}
-    missing = [d for d in spec.digests if d is not None and d not in have and (old is None or d not in old.spans)]
-    if missing and engine.store is not None:  # restored from the store: not in the output yet
-        have.update(engine.store.blobs_by_digest(missing))
-    spliced = skeleton.splice(digests, have, old)
-    if spliced is None:
-        return None  # changed behind agentd's back, not stored: the daemon has the bytes
-    pieces, layout = spliced
-    outcome: WriteOutcome
-    try:
-        outcome = engine.output.write_file(spec.name, pieces, layout.digest, spec.entry)
-    except OutputChanged:
-        return None  # changed since the check above: the daemon composes it from bytes
-    except (OutputError, OSError) as exc:
-        outcome = exc
-    return Composed(layout.digest, layout, outcome)

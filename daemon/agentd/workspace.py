@@ -22,7 +22,7 @@ import orjson
 import yaml
 
 from . import graph as g
-from ._child import detach_signals
+from ._child import Child, detach_signals, fork, stop
 from .config import Config
 from .exceptions import DataError, SourceError, TemplateError
 from .store import exact_json
@@ -298,17 +298,10 @@ class ParseAhead:
         self._items = items
         self._read = read  # ``Workspace.read_source``: nothing outside the workspace is read
         self._next = context.Value("q", 0)  # the next source to parse, for whoever is free
-        self._workers: list[tuple[multiprocessing.connection.Connection, multiprocessing.process.BaseProcess]] = []
+        self._workers: list[Child] = []
         try:
             for _ in range(workers):
-                parent, child = context.Pipe(duplex=False)
-                ends = [conn for conn, _proc in self._workers] + [parent]
-                proc = context.Process(
-                    target=self._serve, args=(child, ends, os.getpid()), name="agentd-parse", daemon=True
-                )
-                proc.start()
-                child.close()
-                self._workers.append((parent, proc))
+                fork(context, self._serve, "agentd-parse", self._workers)
         except OSError:  # fork() refused part-way (process limits): stop the ones that started
             self.close()
             raise
@@ -392,11 +385,7 @@ class ParseAhead:
     def close(self) -> None:
         """Stop the workers: after ``result()`` they have nothing left to do; before it (a
         failed start, a build that raised) their work is not wanted."""
-        for conn, proc in self._workers:
-            conn.close()
-            proc.terminate()
-            proc.join()
-        self._workers = []
+        stop(self._workers, None)
 
 
 def decode_text(raw: bytes, rel: str, error: type[SourceError]) -> str:
