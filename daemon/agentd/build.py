@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import graph as g
+from . import plan as plans
 from .cache import Caches, Counters, Rendered
 from .catalog import Relations, TrackedCatalog, blocked_error
 from .compose import Layout, Piece, Skeleton, joined, render_skeleton
@@ -39,34 +40,15 @@ from .exceptions import (
     group_errors,
 )
 from .output import MANIFEST, OutputChanged, OutputDir, WriteOutcome, output_agent, output_name
+from .plan import Plan
 from .pool import WORKER_FLUSH_EVERY, Composed, ComposeSpec, Pool, Result, Task, WorkerLost
-from .render import BASE_TEMPLATE, Renderer, anchor, section_title
+from .render import BASE_TEMPLATE, Renderer
 from .store import Store
-from .trace import MISSING, TrackedMapping, TrackedValue, fingerprint
-from .workspace import AgentSource, Delta, ParseAhead, Read, Workspace, locate, source_line, trait_ids
+from .trace import MISSING, fingerprint
+from .workspace import Delta, ParseAhead, Read, Workspace
 
 if TYPE_CHECKING:
     from .progress import Progress
-
-SECTION_DIR = "sections"
-
-
-@dataclasses.dataclass
-class Plan:
-    """An agent resolved against the workspace: its sections and traits exist."""
-
-    agent: AgentSource
-    metas: list[dict[str, Any]]
-    meta_fps: dict[str, bytes]
-    traits: dict[str, list[TrackedMapping]]
-
-    @property
-    def meta_by_id(self) -> dict[str, dict[str, Any]]:
-        return {m["id"]: m for m in self.metas}
-
-    @functools.cached_property
-    def metas_fp(self) -> bytes:
-        return fingerprint(self.metas)
 
 
 @dataclasses.dataclass
@@ -124,20 +106,6 @@ class BuildReport:
             "findings": len(self.findings),
             "caches": {k: {"hits": c.hits, "misses": c.misses, "expected": c.expected} for k, c in self.caches.items()},
         }
-
-
-#: Known agent ids an unknown one's error lists at most.
-KNOWN_SHOWN = 20
-
-
-def check_agents(requested: Iterable[str], known: Iterable[str]) -> None:
-    """Refuse agent ids the workspace does not have, naming them and the ones it has (the
-    daemon's ``rebuild`` and ``agentd rebuild`` without one say the same)."""
-    have = sorted(set(known))
-    unknown = sorted(set(requested) - set(have))
-    if unknown:
-        shown = ", ".join(have[:KNOWN_SHOWN]) + (f" ... ({len(have)} in all)" if len(have) > KNOWN_SHOWN else "")
-        raise ConfigError(f"unknown agent(s): {', '.join(unknown)}; known: {shown or 'none'}")
 
 
 #: A warm worker pool takes a batch from this many sections (below it, dispatch costs more).
@@ -542,8 +510,8 @@ class Engine:
         todo = set(delta.agents) | set(self.agent_errors)
         if delta.membership:
             todo |= set(ws.agents) | set(self.plans)
-        available = self.available_sections()
-        defaults = self.default_sections()
+        available = plans.available_sections(ws)
+        defaults = plans.default_sections(self.config, ws)
         kinds = sorted({ref.split("/", 1)[0] for ref in ws.traits})
         self.trait_kinds_fp = fingerprint(kinds)
         for agent_id in sorted(todo):
@@ -554,7 +522,7 @@ class Engine:
                 self._drop_agent(agent_id, old, keep_output=agent_id in ws.agent_errors)
                 continue
             try:
-                plan = self._plan(agent, available, defaults, kinds)
+                plan = plans.resolve(self.config, ws, agent, available, defaults, kinds)
             except DataError as exc:
                 self.agent_errors[agent_id] = [exc]
                 self._drop_agent(agent_id, old, keep_output=True)
@@ -589,119 +557,14 @@ class Engine:
             self.caches.l4.pop(agent_id)
             self.findings.pop(agent_id, None)
 
-    def available_sections(self) -> list[str]:
-        """Section ids an agent may enable: ``templates/sections/<id>.j2``, "_" partials aside.
-        A section template that does not load counts: its agents fail with its error (reported
-        once) rather than each with "unknown section"."""
-        prefix = f"{SECTION_DIR}/"
-        ws = self.workspace
-        return sorted(
-            n[len(prefix) : -3]
-            for n in itertools.chain(ws.templates, ws.template_errors.keys() - ws.templates.keys())
-            if n.startswith(prefix) and n.endswith(".j2") and not n[len(prefix) :].startswith("_")
-        )
-
-    def default_sections(self) -> list[str]:
-        """The sections of an agent whose source lists none: ``sections`` of the configuration,
-        else every section template (partials and subfolders aside), sorted by name. A section
-        template created or deleted changes the set of templates, which re-plans every agent
-        (``Delta.membership``); what read a plan's section list depends on it
-        (``g.section_list_node``), so nothing made for the old list is kept or restored."""
-        if self.config.sections:
-            return list(self.config.sections)
-        return [s for s in self.available_sections() if "/" not in s]
-
-    def _plan(self, agent: AgentSource, available: list[str], defaults: list[str], kinds: list[str]) -> Plan:
-        """Resolve an agent's section list and trait references, or raise ``DataError`` at the
-        offending line. Every trait kind of the library is present in ``traits`` (empty when
-        the agent lists none), so templates can loop over ``traits.safety`` unconditionally."""
-        ws = self.workspace
-        data = agent.data
-        sections = data.get("sections", defaults)
-        if not isinstance(sections, list) or not all(isinstance(s, str) for s in sections):
-            self._fail(agent, ["sections"], "sections: expected a list of section names")
-        if not sections and "sections" not in data:
-            folder = f"{self.config.templates_dir}/{SECTION_DIR}"
-            why = f"no sections: add {folder}/<name>.j2, or set `sections` in agentd.toml or in this file"
-            self._fail(agent, [], why, rule="unknown-section")
-        metas: list[dict[str, Any]] = []
-        for i, section in enumerate(sections):
-            if section not in available:
-                where = "" if "sections" in data else " (a default section: `sections` in agentd.toml)"
-                self._fail(
-                    agent,
-                    ["sections", i],
-                    f"unknown section {section!r}{where}; expected one of: {', '.join(available) or '(none)'}",
-                    rule="unknown-section",
-                )
-            number = i + 1
-            title = section_title(section)
-            metas.append(
-                {
-                    "id": section,
-                    "title": title,
-                    "number": number,
-                    "anchor": anchor(f"{number}. {title}"),
-                    "template": f"{SECTION_DIR}/{section}.j2",
-                }
-            )
-        traits = data.get("traits", {})
-        if not isinstance(traits, dict):
-            self._fail(agent, ["traits"], "traits: expected a mapping of kind -> list of trait ids")
-        resolved: dict[str, list[TrackedMapping]] = {kind: [] for kind in kinds}
-        for kind, ids in traits.items():
-            if not isinstance(ids, list):
-                self._fail(agent, ["traits", kind], f"traits.{kind}: expected a list of trait ids")
-            resolved[kind] = []
-            for i, trait_id in enumerate(ids):
-                ref = f"{kind}/{trait_id}"
-                trait = ws.traits.get(ref)
-                if trait is None:
-                    broken = ws.trait_errors.get(ref)
-                    known = trait_ids(ws.traits, kind)
-                    why = (
-                        f"trait {ref!r} does not load (see {broken.location})"
-                        if broken
-                        else f"unknown trait {trait_id!r} of kind {kind!r}; expected one of: "
-                        f"{', '.join(known) or '(none: add agents/traits/' + kind + '/<id>.yaml)'}"
-                    )
-                    self._fail(agent, ["traits", kind, i], why, rule="" if broken else "unknown-trait")
-                else:
-                    resolved[kind].append(
-                        TrackedMapping(trait.data, g.trait_prefix(ref), trait.fps, trait.fp, label=f"trait {ref!r}")
-                    )
-        return Plan(agent, metas, {m["id"]: fingerprint(m) for m in metas}, resolved)
-
-    def _fail(self, agent: AgentSource, keys: list[str | int], message: str, rule: str = "schema") -> None:
-        text = self.workspace.source_text(agent.path)
-        line = locate(text, keys)
-        error = DataError(f"{agent.path}: {message}", agent.path, line, source_line(text, line))
-        error.rule = rule
-        raise error
-
     # -- rendering ------------------------------------------------------------------------
     def _catalog(self, delta: Any) -> TrackedCatalog:
-        ws = self.workspace
-        entries = dict(ws.catalog_entries)  # copies: the workspace updates its own in place
         if self._relations is None or g.RELATIONS in delta.nodes:
-            self._relations = Relations(entries)
-        broken = dict(ws.agent_errors)
-        return TrackedCatalog(entries, dict(ws.catalog_fps), ws.catalog_fp, self._relations, broken)
+            self._relations = Relations(dict(self.workspace.catalog_entries))
+        return plans.catalog(self.workspace, self._relations)
 
     def _context(self, plan: Plan, catalog: TrackedCatalog) -> dict[str, Any]:
-        a = plan.agent
-        return {
-            # Labelled "agent", not by id: a key every agent lacks is one error, not one per agent.
-            "agent": TrackedMapping(a.data, g.key_prefix(a.id), a.fps, a.fp, label="agent"),
-            "sections": TrackedValue(plan.metas, g.section_list_node(a.id), plan.metas_fp),
-            "traits": TrackedValue(
-                plan.traits,
-                g.key_node(a.id, "traits"),
-                a.fps.get("traits", MISSING),
-                also=((g.TRAIT_KINDS, self.trait_kinds_fp),),
-            ),
-            "catalog": catalog,
-        }
+        return plans.context(plan, catalog, self.trait_kinds_fp)
 
     def _render_agent(
         self,

@@ -31,11 +31,12 @@ import yaml
 from jinja2 import nodes
 
 from . import graph as g
-from .build import Engine, Plan
+from .build import Engine
 from .cache import Layer
 from .config import CONFIG_FILE, Config
 from .exceptions import BlockedError, ConfigError, DataError, SourceError, TemplateError
 from .output import output_name
+from .plan import Plan, available_sections, default_sections
 from .progress import Progress
 from .render import BASE_TEMPLATE, anchor
 from .workspace import (
@@ -514,9 +515,9 @@ class Checker:
         one or every folder it could not read."""
         ws = engine.workspace
         out = [finding(rel, 1, 1, "unreadable-source", why) for rel, why in _unread(ws).items()]
-        sections = set(engine.available_sections())
+        sections = set(available_sections(ws))
         traits = set(ws.traits) | set(ws.trait_errors)
-        defaults = engine.default_sections()
+        defaults = default_sections(engine.config, ws)
         sources = [
             (path, kind[0])
             for path in sorted(ws.files())

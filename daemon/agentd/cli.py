@@ -592,7 +592,7 @@ def _cmd_rebuild(config: Config, args: argparse.Namespace) -> int:
     else:
         if args.agents:
             _check_workspace(config)
-            from .build import check_agents
+            from .plan import check_agents
             from .workspace import Workspace
 
             ws = Workspace(config)

@@ -24,7 +24,7 @@ from typing import Any
 import structlog
 
 from . import __version__
-from .build import BuildReport, Engine, Plan, check_agents
+from .build import BuildReport, Engine
 from .check import Finding, ScanMemory, check_output
 from .config import Config
 from .console import error_key
@@ -33,6 +33,7 @@ from .exceptions import AgentdError, BuildFailed, ConfigError, RequestError, Wri
 from .log import get_logger
 from .notify import Notifier
 from .output import MANIFEST, output_name
+from .plan import Plan, check_agents
 from .progress import Progress
 from .status import Monitor, error_fields
 from .store import open_store
