@@ -114,6 +114,20 @@ PARALLEL_MIN_SECTIONS = 16
 POOL_START_MIN_SECTIONS = 36
 
 
+@dataclasses.dataclass
+class _Run:
+    """One build's state, shared by its steps instead of passed from one to the next."""
+
+    report: BuildReport
+    catalog: TrackedCatalog
+    #: The digests the sections this build evicted had (a re-render with the same one is cut off).
+    old: dict[tuple[str, str], bytes]
+    #: False: render in memory only.
+    write: bool
+    #: Take unchanged renders from the store.
+    restore: bool
+
+
 class Engine:
     """Holds one workspace's caches and graph across builds (the daemon keeps one alive)."""
 
@@ -141,8 +155,10 @@ class Engine:
         self.pool_error: str | None = None
         self._writer: ThreadPoolExecutor | None = None
         self._writes: list[tuple[str, Plan, bytes, Future[tuple[bool, list[int]]]]] = []
-        #: Take unchanged renders from the store (False for a forced rebuild: render, then save).
+        #: Take unchanged renders from the store, unless a build says otherwise (``build``).
         self.restore = restore
+        #: The build running (or the last one).
+        self._run: _Run
         #: Agents never taken from the store, whatever ``restore`` says (``agentd rebuild
         #: AGENT...`` without a daemon: the others come back from the store as in a build).
         self.fresh = set(fresh)
@@ -192,10 +208,18 @@ class Engine:
         return f"{next(self._ids)}-{uuid.uuid4().hex[:8]}"
 
     def build(
-        self, paths: Iterable[Path] | None = None, *, write: bool = True, build_id: str | None = None
+        self,
+        paths: Iterable[Path] | None = None,
+        *,
+        write: bool = True,
+        build_id: str | None = None,
+        restore: bool | None = None,
     ) -> BuildReport:
         """Bring outputs up to date with the disk. ``paths``: what may have changed (None:
-        rescan everything). ``write=False`` renders in memory only."""
+        rescan everything). ``write=False`` renders in memory only. ``restore``: take
+        unchanged renders from the store (default: the engine's ``restore``; False for a
+        forced rebuild: render, then save)."""
+        restore = self.restore if restore is None else restore
         report = BuildReport(build_id=build_id or self.new_build_id(), started=time.time())
         t0 = time.perf_counter()
         before = self.caches.counters()
@@ -203,7 +227,7 @@ class Engine:
         report.cold = not self._scanned
         compile_later: set[str] = set()
         if paths is None or not self._scanned:
-            delta = self._scan()
+            delta = self._scan(restore)
             if write and not self._scanned:
                 self.output.sweep()
             self._scanned = True
@@ -216,8 +240,9 @@ class Engine:
                 compile_later = delta.templates
             else:
                 self.renderer.compile(delta.templates)
-        old_sections, catalog = self._apply(delta)
-        todo = self._collect(old_sections, report)
+        old, catalog = self._apply(delta)
+        self._run = _Run(report, catalog, old, write, restore)
+        todo = self._collect()
         sections = sum(map(len, todo.values()))
         held = sum(map(len, self._blocked.values()))  # still blocked: not visited, not reused
         skeletons = self._skeletons_wanted(todo)
@@ -226,20 +251,20 @@ class Engine:
             progress.count(sections, "sections")
         done: set[str] = set()
         if self._parallel(sections + len(skeletons)) and len(todo.keys() | skeletons) > 1:
-            done = self._render_in_workers(todo, skeletons, catalog, old_sections, report, write)
+            done = self._render_in_workers(todo, skeletons)
         if compile_later:
             self.renderer.compile(compile_later)
         for agent_id, metas in todo.items():  # all of them, or what the workers left
             if agent_id not in done:
-                self._render_agent(agent_id, metas, catalog, old_sections, report, write)
+                self._render_agent(agent_id, metas)
                 if progress is not None:
                     progress.advance(len(metas))
         planned = sum(len(p.metas) for p in self.plans.values()) - held
         report.sections_reused = planned - report.sections_restored - sections
         self.caches.l3.counters.hits += report.sections_reused  # used as they were, unvisited
         for agent_id in sorted(self._compose_pending & self.plans.keys()):
-            self._compose(agent_id, catalog, report, write)
-        self._finish_writes(report, catalog)
+            self._compose(agent_id)
+        self._finish_writes()
         # Output gates after every write of this build: they never delay a file.
         for agent_id, data, plan in self._to_check:
             if data is None:  # written: read it back rather than hold every output in memory
@@ -247,10 +272,10 @@ class Engine:
                     data = (self.output.path / output_name(agent_id)).read_bytes()
                 except OSError:  # deleted since: restored (and checked) by the next build
                     continue
-            self._check_output(agent_id, data, plan, report)
+            self._check_output(agent_id, data, plan)
         self._to_check = []
         if write:
-            self._remove_stale(report)
+            self._remove_stale()
             self._save_manifest()
         if self.store:
             self.store.flush()
@@ -261,12 +286,12 @@ class Engine:
         report.duration_ms = (time.perf_counter() - t0) * 1000
         return report
 
-    def _scan(self) -> Delta:
+    def _scan(self, restore: bool) -> Delta:
         """Read and compile everything. With worker processes, they parse the YAML sources
         while this process compiles the templates."""
         parsing, self.parse_ahead = self.parse_ahead, None
         if parsing is None and self.jobs > 1:
-            parsing = ParseAhead.start(self.config, self.jobs, self.store if self.restore else None)
+            parsing = ParseAhead.start(self.config, self.jobs, self.store if restore else None)
         try:
             delta = self.workspace.refresh([self.config.templates_path])
             self.renderer.compile(delta.templates)
@@ -570,14 +595,10 @@ class Engine:
         self,
         agent_id: str,
         metas: list[dict[str, Any]],
-        catalog: TrackedCatalog,
-        old: dict[tuple[str, str], bytes],
-        report: BuildReport,
-        write: bool,
     ) -> None:
         """Render an agent's dirty sections and compose it while they are in L3."""
-        result = self._run_task(Task(agent_id, [m["id"] for m in metas]), catalog)
-        self._take_result(result, catalog, old, report, write)
+        result = self._run_task(Task(agent_id, [m["id"] for m in metas]), self._run.catalog)
+        self._take_result(result)
 
     def _run_task(self, task: Task, catalog: TrackedCatalog) -> Result:
         """Render one agent's share of a batch (and its skeleton, and compose it, when asked):
@@ -653,9 +674,7 @@ class Engine:
             outcome = exc
         return Composed(layout.digest, layout, outcome)
 
-    def _hold_blocked(
-        self, agent_id: str, errors: list[AgentdError], old: dict[tuple[str, str], bytes]
-    ) -> list[AgentdError]:
+    def _hold_blocked(self, agent_id: str, errors: list[AgentdError]) -> list[AgentdError]:
         """Keep the sections that stopped at a broken agent's catalog entry as blocked (until
         what they read changes); return the other errors."""
         others: list[AgentdError] = []
@@ -666,24 +685,21 @@ class Engine:
             key = (agent_id, error.section)
             self._dirty.discard(key)
             self.graph.set_inputs(g.section_node(*key), error.reads)
-            self._blocked.setdefault(agent_id, {})[error.section] = (error.blockers, old.get(key))
+            self._blocked.setdefault(agent_id, {})[error.section] = (error.blockers, self._run.old.get(key))
         return others
 
     def _agent_rendered(
         self,
         agent_id: str,
         errors: list[AgentdError],
-        catalog: TrackedCatalog,
-        report: BuildReport,
-        write: bool,
         composed: Composed | None = None,
     ) -> None:
         if errors:
             self.agent_errors[agent_id] = errors
         elif composed is not None and (agent_id in self._compose_pending or composed.outcome is not None):
-            self._composed_in_worker(agent_id, composed, report)
+            self._composed_in_worker(agent_id, composed)
         elif agent_id in self._compose_pending:
-            self._compose(agent_id, catalog, report, write)
+            self._compose(agent_id)
 
     def _compose_spec(self, agent_id: str, rendering: set[str], renders_skeleton: bool) -> ComposeSpec | None:
         """What a worker needs to compose and write this agent itself, or None when only this
@@ -714,7 +730,7 @@ class Engine:
             current=self.caches.l4.peek(agent_id) if self.output.owns(name) else None,
         )
 
-    def _composed_in_worker(self, agent_id: str, composed: Composed, report: BuildReport) -> None:
+    def _composed_in_worker(self, agent_id: str, composed: Composed) -> None:
         """Record what a worker composed and wrote, as ``_compose`` records its own."""
         plan = self.plans[agent_id]
         skeleton = self.skeletons[agent_id]
@@ -723,9 +739,9 @@ class Engine:
         reads = {**skeleton.reads, **_section_reads(plan, digests)}
         if composed.layout is not None:
             self.layouts[agent_id] = composed.layout
-        if not self._composed(agent_id, reads, composed.digest, report):
+        if not self._composed(agent_id, reads, composed.digest):
             assert composed.outcome is not None  # the worker saw the same L4 entry
-            self._record_write(agent_id, plan, composed.digest, composed.outcome, report)
+            self._record_write(agent_id, plan, composed.digest, composed.outcome)
 
     def _skeletons_wanted(self, todo: dict[str, list[dict[str, Any]]]) -> set[str]:
         """Agents that will be composed in this build and have no valid skeleton: those with
@@ -739,10 +755,6 @@ class Engine:
         self,
         todo: dict[str, list[dict[str, Any]]],
         skeletons: set[str],
-        catalog: TrackedCatalog,
-        old: dict[tuple[str, str], bytes],
-        report: BuildReport,
-        write: bool,
     ) -> set[str]:
         """Render sections and skeletons in the worker processes (``pool.py``) and compose
         each agent as they arrive; return the agents done. A lost worker (or none to be had)
@@ -753,7 +765,7 @@ class Engine:
             return set()
         assert self.workspace.journal is not None
         journal, self.workspace.journal = self.workspace.journal, {}
-        report.workers = self._pool.size
+        self._run.report.workers = self._pool.size
         # Workers forked before this build load the templates it compiled from the store, not
         # compiling them again: write those first. Workers forked just now have them (fork
         # copied them), and a change sent ahead (``_sync_ahead``) is replayed already; then
@@ -765,7 +777,7 @@ class Engine:
         tasks: list[Task] = []
         for agent_id in sorted(todo.keys() | skeletons):
             sections = [m["id"] for m in todo.get(agent_id, [])]
-            spec = self._compose_spec(agent_id, set(sections), agent_id in skeletons) if write else None
+            spec = self._compose_spec(agent_id, set(sections), agent_id in skeletons) if self._run.write else None
             tasks.append(Task(agent_id, sections, agent_id in skeletons, spec))
         # What a worker composed is recorded after the batch's last result: the workers write
         # those outputs, and on two cores every ms of bookkeeping here (graph, store records,
@@ -775,7 +787,7 @@ class Engine:
         composed_there: list[Result] = []
         progress = self.progress
         try:
-            for result in self._pool.render(journal, tasks, finish_early=report.cold):
+            for result in self._pool.render(journal, tasks, finish_early=self._run.report.cold):
                 if unwritten and self.store:
                     self.store.flush()
                     unwritten = False
@@ -783,7 +795,7 @@ class Engine:
                 if progress is not None:  # results stream back per chunk of ~32 sections
                     progress.advance(len(todo.get(result.agent, ())))
                 if result.composed is None:
-                    self._take_result(result, catalog, old, report, write)
+                    self._take_result(result)
                 else:
                     composed_there.append(result)
         except WorkerLost:
@@ -792,16 +804,12 @@ class Engine:
             self.close()  # chunks still in flight would answer the next batch
             raise
         for result in composed_there:
-            self._take_result(result, catalog, old, report, write)
+            self._take_result(result)
         return done
 
     def _take_result(
         self,
         result: Result,
-        catalog: TrackedCatalog,
-        old: dict[tuple[str, str], bytes],
-        report: BuildReport,
-        write: bool,
     ) -> None:
         """Record what a task did (here or in a worker) and compose its agent unless done."""
         agent_id = result.agent
@@ -810,11 +818,11 @@ class Engine:
         if result.made_skeleton:
             self.skeletons[agent_id] = result.skeleton
         for section, entry in result.rendered:
-            self._keep_section(agent_id, section, entry, old, report, cached=result.composed is None)
-        errors = self._hold_blocked(agent_id, result.errors, old)
-        self._agent_rendered(agent_id, errors, catalog, report, write, result.composed)
+            self._keep_section(agent_id, section, entry, cached=result.composed is None)
+        errors = self._hold_blocked(agent_id, result.errors)
+        self._agent_rendered(agent_id, errors, result.composed)
 
-    def _collect(self, old: dict[tuple[str, str], bytes], report: BuildReport) -> dict[str, list[dict[str, Any]]]:
+    def _collect(self) -> dict[str, list[dict[str, Any]]]:
         """The dirty sections (invalidated, new, or failed last time) that the store cannot
         give back, by agent. Only dirty sections are visited: a build's cost follows the
         change, not the size of the workspace."""
@@ -842,14 +850,14 @@ class Engine:
             self.section_digests[key] = stored.digest
             self._dirty.discard(key)
             self.graph.set_inputs(node, stored.reads)
-            report.sections_restored += 1
-            if old.get(key) != stored.digest:
+            self._run.report.sections_restored += 1
+            if self._run.old.get(key) != stored.digest:
                 self._compose_pending.add(agent_id)
         return todo
 
     def _restorable(self, agent_id: str) -> bool:
         """Whether the store may give this agent's renders back (callers check there is one)."""
-        return self.restore and agent_id not in self.fresh
+        return self._run.restore and agent_id not in self.fresh
 
     def _render_one(self, plan: Plan, meta: dict[str, Any], context: dict[str, Any]) -> Rendered:
         """Render one section (no bookkeeping: also runs in worker processes)."""
@@ -870,8 +878,6 @@ class Engine:
         agent_id: str,
         section: str,
         entry: Rendered,
-        old: dict[tuple[str, str], bytes],
-        report: BuildReport,
         cached: bool = True,
     ) -> None:
         """Record a fresh render (``_run_task`` stored it); not ``cached``: a worker composed
@@ -882,9 +888,9 @@ class Engine:
         self.section_digests[(agent_id, section)] = entry.digest
         self._dirty.discard((agent_id, section))
         self.graph.set_inputs(node, entry.reads)
-        report.sections_rendered.append(f"{agent_id}/{section}")
-        if old.get((agent_id, section)) == entry.digest:
-            report.sections_cut_off += 1
+        self._run.report.sections_rendered.append(f"{agent_id}/{section}")
+        if self._run.old.get((agent_id, section)) == entry.digest:
+            self._run.report.sections_cut_off += 1
         else:
             self._compose_pending.add(agent_id)
 
@@ -1072,45 +1078,42 @@ class Engine:
     def _compose(
         self,
         agent_id: str,
-        catalog: TrackedCatalog,
-        report: BuildReport,
-        write: bool,
     ) -> None:
         plan = self.plans[agent_id]
         if agent_id in self.agent_errors or agent_id in self._blocked:
             return  # keep the last good output; retried next build (blocked: once unblocked)
         name = output_name(agent_id)
-        restorable = write and self.store and self._restorable(agent_id) and agent_id not in self.caches.l4
-        if restorable and self._restore_compose(agent_id, name, report):
+        restorable = self._run.write and self.store and self._restorable(agent_id) and agent_id not in self.caches.l4
+        if restorable and self._restore_compose(agent_id, name):
             return
         try:
-            data, reads, digest = self._compose_render(plan, catalog, splice=write)
+            data, reads, digest = self._compose_render(plan, self._run.catalog, splice=self._run.write)
         except SourceError as exc:
             self.agent_errors[agent_id] = [exc]
             return
-        if self._composed(agent_id, reads, digest, report):
+        if self._composed(agent_id, reads, digest):
             return
-        if not write:
+        if not self._run.write:
             if self.output_check is not None:
                 assert isinstance(data, bytes)  # (not spliced)
                 self._to_check.append((agent_id, data, plan))
             return
         self._write(agent_id, name, plan, digest, data)
 
-    def _composed(self, agent_id: str, reads: dict[str, bytes], digest: bytes, report: BuildReport) -> bool:
+    def _composed(self, agent_id: str, reads: dict[str, bytes], digest: bytes) -> bool:
         """Record a composition (here or in a worker); True when the output is the one agentd
         already wrote (early cutoff: nothing to write)."""
         node = g.compose_node(agent_id)
         self.graph.set_inputs(node, reads)
         self._compose_pending.discard(agent_id)
-        report.agents_composed.append(agent_id)
+        self._run.report.agents_composed.append(agent_id)
         if self.store:  # the composition's inputs -> its output's digest and layout, not bytes
             layout = self.layouts.get(agent_id)
             record = layout.to_bytes() if layout is not None and layout.digest == digest else digest
             self.store.put(node, Rendered(record, reads, fingerprint(record)))
         name = output_name(agent_id)
         if self.caches.l4.check(agent_id, digest) and self.output.owns(name):
-            report.unchanged.append(name)
+            self._run.report.unchanged.append(name)
             return True
         self.caches.l4.put(agent_id, digest)
         return False
@@ -1129,22 +1132,22 @@ class Engine:
         future = self._writer.submit(self.output.write_file, name, data, digest, self.output.files.get(name))
         self._writes.append((agent_id, plan, digest, future))
 
-    def _finish_writes(self, report: BuildReport, catalog: TrackedCatalog) -> None:
+    def _finish_writes(self) -> None:
         """Wait for the queued writes; record them (manifest, report) or fail their agents."""
         writes, self._writes = self._writes, []
         for agent_id, plan, digest, future in writes:
             try:
                 outcome: WriteOutcome = future.result()
             except OutputChanged:  # someone wrote to it since it was checked: write all bytes
-                outcome = self._write_whole(plan, digest, catalog)
+                outcome = self._write_whole(plan, digest)
             except (OutputError, OSError) as exc:
                 outcome = exc
-            self._record_write(agent_id, plan, digest, outcome, report)
+            self._record_write(agent_id, plan, digest, outcome)
 
-    def _write_whole(self, plan: Plan, digest: bytes, catalog: TrackedCatalog) -> WriteOutcome:
+    def _write_whole(self, plan: Plan, digest: bytes) -> WriteOutcome:
         name = output_name(plan.agent.id)
         try:
-            data = self._compose_render(plan, catalog, splice=False)[0]
+            data = self._compose_render(plan, self._run.catalog, splice=False)[0]
             assert isinstance(data, bytes)  # (not spliced)
             return self.output.write_file(name, data, digest, self.output.files.get(name))
         except SourceError as exc:  # re-rendering a section its store row no longer had
@@ -1152,9 +1155,7 @@ class Engine:
         except (OutputError, OSError) as exc:
             return exc
 
-    def _record_write(
-        self, agent_id: str, plan: Plan, digest: bytes, outcome: WriteOutcome, report: BuildReport
-    ) -> None:
+    def _record_write(self, agent_id: str, plan: Plan, digest: bytes, outcome: WriteOutcome) -> None:
         """Enter a write (here or in a worker) in the manifest and the report, or fail its
         agent: the output stays as it was and the agent is composed again next build."""
         name = output_name(agent_id)
@@ -1166,11 +1167,11 @@ class Engine:
             return
         written, stat = outcome
         self.output.record(name, digest, stat)
-        (report.written if written else report.unchanged).append(name)
+        (self._run.report.written if written else self._run.report.unchanged).append(name)
         if self.output_check is not None:
             self._to_check.append((agent_id, None, plan))
 
-    def _restore_compose(self, agent_id: str, name: str, report: BuildReport) -> bool:
+    def _restore_compose(self, agent_id: str, name: str) -> bool:
         """After a restart: if the composition's inputs are unchanged and out/ still holds the
         output it produced, there is nothing to do (no render, no write)."""
         assert self.store is not None
@@ -1184,7 +1185,7 @@ class Engine:
         self.graph.set_inputs(node, stored.reads)
         self.caches.l4.put(agent_id, digest)
         self._compose_pending.discard(agent_id)
-        report.unchanged.append(name)
+        self._run.report.unchanged.append(name)
         return True
 
     def current_fp(self, node: str) -> bytes | None:
@@ -1227,14 +1228,14 @@ class Engine:
             return self.section_digests.get((rest, part))
         return None
 
-    def _check_output(self, agent_id: str, data: bytes, plan: Plan, report: BuildReport) -> None:
+    def _check_output(self, agent_id: str, data: bytes, plan: Plan) -> None:
         """Run the output gates on an output whose bytes changed (an identical one has the same
         findings)."""
         if self.output_check is not None:
             self.findings[agent_id] = self.output_check(agent_id, data, plan)
-            report.findings += self.findings[agent_id]
+            self._run.report.findings += self.findings[agent_id]
 
-    def _remove_stale(self, report: BuildReport) -> None:
+    def _remove_stale(self) -> None:
         """Remove outputs of agents that are gone: walks the manifest (O(agents)), so only
         when the set of agents changed since the last walk."""
         ws = self.workspace
@@ -1251,7 +1252,7 @@ class Engine:
             if agent_id is not None and agent_id not in existing:
                 try:
                     if self.output.remove(name):
-                        report.removed.append(name)
+                        self._run.report.removed.append(name)
                 except WriteError as exc:
                     self.write_errors[name] = exc
                     self._agent_set_checked = None  # walk again next build

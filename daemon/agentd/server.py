@@ -387,7 +387,7 @@ class Server:
             self.monitor.config = config
             self._replace_engine(config)
 
-    async def _build(self, paths: set[Path] | None) -> BuildReport:
+    async def _build(self, paths: set[Path] | None, restore: bool = True) -> BuildReport:
         async with self._build_lock:
             self.monitor.state = "building"
             build_id = self.engine.new_build_id()
@@ -395,7 +395,7 @@ class Server:
                 changed = sorted(self.engine.workspace.rel(p) for p in paths or ())
                 self._emit("info", "build.started", changed=_capped(changed))
                 try:
-                    report = await asyncio.to_thread(self._run_build, paths, build_id)
+                    report = await asyncio.to_thread(self._run_build, paths, build_id, restore)
                 except OSError as exc:
                     report = self._build_failed(exc, build_id)
                 else:
@@ -414,7 +414,7 @@ class Server:
                 self.notifier.status(self.monitor.one_line())
             return report
 
-    def _run_build(self, paths: set[Path] | None, build_id: str) -> BuildReport:
+    def _run_build(self, paths: set[Path] | None, build_id: str, restore: bool) -> BuildReport:
         """In the build thread. An engine a build failed in may have stopped half-way through
         its bookkeeping: the next build starts from a fresh one (renders come from the store)."""
         if self._engine_failed:
@@ -426,7 +426,7 @@ class Server:
         if progress is not None:
             progress.start()
         try:
-            report = self.engine.build(paths, build_id=build_id)
+            report = self.engine.build(paths, build_id=build_id, restore=restore)
         finally:
             if progress is not None:
                 progress.stop()
@@ -623,9 +623,7 @@ class Server:
                 self._replace_engine(self.config)  # from scratch: every template and section
             else:
                 self.engine.forget(agents)
-            self.engine.restore = False  # rendered anew, not taken from the store
-        report = await self._build(None)
-        self.engine.restore = True
+        report = await self._build(None, restore=False)  # rendered anew, not taken from the store
         return {
             **(self.monitor.last_build or {}),
             "written": report.written,
