@@ -12,7 +12,7 @@ from agentd.build import BuildReport, Engine
 from agentd.config import Config
 from agentd.exceptions import SourceError
 from agentd.workspace import Delta
-from conftest import EDIT_KINDS, clean_build, read_outputs, run_cli, run_daemon
+from conftest import EDIT_KINDS, REPO, clean_build, read_outputs, run_cli, run_daemon
 
 
 def engine(root: Path) -> Engine:
@@ -636,3 +636,32 @@ async def test_watch_follows_the_base_template_appearing_and_going(tiny: Path, t
         build = await d.next_build()
         assert sorted(build["written"]) == ["alpha.md", "beta.md"] and build["rendered"] == []
         assert read_outputs(tiny) == clean_build(tiny, tmp_path / "oracle")
+
+
+def test_no_import_cycle_between_agentd_modules() -> None:
+    """Every import between agentd's modules (at the top, in a function or for type checking)
+    runs one way: a cycle is how ``build`` and ``pool`` once came to reach into each other."""
+    import ast
+
+    package = REPO / "daemon" / "agentd"
+    names = {path.stem for path in package.glob("*.py")}
+    imports: dict[str, set[str]] = {}
+    for path in package.glob("*.py"):
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                found |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("agentd."):
+                found.add((node.module or "").split(".")[1])
+        imports[path.stem] = found & names
+
+    done: set[str] = set()  # no cycle through these
+
+    def visit(name: str, path: list[str]) -> None:
+        for dep in sorted(imports[name] - done):
+            assert dep not in path, f"import cycle: {' -> '.join([*path[path.index(dep) :], dep])}"
+            visit(dep, [*path, dep])
+        done.add(name)
+
+    for name in sorted(imports):
+        visit(name, [name])

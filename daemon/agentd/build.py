@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import graph as g
+from . import inputs
 from . import plan as plans
 from .cache import Caches, Counters, Rendered
 from .catalog import Relations, TrackedCatalog, blocked_error
@@ -32,19 +33,20 @@ from .config import Config
 from .exceptions import (
     AgentdError,
     BlockedError,
-    ConfigError,
     DataError,
     OutputError,
     SourceError,
     WriteError,
     group_errors,
 )
+from .gates import Check, Gates
+from .inputs import Inputs
 from .output import MANIFEST, OutputChanged, OutputDir, WriteOutcome, output_agent, output_name
 from .plan import Plan
 from .pool import WORKER_FLUSH_EVERY, Composed, ComposeSpec, Pool, Result, Task, WorkerLost
 from .render import BASE_TEMPLATE, Renderer
 from .store import Store
-from .trace import MISSING, fingerprint
+from .trace import fingerprint
 from .workspace import Delta, ParseAhead, Read, Workspace
 
 if TYPE_CHECKING:
@@ -74,7 +76,7 @@ class BuildReport:
     timings: list[tuple[str, float]] = dataclasses.field(default_factory=list)
     #: A build from empty caches (the first one): its misses say nothing about cache health.
     cold: bool = False
-    #: Output-gate findings for the agents composed in this build (see ``Engine.output_check``).
+    #: Output-gate findings for the agents composed in this build (see ``gates.py``).
     findings: list[Any] = dataclasses.field(default_factory=list)
     #: Worker processes that rendered in this build (0: all in this process).
     workers: int = 0
@@ -140,7 +142,7 @@ class Engine:
         restore: bool = True,
         fresh: Iterable[str] = (),
         parse_ahead: ParseAhead | None = None,
-        output_check: Callable[[str, bytes, Plan], list[Any]] | None = None,
+        output_check: Check | None = None,
         progress: Progress | None = None,
     ) -> None:
         self.config = config
@@ -180,6 +182,8 @@ class Engine:
         self.renderer = Renderer(self.workspace, self.caches, self.graph, store)
         self.output = OutputDir(config.output_path)
         self.plans: dict[str, Plan] = {}
+        #: Fingerprints of input nodes (to validate stored renders).
+        self.inputs = Inputs(self.workspace, self.plans, self.section_digests)
         self.agent_errors: dict[str, list[AgentdError]] = {}
         #: Standing failures to save the manifest or remove a stale output, by file name.
         self.write_errors: dict[str, WriteError] = {}
@@ -188,18 +192,15 @@ class Engine:
         self.skeletons: dict[str, Skeleton | None] = {}
         #: Per agent: where its sections sit in its last composed output.
         self.layouts: dict[str, Layout] = {}
-        #: Called with (agent id, output bytes, plan) after every composition; its findings are
-        #: kept per agent until the agent is composed again (the daemon's output gates).
-        self.output_check = output_check
-        self.findings: dict[str, list[Any]] = {}
+        #: The output gates (``output_check``, the daemon's): run after each build's writes on
+        #: what it composed; their findings are kept per agent until it is composed again.
+        self.gates = Gates(output_check, config.output_path)
+        self.findings = self.gates.findings
         #: Told the sections a build renders and each agent's as they are done (a progress line
         #: on a terminal, ``progress.py``); None: nobody asks.
         self.progress = progress
-        self._to_check: list[tuple[str, bytes | None, Plan]] = []
-        self._relations: Relations | None = None
         self._agent_set_checked: tuple[bytes, tuple[str, ...]] | None = None
         self._known_dirs: set[Path] | None = None
-        self.trait_kinds_fp = fingerprint([])
         self._scanned = False
         self._ids = itertools.count(1)
 
@@ -265,15 +266,7 @@ class Engine:
         for agent_id in sorted(self._compose_pending & self.plans.keys()):
             self._compose(agent_id)
         self._finish_writes()
-        # Output gates after every write of this build: they never delay a file.
-        for agent_id, data, plan in self._to_check:
-            if data is None:  # written: read it back rather than hold every output in memory
-                try:
-                    data = (self.output.path / output_name(agent_id)).read_bytes()
-                except OSError:  # deleted since: restored (and checked) by the next build
-                    continue
-            self._check_output(agent_id, data, plan)
-        self._to_check = []
+        report.findings += self.gates.run()  # after every write of this build
         if write:
             self._remove_stale()
             self._save_manifest()
@@ -464,39 +457,8 @@ class Engine:
         ]
 
     def affected(self, paths: Iterable[Path]) -> dict[str, list[str]]:
-        """Agents and sections a change to ``paths`` would re-render (conservatively: any key
-        of a changed agent source may change). A path agentd does not read is a usage error."""
-        absolute = [Path(os.path.abspath(p)) for p in paths]  # `templates/../agents/x.yaml` is agents/x.yaml
-        classified = [(p, self.workspace.classify(p)) for p in absolute]
-        foreign = [self.workspace.rel(p) for p, kind in classified if kind is None]
-        if foreign:
-            raise ConfigError(
-                f"not a template, agent or trait file of this workspace: {', '.join(foreign)} "
-                f"(expected paths under {self.config.templates_dir}/ or {self.config.agents_dir}/)"
-            )
-        inputs: set[str] = set()
-        agents: set[str] = set()
-        for _path, kind in classified:
-            assert kind is not None
-            what, name = kind
-            if what == "template":
-                inputs.add(g.template_node(name))
-            elif what == "trait":
-                prefix = g.trait_prefix(name)
-                inputs.update(n for n in self.graph.g if n.startswith(prefix))
-            else:
-                agents.add(name)
-                inputs.add(g.catalog_node(name))
-                inputs.add(g.CATALOG)
-                prefix = g.key_prefix(name)
-                inputs.update(n for n in self.graph.g if n.startswith(prefix))
-        renders = self.graph.readers(inputs)
-        nodes = [g.parse(r) for r in renders]
-        keys = {(n.name, n.part) for n in nodes if n.kind == "section"}
-        keys |= {(a, m["id"]) for a in agents if a in self.plans for m in self.plans[a].metas}
-        sections = {f"{a}/{s}" for a, s in keys}
-        composed = {n.name for n in nodes if n.kind == "compose"} | {a for a, _ in keys} | agents
-        return {"agents": sorted(composed), "sections": sorted(sections)}
+        """Agents and sections a change to ``paths`` would re-render (see ``inputs.affected``)."""
+        return inputs.affected(self.config, self.workspace, self.graph, self.plans, paths)
 
     # -- invalidation ---------------------------------------------------------------------
     def _invalidate(self, delta: Any) -> dict[tuple[str, str], bytes]:
@@ -538,7 +500,7 @@ class Engine:
         available = plans.available_sections(ws)
         defaults = plans.default_sections(self.config, ws)
         kinds = sorted({ref.split("/", 1)[0] for ref in ws.traits})
-        self.trait_kinds_fp = fingerprint(kinds)
+        self.inputs.trait_kinds_fp = fingerprint(kinds)
         for agent_id in sorted(todo):
             self.agent_errors.pop(agent_id, None)
             agent = ws.agents.get(agent_id)
@@ -584,12 +546,12 @@ class Engine:
 
     # -- rendering ------------------------------------------------------------------------
     def _catalog(self, delta: Any) -> TrackedCatalog:
-        if self._relations is None or g.RELATIONS in delta.nodes:
-            self._relations = Relations(dict(self.workspace.catalog_entries))
-        return plans.catalog(self.workspace, self._relations)
+        if self.inputs.relations is None or g.RELATIONS in delta.nodes:
+            self.inputs.relations = Relations(dict(self.workspace.catalog_entries))
+        return plans.catalog(self.workspace, self.inputs.relations)
 
     def _context(self, plan: Plan, catalog: TrackedCatalog) -> dict[str, Any]:
-        return plans.context(plan, catalog, self.trait_kinds_fp)
+        return plans.context(plan, catalog, self.inputs.trait_kinds_fp)
 
     def _render_agent(
         self,
@@ -840,7 +802,7 @@ class Engine:
             # The store is L3's disk tier: a section it gives back is a hit, a render a miss.
             stored = None
             if self.store is not None and self._restorable(agent_id):
-                stored = self.store.lookup(node, self.current_fp, data=False)
+                stored = self.store.lookup(node, self.inputs.current_fp, data=False)
             if stored is None:  # dirty: an input changed, or it is new or dropped on request
                 self.caches.l3.counters.misses += 1
                 self.caches.l3.counters.expected += 1
@@ -970,7 +932,7 @@ class Engine:
         key = (plan.agent.id, meta["id"])
         entry = None
         if self.store:
-            entry = self.store.lookup(g.section_node(*key), self.current_fp)
+            entry = self.store.lookup(g.section_node(*key), self.inputs.current_fp)
         if entry is None:
             # Valid, yet lost to memory, the output and the store: the one L3 miss not bound to happen.
             self.caches.l3.counters.misses += 1
@@ -1056,7 +1018,7 @@ class Engine:
         """Take the skeleton an earlier process rendered for the same inputs from the store."""
         if self.store is None or not self._restorable(plan.agent.id):
             return False
-        stored = self.store.lookup(g.skeleton_unit(plan.agent.id), self.current_fp)
+        stored = self.store.lookup(g.skeleton_unit(plan.agent.id), self.inputs.current_fp)
         if stored is None:
             return False
         self.skeletons[plan.agent.id] = Skeleton.from_bytes(stored.data, stored.reads)
@@ -1094,9 +1056,8 @@ class Engine:
         if self._composed(agent_id, reads, digest):
             return
         if not self._run.write:
-            if self.output_check is not None:
-                assert isinstance(data, bytes)  # (not spliced)
-                self._to_check.append((agent_id, data, plan))
+            assert isinstance(data, bytes)  # (not spliced)
+            self.gates.queue(agent_id, data, plan)
             return
         self._write(agent_id, name, plan, digest, data)
 
@@ -1168,15 +1129,14 @@ class Engine:
         written, stat = outcome
         self.output.record(name, digest, stat)
         (self._run.report.written if written else self._run.report.unchanged).append(name)
-        if self.output_check is not None:
-            self._to_check.append((agent_id, None, plan))
+        self.gates.queue(agent_id, None, plan)
 
     def _restore_compose(self, agent_id: str, name: str) -> bool:
         """After a restart: if the composition's inputs are unchanged and out/ still holds the
         output it produced, there is nothing to do (no render, no write)."""
         assert self.store is not None
         node = g.compose_node(agent_id)
-        stored = self.store.lookup(node, self.current_fp)
+        stored = self.store.lookup(node, self.inputs.current_fp)
         digest = stored.data[:16] if stored is not None else b""
         if stored is None or not self.output.unchanged_since_written(name, digest):
             return False
@@ -1187,53 +1147,6 @@ class Engine:
         self._compose_pending.discard(agent_id)
         self._run.report.unchanged.append(name)
         return True
-
-    def current_fp(self, node: str) -> bytes | None:
-        """The current value fingerprint of an input node (to validate stored renders), or None
-        when it cannot be known."""
-        ws = self.workspace
-        kind, rest, part = g.parse(node)
-        if kind == "template":
-            return ws.template_fps.get(rest, MISSING)
-        if kind == "key":
-            agent = ws.agents.get(rest)
-            if agent is None:
-                return MISSING
-            return agent.fp if part == "*" else agent.fps.get(part, MISSING)
-        # While an agent source does not load, a render that read the catalog where it belongs
-        # was blocked, never stored: nothing stored that read there is valid (``TrackedCatalog``).
-        if kind == "catalog":
-            if not rest:
-                return None if ws.agent_errors else ws.catalog_fp
-            if rest in ws.agent_errors:
-                return None
-            agent = ws.agents.get(rest)
-            return agent.catalog_fp if agent else MISSING
-        if node == g.RELATIONS:
-            return self._relations.fingerprint if self._relations and not ws.agent_errors else None
-        if node == g.TRAIT_KINDS:
-            return self.trait_kinds_fp
-        if kind == "trait":
-            trait = ws.traits.get(rest)
-            if trait is None:
-                return MISSING
-            return trait.fp if part == "*" else trait.fps.get(part, MISSING)
-        if kind == "section-list":
-            plan = self.plans.get(rest)
-            return plan.metas_fp if plan else MISSING
-        if kind == "meta":
-            plan = self.plans.get(rest)
-            return plan.meta_fps.get(part, MISSING) if plan else MISSING
-        if kind == "section":
-            return self.section_digests.get((rest, part))
-        return None
-
-    def _check_output(self, agent_id: str, data: bytes, plan: Plan) -> None:
-        """Run the output gates on an output whose bytes changed (an identical one has the same
-        findings)."""
-        if self.output_check is not None:
-            self.findings[agent_id] = self.output_check(agent_id, data, plan)
-            self._run.report.findings += self.findings[agent_id]
 
     def _remove_stale(self) -> None:
         """Remove outputs of agents that are gone: walks the manifest (O(agents)), so only
