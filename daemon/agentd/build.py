@@ -27,7 +27,7 @@ from . import graph as g
 from . import inputs
 from . import plan as plans
 from .cache import Caches, Counters, Rendered
-from .catalog import Relations, TrackedCatalog, blocked_error
+from .catalog import Relations, TrackedCatalog
 from .compose import Layout, Piece, Skeleton, joined, render_skeleton
 from .config import Config
 from .exceptions import (
@@ -45,6 +45,7 @@ from .output import MANIFEST, OutputChanged, OutputDir, WriteOutcome, output_age
 from .plan import Plan
 from .pool import WORKER_FLUSH_EVERY, Composed, ComposeSpec, Pool, Result, Task, WorkerLost
 from .render import BASE_TEMPLATE, Renderer
+from .sections import Sections
 from .store import Store
 from .trace import fingerprint
 from .workspace import Delta, ParseAhead, Read, Workspace
@@ -168,17 +169,10 @@ class Engine:
         self.workspace.parsed_cache = store
         budget = config.memory_budget_mb * 1_000_000  # SI, as agentd prints sizes
         self.caches = Caches(budget or None)
-        #: Digest of every section's current output, kept even when L3 drops the bytes.
-        self.section_digests: dict[tuple[str, str], bytes] = {}
-        #: Sections of current plans without a valid render: the only ones a build visits.
-        self._dirty: set[tuple[str, str]] = set()
-        #: Sections whose render stopped at a catalog read of a broken agent source (see
-        #: ``TrackedCatalog``), by agent: section -> (the broken agents, the digest of the last
-        #: good render). Like a render, kept until what it read changes (its graph inputs are
-        #: what it read up to the stop), so a build while a source stays broken does not retry
-        #: them; their agents are not composed.
-        self._blocked: dict[str, dict[str, tuple[tuple[str, ...], bytes | None]]] = {}
         self.graph = g.DepGraph()
+        #: Section digests, the dirty set and the blocked sections.
+        self.sections = Sections(self.caches.l3, self.graph)
+        self.section_digests = self.sections.digests
         self.renderer = Renderer(self.workspace, self.caches, self.graph, store)
         self.output = OutputDir(config.output_path)
         self.plans: dict[str, Plan] = {}
@@ -245,7 +239,7 @@ class Engine:
         self._run = _Run(report, catalog, old, write, restore)
         todo = self._collect()
         sections = sum(map(len, todo.values()))
-        held = sum(map(len, self._blocked.values()))  # still blocked: not visited, not reused
+        held = self.sections.held()
         skeletons = self._skeletons_wanted(todo)
         progress = self.progress
         if progress is not None and sections:
@@ -303,8 +297,8 @@ class Engine:
         if delta.membership:
             self._known_dirs = None
         old_sections = self._invalidate(delta)
-        if self._blocked:
-            self._unblock(old_sections)
+        if self.sections.blocked:
+            self.sections.unblock(self.workspace.agent_errors, old_sections)
         self._resolve(delta, old_sections)
         return old_sections, self._catalog(delta)
 
@@ -377,7 +371,7 @@ class Engine:
         for agent_id in agent_ids:
             plan = self.plans.get(agent_id)
             for meta in plan.metas if plan else []:
-                self._drop_section((agent_id, meta["id"]))
+                self.sections.drop((agent_id, meta["id"]))
             self.caches.l4.pop(agent_id)
             self.skeletons.pop(agent_id, None)
             self._compose_pending.add(agent_id)
@@ -403,19 +397,6 @@ class Engine:
             restored.append(MANIFEST)
         return restored
 
-    def _drop_section(self, key: tuple[str, str]) -> bytes | None:
-        """Forget a section's render (it becomes dirty); return the digest it had (for early
-        cutoff)."""
-        self.caches.l3.pop(key)
-        self._dirty.add(key)
-        digest = self.section_digests.pop(key, None)
-        held = self._blocked.get(key[0])
-        if held is not None and key[1] in held:  # blocked: its last good render's digest
-            digest = held.pop(key[1])[1]
-            if not held:
-                del self._blocked[key[0]]
-        return digest
-
     def known_dirs(self) -> set[Path]:
         """Every folder holding a file the workspace has read (to recognise a deleted folder).
         Recomputed only after a build that added or removed files."""
@@ -431,30 +412,12 @@ class Engine:
         errors += (e for n, e in self.renderer.compile_errors.items() if n not in self.workspace.template_errors)
         errors += self.workspace.trait_errors.values()
         errors += self.workspace.agent_errors.values()
-        errors += self._blocked_errors()
+        errors += self.sections.blocked_errors(self.agent_errors, self.workspace.agent_errors)
         errors += self.workspace.folder_errors.values()
         for agent_id in sorted(self.agent_errors):
             errors += (e for e in self.agent_errors[agent_id] if not isinstance(e, BlockedError))
         errors += self.write_errors.values()
         return group_errors(errors)
-
-    def _blocked_errors(self) -> list[BlockedError]:
-        """One error per set of broken agent sources that holds agents back, naming them (not
-        one per reader: a typo in one agent would otherwise be reported once per agent)."""
-        readers: dict[tuple[str, ...], set[str]] = {}
-        for agent_id, held in self._blocked.items():
-            for blockers, _digest in held.values():
-                readers.setdefault(blockers, set()).add(agent_id)
-        for agent_id, errors in self.agent_errors.items():  # a base template that read the catalog
-            for error in errors:
-                if isinstance(error, BlockedError):
-                    readers.setdefault(error.blockers, set()).add(agent_id)
-        broken = self.workspace.agent_errors
-        return [
-            blocked_error(present, broken, agents)
-            for blockers, agents in sorted(readers.items())
-            if (present := [b for b in blockers if b in broken])
-        ]
 
     def affected(self, paths: Iterable[Path]) -> dict[str, list[str]]:
         """Agents and sections a change to ``paths`` would re-render (see ``inputs.affected``)."""
@@ -468,7 +431,7 @@ class Engine:
         for node in self.graph.readers(delta.nodes):
             kind, name, part = g.parse(node)
             if kind == "section":
-                digest = self._drop_section((name, part))
+                digest = self.sections.drop((name, part))
                 if digest is not None:
                     old[(name, part)] = digest
             elif kind == "fragment":
@@ -478,18 +441,6 @@ class Engine:
                 self._compose_pending.add(name)
                 self.skeletons.pop(name, None)
         return old
-
-    def _unblock(self, old: dict[tuple[str, str], bytes]) -> None:
-        """Render again the blocked sections a source they waited for no longer blocks. (A
-        change of which sources load invalidates them through the graph already, see
-        ``Workspace._broken_changed``: this only makes sure no agent is ever held silently.)"""
-        broken = self.workspace.agent_errors
-        for agent_id, held in list(self._blocked.items()):
-            for section, (blockers, _digest) in list(held.items()):
-                if not all(b in broken for b in blockers):
-                    digest = self._drop_section((agent_id, section))
-                    if digest is not None:
-                        old[(agent_id, section)] = digest
 
     # -- resolution -----------------------------------------------------------------------
     def _resolve(self, delta: Any, old_sections: dict[tuple[str, str], bytes]) -> None:
@@ -515,8 +466,8 @@ class Engine:
                 self._drop_agent(agent_id, old, keep_output=True)
                 continue
             self.plans[agent_id] = plan
-            held = self._blocked.get(agent_id, {})
-            self._dirty.update(
+            held = self.sections.blocked.get(agent_id, {})
+            self.sections.dirty.update(
                 (agent_id, s) for s in plan.meta_fps if (agent_id, s) not in self.section_digests and s not in held
             )
             if old is None or old.meta_fps != plan.meta_fps or agent_id not in self.caches.l4:
@@ -525,7 +476,7 @@ class Engine:
                 old_sections.update(self._invalidate(Delta(nodes={g.section_list_node(agent_id)})))
             for section, fp in (old.meta_fps if old else {}).items():
                 if plan.meta_fps.get(section) != fp:
-                    digest = self._drop_section((agent_id, section))
+                    digest = self.sections.drop((agent_id, section))
                     self.graph.remove([g.section_node(agent_id, section)])
                     if digest is not None and section in plan.meta_fps:
                         old_sections[(agent_id, section)] = digest
@@ -535,11 +486,11 @@ class Engine:
         when the source is merely broken: the last good output is kept."""
         if old is not None:
             for meta in old.metas:
-                self._drop_section((agent_id, meta["id"]))
+                self.sections.drop((agent_id, meta["id"]))
             self.graph.remove([g.section_node(agent_id, m["id"]) for m in old.metas] + [g.compose_node(agent_id)])
         self._compose_pending.discard(agent_id)
         self.skeletons.pop(agent_id, None)
-        self._blocked.pop(agent_id, None)
+        self.sections.blocked.pop(agent_id, None)
         if not keep_output:
             self.caches.l4.pop(agent_id)
             self.findings.pop(agent_id, None)
@@ -636,20 +587,6 @@ class Engine:
             outcome = exc
         return Composed(layout.digest, layout, outcome)
 
-    def _hold_blocked(self, agent_id: str, errors: list[AgentdError]) -> list[AgentdError]:
-        """Keep the sections that stopped at a broken agent's catalog entry as blocked (until
-        what they read changes); return the other errors."""
-        others: list[AgentdError] = []
-        for error in errors:
-            if not isinstance(error, BlockedError) or error.section is None:
-                others.append(error)
-                continue
-            key = (agent_id, error.section)
-            self._dirty.discard(key)
-            self.graph.set_inputs(g.section_node(*key), error.reads)
-            self._blocked.setdefault(agent_id, {})[error.section] = (error.blockers, self._run.old.get(key))
-        return others
-
     def _agent_rendered(
         self,
         agent_id: str,
@@ -669,7 +606,7 @@ class Engine:
         render is neither in the current output nor (without a store) anywhere a worker reads."""
         plan = self.plans[agent_id]
         skeleton = None if renders_skeleton else self.skeletons.get(agent_id)
-        if (skeleton is None and not renders_skeleton) or agent_id in self._blocked:
+        if (skeleton is None and not renders_skeleton) or agent_id in self.sections.blocked:
             return None
         layout = self.layouts.get(agent_id)
         digests: list[bytes | None] = []
@@ -781,40 +718,22 @@ class Engine:
             self.skeletons[agent_id] = result.skeleton
         for section, entry in result.rendered:
             self._keep_section(agent_id, section, entry, cached=result.composed is None)
-        errors = self._hold_blocked(agent_id, result.errors)
+        errors = self.sections.hold(agent_id, result.errors, self._run.old)
         self._agent_rendered(agent_id, errors, result.composed)
 
     def _collect(self) -> dict[str, list[dict[str, Any]]]:
-        """The dirty sections (invalidated, new, or failed last time) that the store cannot
-        give back, by agent. Only dirty sections are visited: a build's cost follows the
-        change, not the size of the workspace."""
-        todo: dict[str, list[dict[str, Any]]] = {}
-        for key in sorted(self._dirty):
-            agent_id, section = key
-            plan = self.plans.get(agent_id)
-            meta = plan.meta_by_id.get(section) if plan else None
-            if meta is None:  # the agent or the section is gone
-                self._dirty.discard(key)
-                continue
-            node = g.section_node(agent_id, section)
-            # Rendered by an earlier process or state, inputs unchanged: its digest and reads
-            # suffice (a composition that needs the bytes reads them then; a restart reads none).
-            # The store is L3's disk tier: a section it gives back is a hit, a render a miss.
-            stored = None
-            if self.store is not None and self._restorable(agent_id):
-                stored = self.store.lookup(node, self.inputs.current_fp, data=False)
-            if stored is None:  # dirty: an input changed, or it is new or dropped on request
-                self.caches.l3.counters.misses += 1
-                self.caches.l3.counters.expected += 1
-                todo.setdefault(agent_id, []).append(meta)
-                continue
-            self.caches.l3.counters.hits += 1
-            self.section_digests[key] = stored.digest
-            self._dirty.discard(key)
-            self.graph.set_inputs(node, stored.reads)
-            self._run.report.sections_restored += 1
-            if self._run.old.get(key) != stored.digest:
-                self._compose_pending.add(agent_id)
+        """The dirty sections the store cannot give back, by agent (``Sections.collect``)."""
+
+        def lookup(agent_id: str, node: str) -> Rendered | None:
+            if self.store is None or not self._restorable(agent_id):
+                return None
+            return self.store.lookup(node, self.inputs.current_fp, data=False)
+
+        todo, restored = self.sections.collect(self.plans, lookup)
+        self._run.report.sections_restored += len(restored)
+        for key, digest in restored:
+            if self._run.old.get(key) != digest:
+                self._compose_pending.add(key[0])
         return todo
 
     def _restorable(self, agent_id: str) -> bool:
@@ -844,12 +763,7 @@ class Engine:
     ) -> None:
         """Record a fresh render (``_run_task`` stored it); not ``cached``: a worker composed
         its agent and kept the bytes (``_section_bytes`` then takes them from the output file)."""
-        node = g.section_node(agent_id, section)
-        if cached:
-            self.caches.l3.put((agent_id, section), entry)
-        self.section_digests[(agent_id, section)] = entry.digest
-        self._dirty.discard((agent_id, section))
-        self.graph.set_inputs(node, entry.reads)
+        self.sections.keep((agent_id, section), entry, cached)
         self._run.report.sections_rendered.append(f"{agent_id}/{section}")
         if self._run.old.get((agent_id, section)) == entry.digest:
             self._run.report.sections_cut_off += 1
@@ -1042,7 +956,7 @@ class Engine:
         agent_id: str,
     ) -> None:
         plan = self.plans[agent_id]
-        if agent_id in self.agent_errors or agent_id in self._blocked:
+        if agent_id in self.agent_errors or agent_id in self.sections.blocked:
             return  # keep the last good output; retried next build (blocked: once unblocked)
         name = output_name(agent_id)
         restorable = self._run.write and self.store and self._restorable(agent_id) and agent_id not in self.caches.l4
