@@ -4,7 +4,7 @@ A build is: refresh the workspace (``Delta``) -> recompile changed templates (L1
 renders that read a changed input (graph) -> re-resolve agents whose source or references
 changed -> render the dirty sections (in worker processes for a big batch, ``pool.py``) ->
 recompose agents whose sections or own inputs changed (a join around a skeleton,
-``compose.py``) -> write outputs whose bytes changed (a writer thread). Each step cuts off
+``skeleton.py``) -> write outputs whose bytes changed (a writer thread). Each step cuts off
 early: an unchanged file yields no delta, a re-render with identical bytes recomposes nothing,
 an identical agent writes nothing. A one-shot ``agentd build`` is the same code starting from
 empty caches.
@@ -19,7 +19,6 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +27,7 @@ from . import inputs
 from . import plan as plans
 from .cache import Caches, Counters, Rendered
 from .catalog import Relations, TrackedCatalog
-from .compose import Layout, Piece, Skeleton, joined, render_skeleton
+from .compose import StaleOutputs, Writer
 from .config import Config
 from .exceptions import (
     AgentdError,
@@ -46,6 +45,7 @@ from .plan import Plan
 from .pool import WORKER_FLUSH_EVERY, Composed, ComposeSpec, Pool, Result, Task, WorkerLost
 from .render import BASE_TEMPLATE, Renderer
 from .sections import Sections
+from .skeleton import Layout, Piece, Skeleton, joined, render_skeleton
 from .store import Store
 from .trace import fingerprint
 from .workspace import Delta, ParseAhead, Read, Workspace
@@ -156,8 +156,6 @@ class Engine:
         self.parse_ahead = parse_ahead
         #: Why workers could not be started (the daemon logs it once), if they could not.
         self.pool_error: str | None = None
-        self._writer: ThreadPoolExecutor | None = None
-        self._writes: list[tuple[str, Plan, bytes, Future[tuple[bool, list[int]]]]] = []
         #: Take unchanged renders from the store, unless a build says otherwise (``build``).
         self.restore = restore
         #: The build running (or the last one).
@@ -175,6 +173,8 @@ class Engine:
         self.section_digests = self.sections.digests
         self.renderer = Renderer(self.workspace, self.caches, self.graph, store)
         self.output = OutputDir(config.output_path)
+        #: The writer thread (``compose.Writer``), with what it was handed: (agent, plan, digest).
+        self.writer: Writer[tuple[str, Plan, bytes]] = Writer(self.output)
         self.plans: dict[str, Plan] = {}
         #: Fingerprints of input nodes (to validate stored renders).
         self.inputs = Inputs(self.workspace, self.plans, self.section_digests)
@@ -182,7 +182,7 @@ class Engine:
         #: Standing failures to save the manifest or remove a stale output, by file name.
         self.write_errors: dict[str, WriteError] = {}
         self._compose_pending: set[str] = set()
-        #: Per agent: its output around the sections (``compose.py``), None when not composable.
+        #: Per agent: its output around the sections (``skeleton.py``), None when not composable.
         self.skeletons: dict[str, Skeleton | None] = {}
         #: Per agent: where its sections sit in its last composed output.
         self.layouts: dict[str, Layout] = {}
@@ -193,7 +193,7 @@ class Engine:
         #: Told the sections a build renders and each agent's as they are done (a progress line
         #: on a terminal, ``progress.py``); None: nobody asks.
         self.progress = progress
-        self._agent_set_checked: tuple[bytes, tuple[str, ...]] | None = None
+        self._stale = StaleOutputs()
         self._known_dirs: set[Path] | None = None
         self._scanned = False
         self._ids = itertools.count(1)
@@ -357,9 +357,7 @@ class Engine:
     def close(self) -> None:
         """Stop the worker processes (they write their renders to the store first) and the
         writer thread."""
-        if self._writer is not None:
-            self._writer.shutdown()
-            self._writer = None
+        self.writer.close()
         if self._pool is not None:
             self._pool.close()
             self._pool = None
@@ -973,7 +971,8 @@ class Engine:
             assert isinstance(data, bytes)  # (not spliced)
             self.gates.queue(agent_id, data, plan)
             return
-        self._write(agent_id, name, plan, digest, data)
+        # Written by a thread: it overlaps rendering and composing the next agents.
+        self.writer.submit((agent_id, plan, digest), name, data, digest, self.output.files.get(name))
 
     def _composed(self, agent_id: str, reads: dict[str, bytes], digest: bytes) -> bool:
         """Record a composition (here or in a worker); True when the output is the one agentd
@@ -993,30 +992,11 @@ class Engine:
         self.caches.l4.put(agent_id, digest)
         return False
 
-    #: Outputs handed to the writer thread and not yet on disk, at most (each may hold 540 KB).
-    MAX_PENDING_WRITES = 4
-
-    def _write(self, agent_id: str, name: str, plan: Plan, digest: bytes, data: bytes | list[Piece]) -> None:
-        """Queue an output for the writer thread. Writing is mostly system calls that release
-        the GIL (temp file, write or copy, exchange: ~0.2 ms for 540 KB), so it overlaps
-        rendering and composing the next agents instead of adding to them."""
-        if self._writer is None:
-            self._writer = ThreadPoolExecutor(1, thread_name_prefix="agentd-write")
-        if len(self._writes) >= self.MAX_PENDING_WRITES:
-            self._writes[-self.MAX_PENDING_WRITES][3].exception()  # wait for it, not for its result
-        future = self._writer.submit(self.output.write_file, name, data, digest, self.output.files.get(name))
-        self._writes.append((agent_id, plan, digest, future))
-
     def _finish_writes(self) -> None:
         """Wait for the queued writes; record them (manifest, report) or fail their agents."""
-        writes, self._writes = self._writes, []
-        for agent_id, plan, digest, future in writes:
-            try:
-                outcome: WriteOutcome = future.result()
-            except OutputChanged:  # someone wrote to it since it was checked: write all bytes
+        for (agent_id, plan, digest), outcome in self.writer.drain():
+            if outcome is None:  # someone wrote to it since it was checked: write all bytes
                 outcome = self._write_whole(plan, digest)
-            except (OutputError, OSError) as exc:
-                outcome = exc
             self._record_write(agent_id, plan, digest, outcome)
 
     def _write_whole(self, plan: Plan, digest: bytes) -> WriteOutcome:
@@ -1063,28 +1043,13 @@ class Engine:
         return True
 
     def _remove_stale(self) -> None:
-        """Remove outputs of agents that are gone: walks the manifest (O(agents)), so only
-        when the set of agents changed since the last walk."""
-        ws = self.workspace
-        if self.config.agents_path in ws.unlisted:  # which agents exist is unknown: keep all
-            return
-        agent_set = (ws.catalog_fp, tuple(sorted(ws.agent_errors)))
-        if agent_set == self._agent_set_checked:
-            return
-        self._agent_set_checked = agent_set
-        existing = set(ws.agents) | set(ws.agent_errors)
-        self.write_errors = {k: v for k, v in self.write_errors.items() if k == MANIFEST}  # found anew
-        for name in sorted(self.output.files):
-            agent_id = output_agent(name)
-            if agent_id is not None and agent_id not in existing:
-                try:
-                    if self.output.remove(name):
-                        self._run.report.removed.append(name)
-                except WriteError as exc:
-                    self.write_errors[name] = exc
-                    self._agent_set_checked = None  # walk again next build
-                    continue
-                self.caches.l4.pop(agent_id)
+        """Remove the outputs of agents that are gone (``compose.StaleOutputs``)."""
+        removed, gone, errors = self._stale.remove(self.config, self.workspace, self.output)
+        if errors is not None:  # walked: the write errors found anew
+            self.write_errors = {k: v for k, v in self.write_errors.items() if k == MANIFEST} | errors
+        self._run.report.removed += removed
+        for agent_id in gone:
+            self.caches.l4.pop(agent_id)
 
     def _save_manifest(self) -> None:
         try:

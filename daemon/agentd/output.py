@@ -30,8 +30,8 @@ from typing import Any, TypeAlias
 
 import orjson
 
-from .compose import Piece, joined
 from .exceptions import OutputError, WriteError
+from .skeleton import Piece, joined
 from .trace import fingerprint
 
 MANIFEST = ".agentd-manifest.json"

@@ -51,9 +51,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ._child import Child, detach_signals, fork, stop
 from .cache import Counters, Rendered
-from .compose import Layout, Skeleton
 from .exceptions import AgentdError
 from .output import WriteOutcome
+from .skeleton import Layout, Skeleton
 
 if TYPE_CHECKING:
     from .workspace import Read
