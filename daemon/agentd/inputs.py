@@ -17,7 +17,7 @@ from .config import Config
 from .exceptions import ConfigError
 from .plan import Plan
 from .trace import MISSING, fingerprint
-from .workspace import Workspace
+from .workspace import AgentSource, TraitSource, Workspace
 
 
 class Inputs:
@@ -41,10 +41,7 @@ class Inputs:
         if kind == "template":
             return ws.template_fps.get(rest, MISSING)
         if kind == "key":
-            agent = ws.agents.get(rest)
-            if agent is None:
-                return MISSING
-            return agent.fp if part == "*" else agent.fps.get(part, MISSING)
+            return _key_fp(ws.agents.get(rest), part)
         # While an agent source does not load, a render that read the catalog where it belongs
         # was blocked, never stored: nothing stored that read there is valid (``TrackedCatalog``).
         if kind == "catalog":
@@ -59,10 +56,7 @@ class Inputs:
         if node == g.TRAIT_KINDS:
             return self.trait_kinds_fp
         if kind == "trait":
-            trait = ws.traits.get(rest)
-            if trait is None:
-                return MISSING
-            return trait.fp if part == "*" else trait.fps.get(part, MISSING)
+            return _key_fp(ws.traits.get(rest), part)
         if kind == "section-list":
             plan = self.plans.get(rest)
             return plan.metas_fp if plan else MISSING
@@ -72,6 +66,13 @@ class Inputs:
         if kind == "section":
             return self.section_digests.get((rest, part))
         return None
+
+
+def _key_fp(source: AgentSource | TraitSource | None, key: str) -> bytes:
+    """A source's fingerprint ("*": the whole of it) or one top-level key's."""
+    if source is None:
+        return MISSING
+    return source.fp if key == "*" else source.fps.get(key, MISSING)
 
 
 def affected(
