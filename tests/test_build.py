@@ -389,10 +389,10 @@ def test_composition_equals_a_full_render_of_the_base_template(tiny: Path, body:
     e = engine(tiny)
     report = e.build()
     assert report.ok, report.errors
-    assert (e.skeletons["alpha"] is not None) is composable
+    assert (e.composer.skeletons["alpha"] is not None) is composable
     for agent_id, plan in e.plans.items():
         sections = [e.caches.l3.peek((agent_id, m["id"])).data.decode() for m in plan.metas]
-        full = e._render_base(plan, e._catalog(Delta()), sections).data
+        full = e.composer.render_base(plan, e._catalog(Delta()), sections).data
         assert (tiny / "out" / f"{agent_id}.md").read_bytes() == full
 
 
@@ -401,12 +401,12 @@ def test_a_section_edit_recomposes_from_the_kept_skeleton(tiny: Path, tmp_path: 
     and after a base template edit the skeleton is rendered again: both equal a clean build."""
     e = engine(tiny)
     e.build()
-    before = e.skeletons["alpha"]
+    before = e.composer.skeletons["alpha"]
     e.build([edit(tiny / "templates/sections/summary.j2", "{{ agent.description }}", "> {{ agent.description }}")])
-    assert e.skeletons["alpha"] is before
+    assert e.composer.skeletons["alpha"] is before
     assert outputs(tiny) == clean_outputs(tiny, tmp_path)
     e.build([edit(tiny / "templates/base/footer.j2", "-- end of", "-- the end of")])
-    assert e.skeletons["alpha"] is not before
+    assert e.composer.skeletons["alpha"] is not before
     assert outputs(tiny) == clean_outputs(tiny, tmp_path)
 
 

@@ -460,14 +460,14 @@ def test_a_failed_verify_stops_its_workers(many: Path, monkeypatch: pytest.Monke
     it: a build that fails after forking leaves no workers behind its exception."""
     import multiprocessing
 
-    from agentd.build import Engine
+    from agentd.compose import Composer
     from agentd.verify import verify
 
-    def fail(self: Engine, *args: Any) -> None:
+    def fail(self: Composer, *args: Any) -> None:
         assert multiprocessing.active_children()  # the batch went to workers
         raise RuntimeError("stop")
 
-    monkeypatch.setattr(Engine, "_finish_writes", fail)
+    monkeypatch.setattr(Composer, "finish_writes", fail)
     with pytest.raises(RuntimeError) as caught:  # the traceback holds the build's frames
         verify(Config.load(many, {"jobs": 2}))
     assert caught.value.__traceback__ is not None

@@ -131,7 +131,7 @@ def naive_build(config: Config, sample: list[str] | None = None) -> float:
     for agent_id in agents:
         renderer = Renderer(engine.workspace, Caches(), DepGraph())  # a fresh Environment
         plan = engine.plans[agent_id]
-        context = engine._context(plan, catalog)
+        context = engine.composer.context(plan, catalog)
         parts = [renderer.render(m["template"], {**context, "section": m}).data.decode() for m in plan.metas]
         sections = [{**m, "content": c} for m, c in zip(plan.metas, parts, strict=True)]
         renderer.render(BASE_TEMPLATE, {**context, "sections": sections})
@@ -287,7 +287,7 @@ def oracle_ms(config: Config, rendered: list[str]) -> float:
         agent_id, section = item.split("/", 1)
         plan = engine.plans[agent_id]
         meta = next(m for m in plan.metas if m["id"] == section)
-        engine.renderer.render(meta["template"], {**engine._context(plan, catalog), "section": meta})
+        engine.renderer.render(meta["template"], {**engine.composer.context(plan, catalog), "section": meta})
     return (time.perf_counter() - t0) * 1000
 
 

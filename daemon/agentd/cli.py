@@ -33,7 +33,8 @@ from .progress import Progress, progress_line
 # The engine (networkx, Jinja2: ~130 ms of imports) is imported where a command needs it, so
 # `agentd build --jobs` can start parsing in workers first and `agentd status` starts fast.
 if TYPE_CHECKING:
-    from .build import BuildReport, Engine
+    from .build import Engine
+from .report import BuildReport
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_DAEMON, EXIT_RUNNING = 0, 1, 2, 3, 4
 #: What a shell reports for a command killed by SIGPIPE (128 + 13), as git's is.

@@ -15,8 +15,10 @@ from typing import Any
 from . import graph as g
 from .cache import Layer, Rendered
 from .catalog import blocked_error
-from .exceptions import AgentdError, BlockedError
+from .exceptions import AgentdError, BlockedError, SourceError
 from .plan import Plan
+from .render import Renderer
+from .trace import fingerprint
 
 
 class Sections:
@@ -134,3 +136,18 @@ class Sections:
             for blockers, agents in sorted(readers.items())
             if (present := [b for b in blockers if b in broken])
         ]
+
+
+def render_section(renderer: Renderer, plan: Plan, meta: dict[str, Any], context: dict[str, Any]) -> Rendered:
+    """Render one section (no bookkeeping: also runs in worker processes)."""
+    try:
+        rendered = renderer.render(meta["template"], {**context, "section": meta})
+    except BlockedError as exc:
+        exc.section = meta["id"]
+        raise
+    except SourceError as exc:
+        exc.context = f"rendering section {meta['id']!r} of agent {plan.agent.id!r} ({plan.agent.path})"
+        exc.agents = (plan.agent.id,)
+        raise
+    reads = {**rendered.reads, g.meta_node(plan.agent.id, meta["id"]): plan.meta_fps[meta["id"]]}
+    return Rendered(rendered.data, reads, fingerprint(rendered.data))

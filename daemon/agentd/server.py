@@ -24,7 +24,7 @@ from typing import Any
 import structlog
 
 from . import __version__
-from .build import BuildReport, Engine
+from .build import Engine
 from .check import Finding, ScanMemory, check_output
 from .config import Config
 from .console import error_key
@@ -35,6 +35,7 @@ from .notify import Notifier
 from .output import MANIFEST, output_name
 from .plan import Plan, check_agents
 from .progress import Progress
+from .report import BuildReport
 from .status import Monitor, error_fields
 from .store import open_store
 from .verify import VerifyResult, verify

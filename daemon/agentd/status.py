@@ -16,11 +16,12 @@ from typing import Any
 import structlog
 
 from . import __version__
-from .build import BuildReport, Engine
+from .build import Engine
 from .cache import Counters
 from .config import Config
 from .console import WIDTH, agents_note, error_header
 from .exceptions import AgentdError, SourceError
+from .report import BuildReport
 
 #: Render samples kept per template for the percentiles.
 SAMPLES_PER_TEMPLATE = 512
