@@ -12,6 +12,7 @@ empty caches.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import time
@@ -38,8 +39,9 @@ from .exceptions import (
 from .gates import Check, Gates
 from .inputs import Inputs
 from .output import MANIFEST, OutputDir, output_agent
+from .parallel import Parallel, tasks_for
 from .plan import Plan
-from .pool import WORKER_FLUSH_EVERY, Composed, Pool, Result, Task, WorkerLost
+from .pool import WORKER_FLUSH_EVERY, Composed, Result, Task
 from .render import Renderer
 from .report import BuildReport, Run
 from .sections import Sections, render_section
@@ -49,12 +51,6 @@ from .workspace import Delta, ParseAhead, Read, Workspace
 
 if TYPE_CHECKING:
     from .progress import Progress
-
-
-#: A warm worker pool takes a batch from this many sections (below it, dispatch costs more).
-PARALLEL_MIN_SECTIONS = 16
-#: Starting a pool (forking) pays off from this many sections.
-POOL_START_MIN_SECTIONS = 36
 
 
 class Engine:
@@ -74,14 +70,9 @@ class Engine:
     ) -> None:
         self.config = config
         self.store = store
-        #: Worker processes for large batches of renders (``--jobs``; see ``pool.py``).
-        self.jobs = max(1, jobs if jobs is not None else config.workers)
-        self._pool: Pool | None = None
         #: Sources being parsed in workers already (``agentd build`` starts it before importing
         #: the rest of agentd); used by the first scan.
         self.parse_ahead = parse_ahead
-        #: Why workers could not be started (the daemon logs it once), if they could not.
-        self.pool_error: str | None = None
         #: Take unchanged renders from the store, unless a build says otherwise (``build``).
         self.restore = restore
         #: The build running (or the last one).
@@ -109,6 +100,14 @@ class Engine:
         #: what it composed; their findings are kept per agent until it is composed again.
         self.gates = Gates(output_check, config.output_path)
         self.findings = self.gates.findings
+        #: Worker processes for large batches of renders (``--jobs``; see ``parallel.py``).
+        self.parallel = Parallel(
+            max(1, jobs if jobs is not None else config.workers),
+            self.workspace,
+            self.graph,
+            store,
+            lambda: _Worker(self),
+        )
         #: Skeletons, layouts, the agents to compose, and their writes (``compose.Composer``).
         self.composer = Composer(
             output=self.output,
@@ -163,7 +162,7 @@ class Engine:
             paths = list(paths)
             delta = self.workspace.refresh(paths)
             report.changed = sorted({self.workspace.rel(Path(p).absolute()) for p in paths})
-            if self._sync_ahead(delta):
+            if self.parallel.sync_ahead(delta):
                 self.renderer.evict(delta.templates)
                 compile_later = delta.templates
             else:
@@ -178,7 +177,7 @@ class Engine:
         if progress is not None and sections:
             progress.count(sections, "sections")
         done: set[str] = set()
-        if self._parallel(sections + len(skeletons)) and len(todo.keys() | skeletons) > 1:
+        if self.parallel.wanted(sections + len(skeletons)) and len(todo.keys() | skeletons) > 1:
             done = self._render_in_workers(todo, skeletons)
         if compile_later:
             self.renderer.compile(compile_later)
@@ -210,8 +209,8 @@ class Engine:
         """Read and compile everything. With worker processes, they parse the YAML sources
         while this process compiles the templates."""
         parsing, self.parse_ahead = self.parse_ahead, None
-        if parsing is None and self.jobs > 1:
-            parsing = ParseAhead.start(self.config, self.jobs, self.store if restore else None)
+        if parsing is None and self.parallel.jobs > 1:
+            parsing = ParseAhead.start(self.config, self.parallel.jobs, self.store if restore else None)
         try:
             delta = self.workspace.refresh([self.config.templates_path])
             self.renderer.compile(delta.templates)
@@ -241,46 +240,6 @@ class Engine:
         self.renderer.compile(delta.templates)
         return self._apply(delta)[1]
 
-    def _sync_ahead(self, delta: Delta) -> bool:
-        """Send a template change to the workers before this process prepares the batch, when
-        enough renders read it to go to them: they replay it (compiling the template) while
-        this process invalidates, collects and deals out the batch, and this process compiles
-        its own copy once the batch is rendered (its graph needs the new version's static
-        references, and its later renders the code). Compiled here first, a section template
-        was the longest step before any worker could start, with the other core idle (README,
-        "Design measurements")."""
-        if self._pool is None or not delta.templates:
-            return False
-        if len(self.graph.readers({g.template_node(name) for name in delta.templates})) < PARALLEL_MIN_SECTIONS:
-            return False
-        assert self.workspace.journal is not None
-        journal, self.workspace.journal = self.workspace.journal, {}
-        try:
-            self._pool.sync(journal)
-        except WorkerLost:
-            self.close()
-            return False
-        return True
-
-    def _parallel(self, sections: int) -> bool:
-        if self.jobs < 2:
-            return False
-        return sections >= (PARALLEL_MIN_SECTIONS if self._pool is not None else POOL_START_MIN_SECTIONS)
-
-    def start_pool(self) -> None:
-        """Fork the worker processes now (the daemon does this after its first build, so no
-        edit ever waits for a pool to start)."""
-        if self.jobs > 1 and self._pool is None:
-            if self.store is not None:
-                self.store.close()  # never carry an open SQLite connection across fork()
-            try:
-                self._pool = Pool(_Worker(self), self.jobs)
-            except OSError as exc:  # no processes to be had (limits): render here from now on
-                self.pool_error = f"cannot start {self.jobs} worker processes: {exc}; rendering in-process"
-                self.jobs = 1
-                return
-            self.workspace.journal = {}
-
     def __enter__(self) -> Engine:
         return self
 
@@ -291,10 +250,7 @@ class Engine:
         """Stop the worker processes (they write their renders to the store first) and the
         writer thread."""
         self.composer.writer.close()
-        if self._pool is not None:
-            self._pool.close()
-            self._pool = None
-            self.workspace.journal = None
+        self.parallel.close()
 
     def forget(self, agent_ids: Iterable[str]) -> None:
         """Drop every cached render of these agents, so the next build renders them anew."""
@@ -484,60 +440,28 @@ class Engine:
         elif agent_id in self.composer.pending:
             self.composer.compose(agent_id)
 
-    def _render_in_workers(
-        self,
-        todo: dict[str, list[dict[str, Any]]],
-        skeletons: set[str],
-    ) -> set[str]:
-        """Render sections and skeletons in the worker processes (``pool.py``) and compose
-        each agent as they arrive; return the agents done. A lost worker (or none to be had)
-        only costs speed: the caller renders what is left."""
-        forked = self._pool is None
-        self.start_pool()
-        if self._pool is None:
-            return set()
-        assert self.workspace.journal is not None
-        journal, self.workspace.journal = self.workspace.journal, {}
-        self._run.report.workers = self._pool.size
-        # Workers forked before this build load the templates it compiled from the store, not
-        # compiling them again: write those first. Workers forked just now have them (fork
-        # copied them), and a change sent ahead (``_sync_ahead``) is replayed already; then
-        # this process writes its queue once they are rendering, not before (so no core idles
-        # while it writes).
-        unwritten = bool(self.store) and (forked or not journal)
-        if self.store and not unwritten:
-            self.store.flush()
-        tasks: list[Task] = []
-        for agent_id in sorted(todo.keys() | skeletons):
-            sections = [m["id"] for m in todo.get(agent_id, [])]
-            spec = self.composer.spec(agent_id, set(sections), agent_id in skeletons) if self._run.write else None
-            tasks.append(Task(agent_id, sections, agent_id in skeletons, spec))
-        # What a worker composed is recorded after the batch's last result: the workers write
-        # those outputs, and on two cores every ms of bookkeeping here (graph, store records,
-        # manifest: ~0.4 ms per agent) would be taken from them. An agent left to this process
-        # (its sections' bytes in the result) is composed at once, so they are not all held.
-        done: set[str] = set()
-        composed_there: list[Result] = []
+    @property
+    def pool_error(self) -> str | None:
+        """Why workers could not be started (the daemon logs it once), if they could not."""
+        return self.parallel.error
+
+    @pool_error.setter
+    def pool_error(self, error: str | None) -> None:
+        self.parallel.error = error
+
+    def start_pool(self) -> None:
+        """Fork the worker processes now (the daemon does this after its first build, so no
+        edit ever waits for a pool to start)."""
+        self.parallel.start()
+
+    def _render_in_workers(self, todo: dict[str, list[dict[str, Any]]], skeletons: set[str]) -> set[str]:
+        """Render in the workers (``parallel.py``), composing each agent as it arrives."""
+        spec = self.composer.spec if self._run.write else None
         progress = self.progress
-        try:
-            for result in self._pool.render(journal, tasks, finish_early=self._run.report.cold):
-                if unwritten and self.store:
-                    self.store.flush()
-                    unwritten = False
-                done.add(result.agent)
-                if progress is not None:  # results stream back per chunk of ~32 sections
-                    progress.advance(len(todo.get(result.agent, ())))
-                if result.composed is None:
-                    self._take_result(result)
-                else:
-                    composed_there.append(result)
-        except WorkerLost:
-            self.close()
-        except BaseException:
-            self.close()  # chunks still in flight would answer the next batch
-            raise
-        for result in composed_there:
-            self._take_result(result)
+        advance = (lambda result: progress.advance(len(todo.get(result.agent, ())))) if progress else None
+        tasks = functools.partial(tasks_for, todo, skeletons, spec)
+        workers, done = self.parallel.render(tasks, self._run.report.cold, self._take_result, advance)
+        self._run.report.workers = workers
         return done
 
     def _take_result(

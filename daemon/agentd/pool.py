@@ -10,7 +10,7 @@ the hot path and they never render from stale state:
   since the last batch. A worker replays them through the same ``refresh`` code (recompiling,
   evicting and re-resolving exactly as the parent did), so it renders from the parent's
   snapshot, never from a disk that may have moved on since. A template change read by
-  many renders is sent ahead, before the daemon deals out the batch (``Engine._sync_ahead``).
+  many renders is sent ahead, before the daemon deals out the batch (``Parallel.sync_ahead``).
 - Each batch is dealt out in small chunks, two ahead to each worker, and results stream back
   (sent by a thread in the worker). Workers put what they render into the persistent store
   themselves (SQLite serialises the writers), so the parent never re-sends those bytes to the
