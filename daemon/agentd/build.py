@@ -31,13 +31,12 @@ from .config import Config
 from .exceptions import (
     AgentdError,
     BlockedError,
-    DataError,
     SourceError,
     WriteError,
     group_errors,
 )
 from .gates import Check, Gates
-from .inputs import Inputs
+from .inputs import Inputs, Invalidation
 from .output import MANIFEST, OutputDir, output_agent
 from .parallel import Parallel, tasks_for
 from .plan import Plan
@@ -46,7 +45,6 @@ from .render import Renderer
 from .report import BuildReport, Run
 from .sections import Sections, render_section
 from .store import Store
-from .trace import fingerprint
 from .workspace import Delta, ParseAhead, Read, Workspace
 
 if TYPE_CHECKING:
@@ -121,6 +119,20 @@ class Engine:
             agent_errors=self.agent_errors,
             gates=self.gates,
             fresh=self.fresh,
+        )
+        #: Evicting what a change invalidates, resolving the agents it touches (``inputs.py``).
+        self.invalidation = Invalidation(
+            config,
+            self.workspace,
+            self.graph,
+            self.caches,
+            self.sections,
+            self.inputs,
+            self.plans,
+            self.agent_errors,
+            self.composer.pending,
+            self.composer.skeletons,
+            self.findings,
         )
         #: Told the sections a build renders and each agent's as they are done (a progress line
         #: on a terminal, ``progress.py``); None: nobody asks.
@@ -228,11 +240,7 @@ class Engine:
         are compiled already); return the evicted sections' old digests and the catalog."""
         if delta.membership:
             self._known_dirs = None
-        old_sections = self._invalidate(delta)
-        if self.sections.blocked:
-            self.sections.unblock(self.workspace.agent_errors, old_sections)
-        self._resolve(delta, old_sections)
-        return old_sections, self._catalog(delta)
+        return self.invalidation.apply(delta), self._catalog(delta)
 
     def replay(self, journal: dict[Path, Read]) -> TrackedCatalog:
         """In a worker process: reach the parent's state from the files it read since."""
@@ -310,76 +318,6 @@ class Engine:
         return inputs.affected(self.config, self.workspace, self.graph, self.plans, paths)
 
     # -- invalidation ---------------------------------------------------------------------
-    def _invalidate(self, delta: Any) -> dict[tuple[str, str], bytes]:
-        """Evict every render that read a changed input; return evicted sections' old digests
-        (to detect re-renders that come out identical)."""
-        old: dict[tuple[str, str], bytes] = {}
-        for node in self.graph.readers(delta.nodes):
-            kind, name, part = g.parse(node)
-            if kind == "section":
-                digest = self.sections.drop((name, part))
-                if digest is not None:
-                    old[(name, part)] = digest
-            elif kind == "fragment":
-                self.caches.l2.pop(name)
-                self.graph.remove([node])
-            elif kind == "compose":
-                self.composer.forget(name)
-        return old
-
-    # -- resolution -----------------------------------------------------------------------
-    def _resolve(self, delta: Any, old_sections: dict[tuple[str, str], bytes]) -> None:
-        ws = self.workspace
-        todo = set(delta.agents) | set(self.agent_errors)
-        if delta.membership:
-            todo |= set(ws.agents) | set(self.plans)
-        available = plans.available_sections(ws)
-        defaults = plans.default_sections(self.config, ws)
-        kinds = sorted({ref.split("/", 1)[0] for ref in ws.traits})
-        self.inputs.trait_kinds_fp = fingerprint(kinds)
-        for agent_id in sorted(todo):
-            self.agent_errors.pop(agent_id, None)
-            agent = ws.agents.get(agent_id)
-            old = self.plans.pop(agent_id, None)
-            if agent is None:
-                self._drop_agent(agent_id, old, keep_output=agent_id in ws.agent_errors)
-                continue
-            try:
-                plan = plans.resolve(self.config, ws, agent, available, defaults, kinds)
-            except DataError as exc:
-                self.agent_errors[agent_id] = [exc]
-                self._drop_agent(agent_id, old, keep_output=True)
-                continue
-            self.plans[agent_id] = plan
-            held = self.sections.blocked.get(agent_id, {})
-            self.sections.dirty.update(
-                (agent_id, s) for s in plan.meta_fps if (agent_id, s) not in self.section_digests and s not in held
-            )
-            if old is None or old.meta_fps != plan.meta_fps or agent_id not in self.caches.l4:
-                self.composer.pending.add(agent_id)
-            if old is not None and old.metas_fp != plan.metas_fp:  # renders that read the whole list
-                old_sections.update(self._invalidate(Delta(nodes={g.section_list_node(agent_id)})))
-            for section, fp in (old.meta_fps if old else {}).items():
-                if plan.meta_fps.get(section) != fp:
-                    digest = self.sections.drop((agent_id, section))
-                    self.graph.remove([g.section_node(agent_id, section)])
-                    if digest is not None and section in plan.meta_fps:
-                        old_sections[(agent_id, section)] = digest
-
-    def _drop_agent(self, agent_id: str, old: Plan | None, keep_output: bool) -> None:
-        """Forget an agent's renders (it was deleted or no longer resolves). Its output stays
-        when the source is merely broken: the last good output is kept."""
-        if old is not None:
-            for meta in old.metas:
-                self.sections.drop((agent_id, meta["id"]))
-            self.graph.remove([g.section_node(agent_id, m["id"]) for m in old.metas] + [g.compose_node(agent_id)])
-        self.composer.pending.discard(agent_id)
-        self.composer.skeletons.pop(agent_id, None)
-        self.sections.blocked.pop(agent_id, None)
-        if not keep_output:
-            self.caches.l4.pop(agent_id)
-            self.findings.pop(agent_id, None)
-
     # -- rendering ------------------------------------------------------------------------
     def _catalog(self, delta: Any) -> TrackedCatalog:
         if self.inputs.relations is None or g.RELATIONS in delta.nodes:

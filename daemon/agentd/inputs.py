@@ -10,14 +10,19 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from . import graph as g
+from . import plan as plans_
+from .cache import Caches
 from .catalog import Relations
 from .config import Config
-from .exceptions import ConfigError
+from .exceptions import AgentdError, ConfigError, DataError
 from .plan import Plan
+from .sections import Sections
+from .skeleton import Skeleton
 from .trace import MISSING, fingerprint
-from .workspace import AgentSource, TraitSource, Workspace
+from .workspace import AgentSource, Delta, TraitSource, Workspace
 
 
 class Inputs:
@@ -111,3 +116,114 @@ def affected(
     sections = {f"{a}/{s}" for a, s in keys}
     composed = {n.name for n in nodes if n.kind == "compose"} | {a for a, _ in keys} | agents
     return {"agents": sorted(composed), "sections": sorted(sections)}
+
+
+class Invalidation:
+    """Evicts the renders a change invalidates and resolves the agents it touches, over the
+    engine's own objects (updated in place)."""
+
+    def __init__(
+        self,
+        config: Config,
+        workspace: Workspace,
+        graph: g.DepGraph,
+        caches: Caches,
+        sections: Sections,
+        inputs: Inputs,
+        plans: dict[str, Plan],
+        agent_errors: dict[str, list[AgentdError]],
+        pending: set[str],
+        skeletons: dict[str, Skeleton | None],
+        findings: dict[str, Any],
+    ) -> None:
+        self._config = config
+        self._ws = workspace
+        self._graph = graph
+        self._caches = caches
+        self.sections = sections
+        self._inputs = inputs
+        self.plans = plans
+        self.agent_errors = agent_errors
+        #: The composer's agents to compose and skeletons.
+        self._pending = pending
+        self._skeletons = skeletons
+        self._findings = findings
+
+    def apply(self, delta: Delta) -> dict[tuple[str, str], bytes]:
+        """Evict what the change invalidates and re-resolve the agents it touches (templates
+        are compiled already); return the evicted sections' old digests."""
+        old_sections = self.invalidate(delta)
+        if self.sections.blocked:
+            self.sections.unblock(self._ws.agent_errors, old_sections)
+        self.resolve(delta, old_sections)
+        return old_sections
+
+    def invalidate(self, delta: Delta) -> dict[tuple[str, str], bytes]:
+        """Evict every render that read a changed input; return evicted sections' old digests
+        (to detect re-renders that come out identical)."""
+        old: dict[tuple[str, str], bytes] = {}
+        for node in self._graph.readers(delta.nodes):
+            kind, name, part = g.parse(node)
+            if kind == "section":
+                digest = self.sections.drop((name, part))
+                if digest is not None:
+                    old[(name, part)] = digest
+            elif kind == "fragment":
+                self._caches.l2.pop(name)
+                self._graph.remove([node])
+            elif kind == "compose":
+                self._pending.add(name)
+                self._skeletons.pop(name, None)
+        return old
+
+    def resolve(self, delta: Delta, old_sections: dict[tuple[str, str], bytes]) -> None:
+        ws = self._ws
+        todo = set(delta.agents) | set(self.agent_errors)
+        if delta.membership:
+            todo |= set(ws.agents) | set(self.plans)
+        available = plans_.available_sections(ws)
+        defaults = plans_.default_sections(self._config, ws)
+        kinds = sorted({ref.split("/", 1)[0] for ref in ws.traits})
+        self._inputs.trait_kinds_fp = fingerprint(kinds)
+        for agent_id in sorted(todo):
+            self.agent_errors.pop(agent_id, None)
+            agent = ws.agents.get(agent_id)
+            old = self.plans.pop(agent_id, None)
+            if agent is None:
+                self._drop_agent(agent_id, old, keep_output=agent_id in ws.agent_errors)
+                continue
+            try:
+                plan = plans_.resolve(self._config, ws, agent, available, defaults, kinds)
+            except DataError as exc:
+                self.agent_errors[agent_id] = [exc]
+                self._drop_agent(agent_id, old, keep_output=True)
+                continue
+            self.plans[agent_id] = plan
+            held = self.sections.blocked.get(agent_id, {})
+            self.sections.dirty.update(
+                (agent_id, s) for s in plan.meta_fps if (agent_id, s) not in self.sections.digests and s not in held
+            )
+            if old is None or old.meta_fps != plan.meta_fps or agent_id not in self._caches.l4:
+                self._pending.add(agent_id)
+            if old is not None and old.metas_fp != plan.metas_fp:  # renders that read the whole list
+                old_sections.update(self.invalidate(Delta(nodes={g.section_list_node(agent_id)})))
+            for section, fp in (old.meta_fps if old else {}).items():
+                if plan.meta_fps.get(section) != fp:
+                    digest = self.sections.drop((agent_id, section))
+                    self._graph.remove([g.section_node(agent_id, section)])
+                    if digest is not None and section in plan.meta_fps:
+                        old_sections[(agent_id, section)] = digest
+
+    def _drop_agent(self, agent_id: str, old: Plan | None, keep_output: bool) -> None:
+        """Forget an agent's renders (it was deleted or no longer resolves). Its output stays
+        when the source is merely broken: the last good output is kept."""
+        if old is not None:
+            for meta in old.metas:
+                self.sections.drop((agent_id, meta["id"]))
+            self._graph.remove([g.section_node(agent_id, m["id"]) for m in old.metas] + [g.compose_node(agent_id)])
+        self._pending.discard(agent_id)
+        self._skeletons.pop(agent_id, None)
+        self.sections.blocked.pop(agent_id, None)
+        if not keep_output:
+            self._caches.l4.pop(agent_id)
+            self._findings.pop(agent_id, None)
