@@ -36,7 +36,7 @@ from .output import MANIFEST, output_name
 from .plan import Plan, check_agents
 from .progress import Progress
 from .report import BuildReport
-from .status import Monitor, error_fields
+from .status import LISTED, Monitor, error_fields
 from .store import open_store
 from .verify import VerifyResult, verify
 from .watch import Batch, Pending, watch_output, watch_root, watch_tree
@@ -63,11 +63,6 @@ MAX_RETRY_S = 30.0
 #: ``Server._extending_start``).
 EXTEND_EVERY_S = 10.0
 EXTEND_BY_S = 30.0
-
-#: Lists in a log line (and its event) beyond this length are cut to their first names and a
-#: count (``_capped``): a cold build of 1,000 agents renders 9,000 sections, and one journal
-#: line of every name helps nobody. The record's counts stay exact.
-LOG_LIST_LIMIT = 20
 
 
 class WriteRetry:
@@ -694,11 +689,11 @@ async def _first(*events: asyncio.Event, timeout: float | None = None) -> None:
 
 
 def _capped(items: list[str]) -> list[str]:
-    """The one place lists in log lines and events are cut: the first ``LOG_LIST_LIMIT`` names
+    """The one place lists in log lines and events are cut: the first ``LISTED`` names
     and ``"... N more"``, so the field keeps its type (a list of strings) for ``jq``."""
-    if len(items) <= LOG_LIST_LIMIT:
+    if len(items) <= LISTED:
         return items
-    return [*items[:LOG_LIST_LIMIT], f"... {len(items) - LOG_LIST_LIMIT} more"]
+    return [*items[:LISTED], f"... {len(items) - LISTED} more"]
 
 
 def _capped_fields(record: Mapping[str, Any]) -> dict[str, Any]:
