@@ -451,6 +451,89 @@ def bench_cli(source: Path, n: int, trials: int, log: Callable[[str], None]) -> 
         shutil.rmtree(work, ignore_errors=True)
 
 
+#: The line ``--only explain`` asks about, and the template line of its reverse question.
+EXPLAIN_LINE = 200
+EXPLAIN_TEMPLATE = ("templates/fragments/table.j2", 8)
+
+
+def _timed(samples: list[float]) -> dict[str, Any]:
+    return {"median_ms": round(statistics.median(samples), 1), "min_ms": round(min(samples), 1), "n": len(samples)}
+
+
+def bench_explain(source: Path, n: int, trials: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """``agentd explain`` as a user runs it (a new process each time): one line of an agent
+    in-process (``--no-daemon``: read the workspace, trace the agent), from the daemon cold (no
+    map of that agent yet: a different agent each run) and warm (asked again); then the reverse
+    question across all N agents, cold (just after an edit of that template that leaves every
+    output as it was, so every map is stale) and warm."""
+    work = Path(tempfile.mkdtemp(prefix=f"agentd-bench-explain-{n}-"))
+    try:
+        root = work / "ws"
+        ids = make_workspace(source, root, n)
+        cli_build(root)
+        d = Daemon(root)
+        try:
+            line: dict[str, list[float]] = {"in_process": [], "daemon_cold": [], "daemon_warm": []}
+            for i in range(trials):
+                log(f"N={n}: explain one line, trial {i + 1} of {trials}")
+                target = f"{ids[i % len(ids)]}:{EXPLAIN_LINE}"
+                runs = [
+                    cli(root, "explain", target, "--no-daemon"),
+                    cli(root, "explain", target),
+                    cli(root, "explain", target),
+                ]
+                if len({out for _, out in runs}) != 1:
+                    raise RuntimeError(f"agentd explain {target} printed differently through the daemon")
+                for mode, (ms, _) in zip(line, runs, strict=True):
+                    line[mode].append(ms)
+            reverse: dict[str, list[float]] = {"in_process": [], "daemon_cold": [], "daemon_warm": []}
+            path = root / EXPLAIN_TEMPLATE[0]
+            question = ("explain", "--template", f"{EXPLAIN_TEMPLATE[0]}:{EXPLAIN_TEMPLATE[1]}")
+            for i in range(max(1, min(trials, 3))):  # the in-process run traces all N agents
+                log(f"N={n}: explain --template, trial {i + 1}")
+                start = len(d.events)
+                path.write_text(path.read_text() + f"{{# bench {i} #}}\n")  # after the macros: prints nothing
+                d.wait("build.finished", start)
+                runs = [cli(root, *question), cli(root, *question), cli(root, *question, "--no-daemon")]
+                if len({out for _, out in runs}) != 1:
+                    raise RuntimeError("agentd explain --template printed differently through the daemon")
+                for mode, (ms, _) in zip(("daemon_cold", "daemon_warm", "in_process"), runs, strict=True):
+                    reverse[mode].append(ms)
+        finally:
+            d.stop()
+        return {
+            "agents": n,
+            "trials": trials,
+            "commands": {
+                f"explain <agent>:{EXPLAIN_LINE}": {m: _timed(v) for m, v in line.items()},
+                "explain --template {}:{}".format(*EXPLAIN_TEMPLATE): {m: _timed(v) for m, v in reverse.items()},
+            },
+        }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def explain_table(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = [
+        f"agentd bench --only explain: {m['cpu']}, {m['cores']} cores, Python {m['python']}",
+        "wall time of the whole command (a new interpreter each run): median / min",
+    ]
+    for r in report["sizes"]:
+        lines += [
+            "",
+            f"N = {r['agents']} agents",
+            f"  {'command':<50}{'in-process':>20}{'daemon cold':>20}{'daemon warm':>20}",
+        ]
+        for name, c in r["commands"].items():
+            cells = "".join(
+                f"{c[k]['median_ms']:>9.0f} / {c[k]['min_ms']:<6.0f}ms"
+                for k in ("in_process", "daemon_cold", "daemon_warm")
+            )
+            lines.append(f"  {name:<50}{cells}  ({c['in_process']['n']} runs)")
+    return "\n".join(lines)
+
+
 def cli_table(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = [
@@ -514,7 +597,7 @@ def run(
     log: Callable[[str], None],
     only: str | None = None,
 ) -> dict[str, Any]:
-    measure = bench_cli if only == "cli" else bench_size
+    measure = {"cli": bench_cli, "explain": bench_explain}.get(only or "", bench_size)
     report = {"machine": machine(), "trials": trials, "sizes": [measure(source, n, trials, log) for n in sizes]}
     if output:
         output.write_text(json.dumps(report, indent=2) + "\n")

@@ -217,6 +217,12 @@ class Engine:
         report.duration_ms = (time.perf_counter() - t0) * 1000
         return report
 
+    def load(self) -> None:
+        """Read and resolve the workspace, rendering nothing: what ``explain`` starts from."""
+        if not self._scanned:
+            self._apply(self._scan(self.restore))
+            self._scanned = True
+
     def _scan(self, restore: bool) -> Delta:
         """Read and compile everything. With worker processes, they parse the YAML sources
         while this process compiles the templates."""

@@ -17,6 +17,7 @@ import functools
 import os
 import re
 import shlex
+import shutil
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -78,6 +79,13 @@ examples:
   agentd status                     the daemon's state, last build, caches, alerts, errors
   agentd status --watch             redraw after every build until Ctrl-C
   agentd status --format json | jq .last_build
+""",
+    "explain": """\
+examples:
+  agentd explain out/api-design.md:1234       what made line 1234: section, template chain, data
+  agentd explain api-design:40-60             lines 40 to 60 of out/api-design.md
+  agentd explain api-design --format json     every line, one JSON object each
+  agentd explain --template templates/fragments/table.j2:8   every output line that line made
 """,
     "check": """\
 examples:
@@ -357,9 +365,11 @@ def _parser() -> argparse.ArgumentParser:
     be.add_argument("--output", type=Path, metavar="FILE", help="write the JSON report here")
     be.add_argument(
         "--only",
-        choices=("cli",),
+        choices=("cli", "explain"),
         help="cli: only the latency of `agentd affected` and `agentd verify` run as commands, answered "
-        "by a running daemon and in-process (--no-daemon), alternating; median and min over --trials runs",
+        "by a running daemon and in-process (--no-daemon), alternating; median and min over --trials runs. "
+        "explain: only `agentd explain` of one line (in-process, daemon cold and warm) and of a template "
+        "line across all agents",
     )
 
     gr = sub.add_parser(
@@ -371,6 +381,33 @@ def _parser() -> argparse.ArgumentParser:
     )
     _format(gr, ("dot", "json"))
     _daemon_options(gr)
+
+    ex = sub.add_parser(
+        "explain",
+        help="say which section, template line (and the include/extends/macro steps to it) and YAML "
+        "values made an output line",
+        epilog=_EXAMPLES["explain"],
+        description="For each line of an output: its section; the template file and line that wrote "
+        "it, after the include/import/extends/block/macro steps that led there (innermost last); and "
+        "the file, line and path of each YAML value on it. With --template, the reverse: every output "
+        "line range a template line produced, in every agent. The agent is rendered again in a tracing "
+        "mode (builds never pay for it); the answer is refused when out/ is not what the sources give "
+        "now. " + _ASKS_DAEMON + " The daemon keeps the map of the agents it explained while their "
+        "output stays the same.",
+    )
+    ex.add_argument(
+        "target",
+        nargs="?",
+        metavar="OUTPUT[:LINE[-LINE]]",
+        help="an output (out/<id>.md, <id>.md or <id>) and optionally a line or a range; all lines without",
+    )
+    ex.add_argument(
+        "--template",
+        metavar="TEMPLATE:LINE",
+        help="the reverse: the output lines a template line (templates/<name>:<line>) produced",
+    )
+    _format(ex)
+    _daemon_options(ex)
 
     it = sub.add_parser(
         "init",
@@ -478,6 +515,7 @@ def _main(argv: Sequence[str] | None) -> int:
             "service": _cmd_service,
             "graph": _cmd_graph,
             "affected": _cmd_affected,
+            "explain": _cmd_explain,
             "rebuild": _cmd_rebuild,
             "stop": _cmd_stop,
         }[args.command]
@@ -818,7 +856,7 @@ def _warn(event: str, **fields: Any) -> None:
 
 
 def _cmd_bench(config: Config, args: argparse.Namespace) -> int:
-    from .bench import cli_table, run, table
+    from .bench import cli_table, explain_table, run, table
 
     _check_workspace(config)
     try:
@@ -843,7 +881,7 @@ def _cmd_bench(config: Config, args: argparse.Namespace) -> int:
 
         report = run(config.root, sizes, trials, args.output, log, only=args.only)
         log(None)
-    print(cli_table(report) if args.only == "cli" else table(report))
+    print({"cli": cli_table, "explain": explain_table}.get(args.only or "", table)(report))
     return EXIT_OK
 
 
@@ -1005,6 +1043,66 @@ def _cmd_affected(config: Config, args: argparse.Namespace) -> int:
         for s in result["sections"]:
             print(f"  {s}")
     return EXIT_OK
+
+
+_TARGET = re.compile(r"^(?P<output>.+?)(?::(?P<first>\d+)(?:-(?P<last>\d+))?)?$")
+
+
+def _explain_request(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``explain`` request the arguments make (the socket's shape), or a usage error."""
+    if (args.target is None) == (args.template is None):
+        raise ConfigError("give an output (OUTPUT[:LINE[-LINE]]) or --template TEMPLATE:LINE, not both or neither")
+    if args.template is not None:
+        template, _, line = args.template.rpartition(":")
+        if not template or not line.isdigit():
+            raise ConfigError(f"--template {args.template}: expected TEMPLATE:LINE (templates/fragments/table.j2:8)")
+        return {"template": template, "line": int(line)}
+    match = _TARGET.match(args.target)
+    assert match is not None  # (the pattern matches any non-empty text)
+    request: dict[str, Any] = {"output": match["output"]}
+    if match["first"] is not None:
+        request["line"] = int(match["first"])
+        if match["last"] is not None:
+            request["end"] = int(match["last"])
+    return request
+
+
+def _cmd_explain(config: Config, args: argparse.Namespace) -> int:
+    request = _explain_request(args)
+    path = _daemon(config, args)
+    if path is not None:
+        reply = _ask(path, "explain", **request)
+    else:
+        from .build import Engine
+        from .sourcemap import Explainer, answer
+
+        _check_workspace(config)
+        with Engine(config, jobs=1) as engine:
+            engine.load()
+            reply = answer(Explainer(engine), request)
+    if reply.get("note"):
+        print(f"agentd: {reply['note']}", file=sys.stderr)
+    _print_explained(reply, args)
+    return EXIT_OK
+
+
+def _print_explained(reply: dict[str, Any], args: argparse.Namespace) -> None:
+    from .sourcemap import format_line, format_template
+
+    width = shutil.get_terminal_size().columns if sys.stdout.isatty() else None
+    if "outputs" in reply:  # --template
+        if args.format == "json":
+            head = {k: reply[k] for k in ("template", "line", "source")}
+            for entry in reply["outputs"]:
+                sys.stdout.write(orjson.dumps({**head, **entry}).decode() + "\n")
+        else:
+            print("\n".join(format_template(reply, width)))
+        return
+    for n, line in enumerate(reply["lines"]):
+        if args.format == "json":
+            sys.stdout.write(orjson.dumps(line).decode() + "\n")
+        else:
+            print(("\n" if n else "") + "\n".join(format_line(line, width)))
 
 
 def _cmd_init(args: argparse.Namespace) -> int:

@@ -115,6 +115,11 @@ class ControlError(AgentdError):
     """The status socket cannot be set up safely (permissions, ownership, path length)."""
 
 
+class ExplainError(AgentdError):
+    """An output ``explain`` cannot map: its agent does not build, or the file is not what its
+    sources give now."""
+
+
 class RequestError(AgentdError):
     """A status-socket request that cannot be served; ``code`` goes into the error reply."""
 

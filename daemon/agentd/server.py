@@ -29,19 +29,20 @@ from .check import Finding, ScanMemory, check_output
 from .config import Config
 from .console import error_key
 from .control import SUBSCRIBE, ControlServer, WorkspaceLock, socket_path
-from .exceptions import AgentdError, BuildFailed, ConfigError, RequestError, WriteError
+from .exceptions import AgentdError, BuildFailed, ConfigError, ExplainError, RequestError, WriteError
 from .log import get_logger
 from .notify import Notifier
 from .output import MANIFEST, output_name
 from .plan import Plan, check_agents
 from .progress import Progress
 from .report import BuildReport
+from .sourcemap import Explainer, answer
 from .status import LISTED, Monitor, error_fields
 from .store import open_store
 from .verify import VerifyResult, verify
 from .watch import Batch, Pending, watch_output, watch_root, watch_tree
 
-COMMANDS = ("ping", "status", "stats", "rebuild", "affected", "verify", "graph", SUBSCRIBE, "stop")
+COMMANDS = ("ping", "status", "stats", "rebuild", "affected", "verify", "graph", "explain", SUBSCRIBE, "stop")
 
 #: What ``subscribe`` streams: the log lines of the same names, as they are logged (``_emit``).
 EVENTS = (
@@ -135,6 +136,8 @@ class Server:
         #: Socket requests served, by command (``stats``' ``requests``).
         self.requests: Counter[str] = Counter()
         self._build_lock = asyncio.Lock()
+        #: Source maps for ``explain``, made on demand (``sourcemap.py``).
+        self._explainer: Explainer | None = None
         self._ready = False
         self._known_dirs: set[Path] = set()
         self._tree_stop = asyncio.Event()
@@ -652,6 +655,19 @@ class Server:
         async with self._build_lock:  # consistent only between builds; big: exported off the loop
             exported = await asyncio.to_thread(graph.to_json if fmt == "json" else graph.to_dot)
         return {"format": fmt, "graph": exported, "errors": self._current_errors()}
+
+    async def _cmd_explain(self, request: dict[str, Any]) -> Any:
+        """From the map kept for the agent's current output, made on the first question about it
+        (off the loop, between builds: the engine's state must hold still while it renders)."""
+        async with self._build_lock:
+            if self._explainer is None or self._explainer.engine is not self.engine:
+                self._explainer = Explainer(self.engine, built=True)
+            try:
+                return await asyncio.to_thread(answer, self._explainer, request)
+            except ConfigError as exc:
+                raise RequestError("bad_request", str(exc)) from None
+            except ExplainError as exc:
+                raise RequestError("cannot_explain", str(exc)) from None
 
     async def _cmd_subscribe(self, request: dict[str, Any]) -> Any:
         # The control server streams; this checks which events, and says which it will send.
