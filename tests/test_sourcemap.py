@@ -229,8 +229,8 @@ def test_editing_what_explain_names_changes_that_output_line(corpus_copy: Callab
 
 # -- refusals -------------------------------------------------------------------------------
 def test_an_output_edited_by_hand_or_an_agent_that_does_not_build_is_refused(tiny: Path) -> None:
-    """Explain maps only what the sources give now: a hand-edited output, an agent whose
-    source does not load and one whose render it blocks are refused, saying why."""
+    """Explain maps only what the sources give now: a hand-edited output, a link in its place,
+    an agent whose source does not load and one whose render it blocks are refused, saying why."""
     build(tiny)
     out = tiny / "out" / "alpha.md"
     saved = out.read_text()
@@ -238,6 +238,16 @@ def test_an_output_edited_by_hand_or_an_agent_that_does_not_build_is_refused(tin
     with explainer(tiny) as ex:
         with pytest.raises(ExplainError, match=r"out/alpha.md is not what its sources give now"):
             ex.lines("alpha", 6)
+    outside = tiny.parent / "elsewhere.md"
+    outside.write_text(saved)
+    out.unlink()
+    out.symlink_to(outside)  # never followed: agentd reads nothing outside the workspace
+    with explainer(tiny) as ex:
+        with pytest.raises(ExplainError, match=r"out/alpha.md is a symbolic link"):
+            ex.lines("alpha", 6)
+        with pytest.raises(ConfigError, match=r"templates/alpha.md: not in the output folder out/"):
+            answer(ex, {"output": "templates/alpha.md", "line": 1})
+    out.unlink()
     out.write_text(saved)
     (tiny / "agents" / "beta.yaml").write_text("name: [unclosed\n")
     with explainer(tiny) as ex:
@@ -290,15 +300,18 @@ def test_cli_prints_a_person_readable_answer_and_json_lines(tiny: Path) -> None:
 
 
 async def test_the_daemon_answers_from_the_map_of_the_current_output(tiny: Path) -> None:
-    """The socket's ``explain`` gives what the command gives in-process, and after an edit
-    under watch, the map of the new output (its lines moved)."""
+    """The socket's ``explain`` (a line, and the reverse) gives what the command gives
+    in-process, and after an edit under watch that moves lines, the map of the new output."""
     from agentd.control import request, socket_path
 
     async with run_daemon(tiny) as daemon:
         path = socket_path(Config.load(tiny))
         reply = request(path, "explain", output="alpha.md", line=7, timeout=30)
+        reverse = request(path, "explain", template="templates/traits/safety-traits.j2", line=2, timeout=30)
         with explainer(tiny) as ex:
             assert reply["lines"] == orjson.loads(orjson.dumps(ex.lines("alpha", 7)))
+            assert reverse == ex.template("templates/traits/safety-traits.j2", 2)
+        assert [o["output"] for o in reverse["outputs"]] == ["out/alpha.md", "out/beta.md"]
         again = request(path, "explain", output="alpha.md", line=7, timeout=30)
         assert again == reply
         template = tiny / "templates" / "sections" / "summary.j2"

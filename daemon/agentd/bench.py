@@ -410,6 +410,10 @@ CLI_COMMANDS = {
 }
 
 
+def _timed(samples: list[float]) -> dict[str, Any]:
+    return {"median_ms": round(statistics.median(samples), 1), "min_ms": round(min(samples), 1), "n": len(samples)}
+
+
 def bench_cli(source: Path, n: int, trials: int, log: Callable[[str], None]) -> dict[str, Any]:
     """``agentd affected`` and ``agentd verify`` as a user runs them (a new process each time),
     answered by a running daemon and in-process (``--no-daemon``), alternating so both see the
@@ -438,10 +442,7 @@ def bench_cli(source: Path, n: int, trials: int, log: Callable[[str], None]) -> 
             raise RuntimeError(f"the daemon did not answer every run it should have: {asked}")
         commands = {}
         for name, modes in samples.items():
-            timed = {
-                mode: {"median_ms": round(statistics.median(v), 1), "min_ms": round(min(v), 1), "n": len(v)}
-                for mode, v in modes.items()
-            }
+            timed = {mode: _timed(v) for mode, v in modes.items()}
             commands[name] = {
                 **timed,
                 "speedup": round(timed["in_process"]["median_ms"] / timed["daemon"]["median_ms"], 1),
@@ -454,10 +455,6 @@ def bench_cli(source: Path, n: int, trials: int, log: Callable[[str], None]) -> 
 #: The line ``--only explain`` asks about, and the template line of its reverse question.
 EXPLAIN_LINE = 200
 EXPLAIN_TEMPLATE = ("templates/fragments/table.j2", 8)
-
-
-def _timed(samples: list[float]) -> dict[str, Any]:
-    return {"median_ms": round(statistics.median(samples), 1), "min_ms": round(min(samples), 1), "n": len(samples)}
 
 
 def bench_explain(source: Path, n: int, trials: int, log: Callable[[str], None]) -> dict[str, Any]:
@@ -513,12 +510,16 @@ def bench_explain(source: Path, n: int, trials: int, log: Callable[[str], None])
         shutil.rmtree(work, ignore_errors=True)
 
 
-def explain_table(report: dict[str, Any]) -> str:
+def _heading(report: dict[str, Any], only: str, how: str) -> list[str]:
     m = report["machine"]
-    lines = [
-        f"agentd bench --only explain: {m['cpu']}, {m['cores']} cores, Python {m['python']}",
-        "wall time of the whole command (a new interpreter each run): median / min",
+    return [
+        f"agentd bench --only {only}: {m['cpu']}, {m['cores']} cores, Python {m['python']}",
+        f"wall time of the whole command (a new interpreter each run), {how}",
     ]
+
+
+def explain_table(report: dict[str, Any]) -> str:
+    lines = _heading(report, "explain", "median / min")
     for r in report["sizes"]:
         lines += [
             "",
@@ -535,11 +536,7 @@ def explain_table(report: dict[str, Any]) -> str:
 
 
 def cli_table(report: dict[str, Any]) -> str:
-    m = report["machine"]
-    lines = [
-        f"agentd bench --only cli: {m['cpu']}, {m['cores']} cores, Python {m['python']}",
-        "wall time of the whole command (a new interpreter each run), daemon and in-process alternating",
-    ]
+    lines = _heading(report, "cli", "daemon and in-process alternating")
     for r in report["sizes"]:
         lines += [
             "",

@@ -1048,18 +1048,20 @@ def _cmd_affected(config: Config, args: argparse.Namespace) -> int:
 _TARGET = re.compile(r"^(?P<output>.+?)(?::(?P<first>\d+)(?:-(?P<last>\d+))?)?$")
 
 
-def _explain_request(args: argparse.Namespace) -> dict[str, Any]:
-    """The ``explain`` request the arguments make (the socket's shape), or a usage error."""
+def _explain_request(config: Config, args: argparse.Namespace) -> dict[str, Any]:
+    """The ``explain`` request the arguments make (the socket's shape, paths relative to the
+    root), or a usage error. Paths are taken relative to here, as a shell completes them."""
     if (args.target is None) == (args.template is None):
         raise ConfigError("give an output (OUTPUT[:LINE[-LINE]]) or --template TEMPLATE:LINE, not both or neither")
     if args.template is not None:
         template, _, line = args.template.rpartition(":")
         if not template or not line.isdigit():
             raise ConfigError(f"--template {args.template}: expected TEMPLATE:LINE (templates/fragments/table.j2:8)")
-        return {"template": template, "line": int(line)}
+        return {"template": _from_root(config, template), "line": int(line)}
     match = _TARGET.match(args.target)
     assert match is not None  # (the pattern matches any non-empty text)
-    request: dict[str, Any] = {"output": match["output"]}
+    output = match["output"]
+    request: dict[str, Any] = {"output": _from_root(config, output) if "/" in output else output}
     if match["first"] is not None:
         request["line"] = int(match["first"])
         if match["last"] is not None:
@@ -1067,8 +1069,14 @@ def _explain_request(args: argparse.Namespace) -> dict[str, Any]:
     return request
 
 
+def _from_root(config: Config, path: str) -> str:
+    """A path given relative to here, relative to the root when it is inside it."""
+    full = Path(os.path.abspath(path))
+    return full.relative_to(config.root).as_posix() if full.is_relative_to(config.root) and full.exists() else path
+
+
 def _cmd_explain(config: Config, args: argparse.Namespace) -> int:
-    request = _explain_request(args)
+    request = _explain_request(config, args)
     path = _daemon(config, args)
     if path is not None:
         reply = _ask(path, "explain", **request)

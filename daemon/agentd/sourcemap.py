@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import errno
 import functools
 import gc
+import os
 import sys
 import types
 from collections import OrderedDict
@@ -330,7 +332,7 @@ class _TracingLoader(_Loader):
         source, filename, _ = super().get_source(environment, template)
         fps = self.workspace.template_fps
         fp = fps.get(template)
-        return source, filename, lambda: fps.get(template) == fp and template in self.workspace.templates
+        return source, filename, lambda: fps.get(template) == fp
 
 
 class _TracingEnvironment(_Environment):
@@ -671,9 +673,11 @@ class Explainer:
         return env.get_template(name).render(inputs)
 
     def output_of(self, target: str) -> str:
-        """The agent id an output is named by: ``out/x.md``, ``x.md`` or ``x``."""
+        """The agent id an output is named by: ``out/x.md`` (relative to the root), ``x.md`` or ``x``."""
         engine = self.engine
-        name = target.replace("\\", "/").rsplit("/", 1)[-1]
+        folder, _, name = target.replace("\\", "/").rpartition("/")
+        if folder and (engine.config.root / folder).resolve() != engine.config.output_path.resolve():
+            raise ConfigError(f"{target}: not in the output folder {engine.config.output_dir}/")
         agent = name[: -len(".md")] if name.endswith(".md") else name
         if agent not in engine.workspace.agents and agent not in engine.workspace.agent_errors:
             known = ", ".join(sorted(engine.workspace.agents)[:20]) or "none"
@@ -711,10 +715,20 @@ class Explainer:
         return source_map
 
     def _output_bytes(self, agent: str) -> bytes | None:
+        """The output on disk; None when there is none. A link there is not followed: agentd
+        never reads outside its workspace, and it writes files, not links."""
+        path = self.engine.output.path / output_name(agent)
         try:
-            return (self.engine.output.path / output_name(agent)).read_bytes()
-        except OSError:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
             return None
+        except OSError as exc:
+            where = f"{self.engine.config.output_dir}/{output_name(agent)}"
+            if exc.errno == errno.ELOOP:
+                raise ExplainError(f"{where} is a symbolic link, not an output agentd wrote") from None
+            raise ExplainError(f"{where}: cannot read it: {exc.strerror}") from None
+        with os.fdopen(fd, "rb") as f:
+            return f.read()
 
     def _current(self, data: bytes | None, digest: bytes, inputs: dict[str, bytes]) -> bool:
         """Whether what was made from an output with ``digest`` still holds."""
