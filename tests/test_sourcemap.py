@@ -238,6 +238,9 @@ def test_an_output_edited_by_hand_or_an_agent_that_does_not_build_is_refused(tin
     with explainer(tiny) as ex:
         with pytest.raises(ExplainError, match=r"out/alpha.md is not what its sources give now"):
             ex.lines("alpha", 6)
+        reverse = ex.template("templates/fragments/list-item.j2", 3)  # the others are still answered
+        assert reverse["outputs"] == [{"output": "out/beta.md", "lines": [[7, 7]]}]
+        assert [s["output"] for s in reverse["skipped"]] == ["out/alpha.md"]
     outside = tiny.parent / "elsewhere.md"
     outside.write_text(saved)
     out.unlink()

@@ -1091,7 +1091,9 @@ def _cmd_explain(config: Config, args: argparse.Namespace) -> int:
     if reply.get("note"):
         print(f"agentd: {reply['note']}", file=sys.stderr)
     _print_explained(reply, args)
-    return EXIT_OK
+    for entry in reply.get("skipped", ()):  # an incomplete answer: exit 1, as a build with a failed agent
+        print(f"agentd: {entry['output']} not looked at: {entry['reason']}", file=sys.stderr)
+    return EXIT_FAILED if reply.get("skipped") else EXIT_OK
 
 
 def _print_explained(reply: dict[str, Any], args: argparse.Namespace) -> None:

@@ -17,7 +17,7 @@ import os
 import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from .output import MANIFEST, output_name
 from .plan import Plan, check_agents
 from .progress import Progress
 from .report import BuildReport
-from .sourcemap import Explainer, answer
+from .sourcemap import Explainer, answer, visits
 from .status import LISTED, Monitor, error_fields
 from .store import open_store
 from .verify import VerifyResult, verify
@@ -657,17 +657,34 @@ class Server:
         return {"format": fmt, "graph": exported, "errors": self._current_errors()}
 
     async def _cmd_explain(self, request: dict[str, Any]) -> Any:
-        """From the map kept for the agent's current output, made on the first question about it
-        (off the loop, between builds: the engine's state must hold still while it renders)."""
+        """From the maps kept for the agents' current outputs, made on the first question
+        about each (off the loop, between builds: the engine's state must hold still while it
+        renders). The reverse question makes them one agent at a time, so a save is built
+        between two of them rather than after all; the answer is then checked against the
+        state of the last build in one go (and the agents that build changed, traced again)."""
         async with self._build_lock:
-            if self._explainer is None or self._explainer.engine is not self.engine:
-                self._explainer = Explainer(self.engine, built=True)
-            try:
-                return await asyncio.to_thread(answer, self._explainer, request)
-            except ConfigError as exc:
-                raise RequestError("bad_request", str(exc)) from None
-            except ExplainError as exc:
-                raise RequestError("cannot_explain", str(exc)) from None
+            explainer = self._explainer
+            if explainer is None or explainer.engine is not self.engine:
+                explainer = self._explainer = Explainer(self.engine, built=True)
+            agents = await self._explain_step(visits, explainer, request)
+        for agent in agents:
+            async with self._build_lock:
+                if explainer.engine is not self.engine:  # a reload replaced the engine
+                    break
+                await asyncio.to_thread(explainer.prepare, agent)
+        async with self._build_lock:
+            if explainer.engine is not self.engine:
+                explainer = self._explainer = Explainer(self.engine, built=True)
+            return await self._explain_step(answer, explainer, request)
+
+    async def _explain_step(self, call: Callable[..., Any], *args: Any) -> Any:
+        """``call`` in a worker thread, its refusals as the socket's errors."""
+        try:
+            return await asyncio.to_thread(call, *args)
+        except ConfigError as exc:
+            raise RequestError("bad_request", str(exc)) from None
+        except ExplainError as exc:
+            raise RequestError("cannot_explain", str(exc)) from None
 
     async def _cmd_subscribe(self, request: dict[str, Any]) -> Any:
         # The control server streams; this checks which events, and says which it will send.

@@ -17,6 +17,7 @@ agent's current output).
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import errno
 import functools
@@ -44,7 +45,7 @@ from .exceptions import AgentdError, ConfigError, ExplainError
 from .output import output_name
 from .render import _MACRO_INVOKE, BASE_TEMPLATE, _Environment, _Loader, _Template
 from .trace import TrackedMapping, fingerprint
-from .workspace import CATALOG_KEYS, Workspace, compose, source_line
+from .workspace import Workspace, compose, source_line
 
 if TYPE_CHECKING:
     from .build import Engine
@@ -460,21 +461,19 @@ def _pairs(node: yaml.MappingNode) -> Iterator[tuple[str, yaml.Node]]:
 class _TracedEntries(Mapping[str, Mapping[str, Any]]):
     """The catalog's entries, each made traced the first time a template reads it."""
 
-    def __init__(self, ws: Workspace, read: Callable[[str], str]) -> None:
+    def __init__(self, ws: Workspace, traced_source: Callable[[str, Any], Any]) -> None:
         self._ws = ws
-        self._read = read
+        self._traced_source = traced_source
         self._done: dict[str, Mapping[str, Any]] = {}
 
     def __getitem__(self, agent_id: str) -> Mapping[str, Any]:
         entry = self._done.get(agent_id)
         if entry is None:
             source = self._ws.agents[agent_id]
-            root = compose(self._read(source.path))
-            keyed = dict(_pairs(root)) if isinstance(root, yaml.MappingNode) else {}
+            data = self._traced_source(source.path, source.data)
             plain = self._ws.catalog_entries[agent_id]
-            entry = self._done[agent_id] = {
-                k: traced_data(plain[k], keyed.get(k), source.path, k) for k in CATALOG_KEYS if k in plain
-            }
+            # (a value the workspace filled in, the name defaulting to the id, is unnamed)
+            entry = self._done[agent_id] = {k: data[k] if k in data and data[k] == v else v for k, v in plain.items()}
         return entry
 
     def __iter__(self) -> Iterator[str]:
@@ -637,6 +636,8 @@ class Explainer:
         self._maps: OrderedDict[str, SourceMap] = OrderedDict()
         #: Source texts read by the trace or check under way, by path.
         self._read: dict[str, str] = {}
+        #: Per source file: (its data, its text, the traced copy), for ``_traced_source``.
+        self._traced: dict[str, tuple[Any, str, Any]] = {}
         #: Per agent: (output digest, inputs, template line -> output line ranges): small, so
         #: kept for every agent the reverse question has visited.
         self._indexes: dict[str, tuple[bytes, dict[str, bytes], dict[tuple[str, int], list[list[int]]]]] = {}
@@ -752,6 +753,17 @@ class Explainer:
             text = self._read[path] = self.engine.workspace.source_text(path)
         return text
 
+    def _traced_source(self, path: str, data: Any) -> Any:
+        """The traced copy of a source's data: made once per state of the file (a trait is
+        read by every agent that has it, an agent's catalog entry by its peers)."""
+        text = self._text(path)
+        kept = self._traced.get(path)
+        if kept is not None and kept[0] is data and kept[1] == text:
+            return kept[2]
+        copy = traced_data(data, compose(text), path)
+        self._traced[path] = (data, text, copy)
+        return copy
+
     def _inputs(self, source_map: SourceMap) -> dict[str, bytes]:
         """The texts the map's line numbers come from: the templates on its steps and the
         sources of its values. An edit that moves lines (a comment) may leave the output as it was."""
@@ -783,22 +795,20 @@ class Explainer:
         plan = engine.plans[agent]
         source = plan.agent
         self._read = {}
-        root = compose(self._text(source.path))
         by_data = {id(t.data): t for t in ws.traits.values()}
         traits: dict[str, list[TrackedMapping]] = {}
         for kind, mappings in plan.traits.items():
             traits[kind] = []
             for m in mappings:
                 trait = by_data[id(m._data)]
-                data = traced_data(trait.data, compose(self._text(trait.path)), trait.path)
+                data = self._traced_source(trait.path, trait.data)
                 traits[kind].append(TrackedMapping(data, g.trait_prefix(trait.ref), trait.fps, trait.fp, m.label))
-        agent_source = dataclasses.replace(source, data=traced_data(source.data, root, source.path))
+        agent_source = dataclasses.replace(source, data=self._traced_source(source.path, source.data))
         traced_plan = plans.Plan(agent_source, plan.metas, plan.meta_fps, traits)
         relations = engine.inputs.relations
         assert relations is not None
-        catalog = TrackedCatalog(
-            _TracedEntries(ws, self._text), dict(ws.catalog_fps), ws.catalog_fp, relations, dict(ws.agent_errors)
-        )
+        entries = _TracedEntries(ws, self._traced_source)
+        catalog = TrackedCatalog(entries, dict(ws.catalog_fps), ws.catalog_fp, relations, dict(ws.agent_errors))
         context = plans.context(traced_plan, catalog, engine.inputs.trait_kinds_fp)
         tracer.stop = sys._getframe()
         # Tracing allocates a few hundred thousand small tuples that all live until the map is
@@ -835,29 +845,46 @@ class Explainer:
             raise ConfigError(f"{source_map.output}: no {asked}; it has lines 1-{source_map.lines}")
         return [self._describe(source_map.explain(n)) for n in range(first, last + 1)]
 
-    def template(self, template: str, line: int) -> dict[str, Any]:
-        """Every output line range template line ``line`` produced, by agent."""
+    def reverse_agents(self, template: str, line: int) -> list[str]:
+        """The agents the reverse question about ``template``:``line`` visits: those a change
+        to the template would re-render once the engine has built (its graph holds what every
+        render read), every agent otherwise."""
         engine = self.engine
         name = self._template_name(template)
         source = engine.workspace.templates[name]
         if not 1 <= line <= source.count("\n") + (not source.endswith("\n")):
             raise ConfigError(f"{template}: no line {line}")
         if self.built:
-            agents = engine.affected([engine.config.templates_path / name])["agents"]
-        else:
-            agents = sorted(engine.plans)
-        outputs = []
-        for agent in agents:
-            if agent in engine.agent_errors or agent not in engine.plans:
+            return list(engine.affected([engine.config.templates_path / name])["agents"])
+        return sorted(engine.plans)
+
+    def prepare(self, agent: str) -> None:
+        """Make (or check) the agent's reverse index; an agent that cannot be explained is
+        left for ``template`` to report."""
+        with contextlib.suppress(AgentdError):
+            self._reverse(agent)
+
+    def template(self, template: str, line: int) -> dict[str, Any]:
+        """Every output line range template line ``line`` produced, by agent, and the agents
+        whose outputs cannot be explained now (``skipped``, with the reason)."""
+        engine = self.engine
+        name = self._template_name(template)
+        outputs, skipped = [], []
+        for agent in self.reverse_agents(template, line):
+            output = f"{engine.config.output_dir}/{output_name(agent)}"
+            try:
+                ranges = self._reverse(agent).get((name, line))
+            except AgentdError as exc:
+                skipped.append({"output": output, "reason": str(exc)})
                 continue
-            ranges = self._reverse(agent).get((name, line))
             if ranges:
-                outputs.append({"output": f"{engine.config.output_dir}/{output_name(agent)}", "lines": ranges})
+                outputs.append({"output": output, "lines": ranges})
         return {
             "template": self._template_path(name),
             "line": line,
-            "source": source_line(source, line) or "",
+            "source": source_line(engine.workspace.templates[name], line) or "",
             "outputs": outputs,
+            "skipped": skipped,
         }
 
     def _template_name(self, template: str) -> str:
@@ -906,10 +933,9 @@ class Explainer:
         return out
 
 
-def answer(explainer: Explainer, request: Mapping[str, Any]) -> dict[str, Any]:
-    """The reply to an ``explain`` request, the same in-process and from the daemon:
-    ``{"output": "x.md", "line": 12, "end": 14}`` (no line: all of them) gives ``lines``,
-    ``{"template": "templates/t.j2", "line": 8}`` gives ``outputs``."""
+def _checked(request: Mapping[str, Any]) -> tuple[str | None, str | None, int | None, int | None]:
+    """(template, output, line, end) of an ``explain`` request, or a ``ConfigError`` saying
+    what is wrong with it."""
     template, output = request.get("template"), request.get("output")
     line, end = request.get("line"), request.get("end")
     for key, value, kind in (
@@ -922,15 +948,28 @@ def answer(explainer: Explainer, request: Mapping[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"{key}: expected {'a string' if kind is str else 'a line number'}, got {value!r}")
     if (template is None) == (output is None):
         raise ConfigError("expected either `output` (with `line` and `end` if wanted) or `template` with `line`")
-    if template is not None:
-        if line is None:
-            raise ConfigError("template: needs `line`, the template line to look up")
-        return explainer.template(template, line)
+    if template is not None and line is None:
+        raise ConfigError("template: needs `line`, the template line to look up")
     if end is not None and line is None:
         raise ConfigError("end: needs `line`, the first line of the range")
+    return template, output, line, end
+
+
+def visits(explainer: Explainer, request: Mapping[str, Any]) -> list[str]:
+    """The agents a reverse request visits (none for a question about an output)."""
+    template, _, line, _ = _checked(request)
+    return explainer.reverse_agents(template, line) if template is not None and line is not None else []
+
+
+def answer(explainer: Explainer, request: Mapping[str, Any]) -> dict[str, Any]:
+    """The reply to an ``explain`` request, the same in-process and from the daemon:
+    ``{"output": "x.md", "line": 12, "end": 14}`` (no line: all of them) gives ``lines``,
+    ``{"template": "templates/t.j2", "line": 8}`` gives ``outputs``."""
+    template, output, line, end = _checked(request)
+    if template is not None and line is not None:
+        return explainer.template(template, line)
     assert output is not None
-    lines = explainer.lines(output, line, end)
-    reply: dict[str, Any] = {"lines": lines}
+    reply: dict[str, Any] = {"lines": explainer.lines(output, line, end)}
     source_map = explainer.source_map(explainer.output_of(output))
     if not source_map.on_disk:
         reply["note"] = f"{source_map.output} does not exist yet: this is what `agentd build` would write"
