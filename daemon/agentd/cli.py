@@ -1085,8 +1085,9 @@ def _cmd_explain(config: Config, args: argparse.Namespace) -> int:
         from .sourcemap import Explainer, answer
 
         _check_workspace(config)
-        with Engine(config, jobs=1) as engine:
+        with progress_line(args.quiet or args.format == "json") as progress, Engine(config, jobs=1) as engine:
             engine.load()
+            engine.progress = progress  # (the reverse question counts the agents it traced)
             reply = answer(Explainer(engine), request)
     if reply.get("note"):
         print(f"agentd: {reply['note']}", file=sys.stderr)

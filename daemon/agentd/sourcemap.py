@@ -44,7 +44,7 @@ from .catalog import TrackedCatalog
 from .exceptions import AgentdError, ConfigError, ExplainError
 from .output import output_name
 from .render import _MACRO_INVOKE, BASE_TEMPLATE, _Environment, _Loader, _Template
-from .trace import TrackedMapping, fingerprint
+from .trace import TrackedMapping, fingerprint, tracing
 from .workspace import Workspace, compose, source_line
 
 if TYPE_CHECKING:
@@ -508,7 +508,7 @@ class SourceMap:
         while at >= 0 and at + 1 < len(text):
             starts.append(at + 1)
             at = find("\n", at + 1)
-        return cls(agent, output, str(text), fingerprint(text.encode()), starts, _merged(text.t), _merged(text.d))
+        return cls(agent, output, str(text), fingerprint(text.encode()), starts, text.t, text.d)
 
     @property
     def lines(self) -> int:
@@ -573,15 +573,32 @@ class SourceMap:
 
     def index(self) -> dict[tuple[str, int], list[list[int]]]:
         """Per template line, the output line ranges it wrote or led to: the lines whose
-        explanation has it among its steps."""
-        hit: dict[tuple[str, int], list[int]] = {}
-        for n in range(1, self.lines + 1):
-            for origin in self._contributors(n):
-                for step in origin.steps:
-                    lines = hit.setdefault((step.template, step.line), [])
-                    if not lines or lines[-1] != n:
-                        lines.append(n)
-        return {key: _ranges(lines) for key, lines in hit.items()}
+        explanation has it among its steps (one pass over the spans, not a search per line)."""
+        text, starts = self.text, self.line_starts
+        blank = [not self.line_text(n).strip() for n in range(1, self.lines + 1)]
+        by_origin: dict[Origin, list[int]] = {}  # each origin's lines, ascending (spans are)
+        n = 1
+        for a, b, origin in self.t:
+            while n < len(starts) and starts[n] <= a:
+                n += 1
+            line = n  # the line span [a, b) starts on; it may run on over the next ones
+            while True:
+                start, end = self._bounds(line)
+                if blank[line - 1] or text[max(a, start) : min(b, end)].strip():
+                    lines = by_origin.setdefault(origin, [])
+                    if not lines or lines[-1] != line:
+                        lines.append(line)
+                if b <= end or line == len(starts):
+                    break
+                line += 1
+        # Ranges per origin first, then merged per step: a step on the way to thousands of
+        # lines (a section's block) merges a few ranges per origin, not every line.
+        hit: dict[tuple[str, int], list[list[int]]] = {}
+        for origin, lines in by_origin.items():
+            ranges = _ranges(lines)
+            for step in origin.steps:
+                hit.setdefault((step.template, step.line), []).extend(ranges)
+        return {key: _union(ranges) for key, ranges in hit.items()}
 
     def _block(self, origin: Origin, line: int) -> list[int]:
         """The run of lines around ``line`` that ``origin`` has characters on."""
@@ -597,14 +614,14 @@ class SourceMap:
         return any(o == origin for _, _, o in self._overlapping(self.t, start, end))
 
 
-def _merged(spans: list[Span]) -> list[Span]:
-    """Adjacent spans of one origin as one (a loop's pieces of one line)."""
-    out: list[Span] = []
-    for a, b, o in spans:
-        if out and out[-1][1] == a and out[-1][2] is o:
-            out[-1] = (out[-1][0], b, o)
+def _union(ranges: list[list[int]]) -> list[list[int]]:
+    """Line ranges sorted, overlapping and adjacent ones joined."""
+    out: list[list[int]] = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1] + 1:
+            out[-1][1] = max(out[-1][1], b)
         else:
-            out.append((a, b, o))
+            out.append([a, b])
     return out
 
 
@@ -698,7 +715,7 @@ class Explainer:
             self._maps.move_to_end(agent)
             return kept
         try:
-            text = self._trace(agent)
+            text, inputs = self._trace(agent)
         except AgentdError as exc:  # what the build met too (a blocked catalog read...)
             raise self._refused(agent, exc) from None
         source_map = SourceMap.of(agent, f"{engine.config.output_dir}/{output_name(agent)}", text)
@@ -708,7 +725,7 @@ class Explainer:
                 "is pending): run `agentd build`, then explain"
             )
         source_map.on_disk = data is not None
-        source_map.inputs = self._inputs(source_map)
+        source_map.inputs = inputs
         self._maps[agent] = source_map
         while len(self._maps) > KEPT_MAPS:
             self._maps.popitem(last=False)
@@ -764,13 +781,6 @@ class Explainer:
         self._traced[path] = (data, text, copy)
         return copy
 
-    def _inputs(self, source_map: SourceMap) -> dict[str, bytes]:
-        """The texts the map's line numbers come from: the templates on its steps and the
-        sources of its values. An edit that moves lines (a comment) may leave the output as it was."""
-        templates = {f"t:{s.template}" for _, _, o in source_map.t for s in o.steps}
-        files = {f"f:{d.file}" for _, _, d in source_map.d}
-        return self._inputs_now(dict.fromkeys(templates | files, b""))
-
     def _inputs_now(self, inputs: dict[str, bytes]) -> dict[str, bytes]:
         """The current fingerprint of each text named in ``inputs``."""
         templates = self.engine.workspace.templates
@@ -787,7 +797,10 @@ class Explainer:
             "cannot map: fix the error first"
         )
 
-    def _trace(self, agent: str) -> Traced:
+    def _trace(self, agent: str) -> tuple[Traced, dict[str, bytes]]:
+        """The agent's output rendered traced, and what the render read: every template it
+        loaded and every source file it took data from, by the fingerprint of its text now
+        (the map holds while they and the output stay the same)."""
         engine = self.engine
         ws = engine.workspace
         env = self._environment()
@@ -816,13 +829,14 @@ class Explainer:
         collecting = gc.isenabled()
         gc.disable()
         try:
-            contents = []
-            for meta in plan.metas:
-                tracer.section = meta["id"]
-                contents.append(env.get_template(meta["template"]).render({**context, "section": meta}))
-            tracer.section = None
-            context["sections"] = [{**meta, "content": c} for meta, c in zip(plan.metas, contents, strict=True)]
-            text = env.get_template(BASE_TEMPLATE).render(context)
+            with tracing() as loads:  # (the environment records each template it loads)
+                contents = []
+                for meta in plan.metas:
+                    tracer.section = meta["id"]
+                    contents.append(env.get_template(meta["template"]).render({**context, "section": meta}))
+                tracer.section = None
+                context["sections"] = [{**meta, "content": c} for meta, c in zip(plan.metas, contents, strict=True)]
+                text = env.get_template(BASE_TEMPLATE).render(context)
         finally:
             tracer.stop = None
             tracer.section = None
@@ -830,7 +844,10 @@ class Explainer:
             if collecting:
                 gc.enable()
         assert isinstance(text, Traced)
-        return text
+        prefix = g.template_node("")
+        keys = [f"t:{node[len(prefix) :]}" for node in loads.reads if node.startswith(prefix)]
+        keys += [f"f:{path}" for path in self._read]
+        return text, self._inputs_now(dict.fromkeys(keys, b""))
 
     # -- answers ----------------------------------------------------------------------------
     def lines(self, target: str, first: int | None = None, last: int | None = None) -> list[dict[str, Any]]:
@@ -870,7 +887,13 @@ class Explainer:
         engine = self.engine
         name = self._template_name(template)
         outputs, skipped = [], []
-        for agent in self.reverse_agents(template, line):
+        agents = self.reverse_agents(template, line)
+        progress = engine.progress
+        if progress is not None:
+            progress.count(len(agents), "agents")
+        for agent in agents:
+            if progress is not None:
+                progress.advance()
             output = f"{engine.config.output_dir}/{output_name(agent)}"
             try:
                 ranges = self._reverse(agent).get((name, line))
