@@ -23,7 +23,9 @@ import errno
 import functools
 import gc
 import os
+import re
 import sys
+import textwrap
 import types
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -614,6 +616,18 @@ class SourceMap:
         return any(o == origin for _, _, o in self._overlapping(self.t, start, end))
 
 
+_BLOCK_SCALAR = re.compile(r"[|>][-+0-9]*\s*$")
+
+
+def _value_line(text: str, line: int) -> str:
+    """The YAML line a value starts on; for a block scalar (``key: >-``) with its first line
+    of text, which is what a person recognises."""
+    source = source_line(text, line) or ""
+    if _BLOCK_SCALAR.search(source):
+        source = f"{source.rstrip()} {(source_line(text, line + 1) or '').strip()}"
+    return source
+
+
 def _union(ranges: list[list[int]]) -> list[list[int]]:
     """Line ranges sorted, overlapping and adjacent ones joined."""
     out: list[list[int]] = []
@@ -950,7 +964,7 @@ class Explainer:
             if d.file not in texts:
                 texts[d.file] = self._text(d.file)
         out["data"] = [
-            {"file": d.file, "line": d.line, "path": d.path, "source": source_line(texts[d.file], d.line) or ""}
+            {"file": d.file, "line": d.line, "path": d.path, "source": _value_line(texts[d.file], d.line)}
             for d in explained["data"]
         ]
         return out
@@ -1024,9 +1038,17 @@ def format_line(answer: Mapping[str, Any], width: int | None = None) -> list[str
     how = max((len(r[2]) for r in rows), default=0)
     lines = [_clip(f"{answer['output']}:{answer['line']}  {answer['text']}", width)]
     lines.append(f"  {'section':<10}{answer['section'] or '(none: the base template)'}")
-    for label, at, detail, source in rows:
-        head = f"  {label:<10}{at:<{where}}  {detail:<{how}}  " if how else f"  {label:<10}{at:<{where}}  "
-        lines.append((head + _clip(source.strip(), None if width is None else width - len(head))).rstrip())
+    heads = [
+        f"  {label:<10}{at:<{where}}  {detail:<{how}}  " if how else f"  {label:<10}{at:<{where}}  "
+        for label, at, detail, _ in rows
+    ]
+    if width is None or all(len(h) + len(r[3].strip()) <= width for h, r in zip(heads, rows, strict=True)):
+        lines += [(h + r[3].strip()).rstrip() for h, r in zip(heads, rows, strict=True)]
+        return lines
+    for label, at, detail, source in rows:  # too wide for the terminal: the source below its place
+        lines.append(f"  {label:<10}{at}  {detail}".rstrip())
+        if source.strip():
+            lines.append(_clip(f"{'':14}{source.strip()}", width))
     return lines
 
 
@@ -1039,5 +1061,11 @@ def format_template(answer: Mapping[str, Any], width: int | None = None) -> list
     for entry in answer["outputs"]:
         count = sum(b - a + 1 for a, b in entry["lines"])
         ranges = ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in entry["lines"])
-        lines.append(_clip(f"  {entry['output']}  {count} line{'s' * (count != 1)}: {ranges}", width))
+        head = f"  {entry['output']}  {count} line{'s' * (count != 1)}: "
+        if width is None:
+            lines.append(head + ranges)
+        else:  # wrapped, never cut: the ranges are the answer
+            lines += textwrap.wrap(
+                ranges, width, initial_indent=head, subsequent_indent=" " * 6, break_on_hyphens=False
+            )
     return lines
