@@ -22,11 +22,13 @@ import dataclasses
 import errno
 import functools
 import gc
+import itertools
 import os
 import re
 import sys
 import textwrap
 import types
+from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -486,6 +488,42 @@ class _TracedEntries(Mapping[str, Mapping[str, Any]]):
 
 
 # -- maps -----------------------------------------------------------------------------------
+class _Layer:
+    """One layer of a map's spans, compact (a daemon keeps maps): starts and ends as arrays,
+    adjacent spans of one origin joined (a loop's pieces of one line)."""
+
+    __slots__ = ("starts", "ends", "origins")
+
+    def __init__(self, spans: Iterable[Span]) -> None:
+        starts, ends, origins = array("l"), array("l"), list[Any]()
+        for a, b, o in spans:
+            if origins and ends[-1] == a and origins[-1] is o:
+                ends[-1] = b
+            else:
+                starts.append(a)
+                ends.append(b)
+                origins.append(o)
+        self.starts, self.ends, self.origins = starts, ends, origins
+
+    def __iter__(self) -> Iterator[Span]:
+        return zip(self.starts, self.ends, self.origins, strict=True)
+
+    def overlapping(self, start: int, end: int) -> list[Span]:
+        """The spans with characters in [start, end)."""
+        starts, ends, origins = self.starts, self.ends, self.origins
+        i = max(bisect.bisect_right(starts, start) - 1, 0)
+        out = []
+        while i < len(starts) and starts[i] < end:
+            if ends[i] > start:
+                out.append((starts[i], ends[i], origins[i]))
+            i += 1
+        return out
+
+
+#: Per template line, the output line ranges it made, as ``array("l", [first, last, ...])``.
+Index = dict[tuple[str, int], "array[int]"]
+
+
 @dataclasses.dataclass
 class SourceMap:
     """One agent's output with the origins of its characters."""
@@ -494,9 +532,9 @@ class SourceMap:
     output: str  # "out/<id>.md"
     text: str
     digest: bytes  # of the output's bytes
-    line_starts: list[int]
-    t: list[Span]
-    d: list[Span]
+    line_starts: array[int]
+    t: _Layer
+    d: _Layer
     #: Whether the output exists on disk (the map is of what a build would write otherwise).
     on_disk: bool = True
     #: Fingerprints of the texts its line numbers come from (``Explainer._inputs``).
@@ -504,13 +542,13 @@ class SourceMap:
 
     @classmethod
     def of(cls, agent: str, output: str, text: Traced) -> SourceMap:
-        starts = [0]
+        starts = array("l", [0])
         find = text.find
         at = find("\n")
         while at >= 0 and at + 1 < len(text):
             starts.append(at + 1)
             at = find("\n", at + 1)
-        return cls(agent, output, str(text), fingerprint(text.encode()), starts, text.t, text.d)
+        return cls(agent, output, str(text), fingerprint(text.encode()), starts, _Layer(text.t), _Layer(text.d))
 
     @property
     def lines(self) -> int:
@@ -525,21 +563,11 @@ class SourceMap:
         start, end = self._bounds(line)
         return self.text[start:end].rstrip("\n")
 
-    def _overlapping(self, spans: list[Span], start: int, end: int) -> list[Span]:
-        i = bisect.bisect_right(spans, (start, sys.maxsize)) - 1
-        i = max(i, 0)
-        out = []
-        while i < len(spans) and spans[i][0] < end:
-            if spans[i][1] > start:
-                out.append(spans[i])
-            i += 1
-        return out
-
-    def _shown(self, spans: list[Span], start: int, end: int) -> list[Span]:
+    def _shown(self, layer: _Layer, start: int, end: int) -> list[Span]:
         """The spans that give line [start, end) its visible characters (its line end when it
         has none)."""
         text = self.text
-        found = self._overlapping(spans, start, end)
+        found = layer.overlapping(start, end)
         visible = [s for s in found if text[max(s[0], start) : min(s[1], end)].strip()]
         return visible or found
 
@@ -573,7 +601,7 @@ class SourceMap:
             "data": list(data),
         }
 
-    def index(self) -> dict[tuple[str, int], list[list[int]]]:
+    def index(self) -> Index:
         """Per template line, the output line ranges it wrote or led to: the lines whose
         explanation has it among its steps (one pass over the spans, not a search per line)."""
         text, starts = self.text, self.line_starts
@@ -600,7 +628,7 @@ class SourceMap:
             ranges = _ranges(lines)
             for step in origin.steps:
                 hit.setdefault((step.template, step.line), []).extend(ranges)
-        return {key: _union(ranges) for key, ranges in hit.items()}
+        return {key: array("l", itertools.chain.from_iterable(_union(ranges))) for key, ranges in hit.items()}
 
     def _block(self, origin: Origin, line: int) -> list[int]:
         """The run of lines around ``line`` that ``origin`` has characters on."""
@@ -613,7 +641,7 @@ class SourceMap:
 
     def _has(self, origin: Origin, line: int) -> bool:
         start, end = self._bounds(line)
-        return any(o == origin for _, _, o in self._overlapping(self.t, start, end))
+        return any(o == origin for _, _, o in self.t.overlapping(start, end))
 
 
 _BLOCK_SCALAR = re.compile(r"[|>][-+0-9]*\s*$")
@@ -671,7 +699,7 @@ class Explainer:
         self._traced: dict[str, tuple[Any, str, Any]] = {}
         #: Per agent: (output digest, inputs, template line -> output line ranges): small, so
         #: kept for every agent the reverse question has visited.
-        self._indexes: dict[str, tuple[bytes, dict[str, bytes], dict[tuple[str, int], list[list[int]]]]] = {}
+        self._indexes: dict[str, tuple[bytes, dict[str, bytes], Index]] = {}
 
     def _environment(self) -> _TracingEnvironment:
         if self._env is None:
@@ -769,7 +797,7 @@ class Explainer:
         self._read = {}
         return self._inputs_now(inputs) == inputs
 
-    def _reverse(self, agent: str) -> dict[tuple[str, int], list[list[int]]]:
+    def _reverse(self, agent: str) -> Index:
         """The agent's index from template lines to output lines (kept for every agent)."""
         kept = self._indexes.get(agent)
         if kept is not None and self._current(self._output_bytes(agent), kept[0], kept[1]):
@@ -910,12 +938,12 @@ class Explainer:
                 progress.advance()
             output = f"{engine.config.output_dir}/{output_name(agent)}"
             try:
-                ranges = self._reverse(agent).get((name, line))
+                flat = self._reverse(agent).get((name, line))
             except AgentdError as exc:
                 skipped.append({"output": output, "reason": str(exc)})
                 continue
-            if ranges:
-                outputs.append({"output": output, "lines": ranges})
+            if flat:
+                outputs.append({"output": output, "lines": [list(flat[i : i + 2]) for i in range(0, len(flat), 2)]})
         return {
             "template": self._template_path(name),
             "line": line,
