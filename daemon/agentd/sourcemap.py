@@ -537,7 +537,7 @@ class SourceMap:
     d: _Layer
     #: Whether the output exists on disk (the map is of what a build would write otherwise).
     on_disk: bool = True
-    #: Fingerprints of the texts its line numbers come from (``Explainer._inputs``).
+    #: Fingerprints of the texts its trace read (``Explainer._trace``): its line numbers come from them.
     inputs: dict[str, bytes] = dataclasses.field(default_factory=dict)
 
     @classmethod
@@ -684,7 +684,7 @@ KEPT_MAPS = 16
 
 class Explainer:
     """Source maps for an engine's agents, rendered on demand and kept while the agent's
-    output stays the same."""
+    output, and every template and source its trace read, stay the same."""
 
     def __init__(self, engine: Engine, built: bool = False) -> None:
         self.engine = engine
@@ -740,7 +740,7 @@ class Explainer:
             raise ConfigError(f"{target}: not in the output folder {engine.config.output_dir}/")
         agent = name[: -len(".md")] if name.endswith(".md") else name
         if agent not in engine.workspace.agents and agent not in engine.workspace.agent_errors:
-            known = ", ".join(sorted(engine.workspace.agents)[:20]) or "none"
+            known = ", ".join(sorted(engine.workspace.agents)[: plans.KNOWN_SHOWN]) or "none"
             raise ConfigError(f"{target}: no such output; expected out/<agent>.md of an agent ({known})")
         return agent
 
@@ -812,6 +812,15 @@ class Explainer:
             text = self._read[path] = self.engine.workspace.source_text(path)
         return text
 
+    def _prune(self) -> None:
+        """Forget what was kept for sources and agents that are gone (a daemon runs for weeks)."""
+        ws = self.engine.workspace
+        live = {a.path for a in ws.agents.values()} | {t.path for t in ws.traits.values()}
+        for path in self._traced.keys() - live:
+            del self._traced[path]
+        for agent in self._indexes.keys() - self.engine.plans.keys():
+            del self._indexes[agent]
+
     def _traced_source(self, path: str, data: Any) -> Any:
         """The traced copy of a source's data: made once per state of the file (a trait is
         read by every agent that has it, an agent's catalog entry by its peers)."""
@@ -850,6 +859,7 @@ class Explainer:
         plan = engine.plans[agent]
         source = plan.agent
         self._read = {}
+        self._prune()
         by_data = {id(t.data): t for t in ws.traits.values()}
         traits: dict[str, list[TrackedMapping]] = {}
         for kind, mappings in plan.traits.items():
