@@ -19,7 +19,7 @@ from agentd.build import Engine
 from agentd.config import Config
 from agentd.exceptions import ConfigError, ExplainError
 from agentd.sourcemap import Explainer, answer
-from conftest import TINY, read_outputs, run_cli, run_daemon
+from conftest import TINY, read_outputs, run_cli, run_daemon, write_files
 
 
 def build(root: Path) -> None:
@@ -95,6 +95,69 @@ def test_reverse_lists_exactly_the_lines_whose_steps_name_the_template_line(tiny
             listed = {(o["output"], x) for o in reply["outputs"] for a, b in o["lines"] for x in range(a, b + 1)}
             assert listed == expected, (template, n)
         assert ex.template("templates/fragments/list-item.j2", 1)["outputs"] == []  # `{% macro %}` prints nothing
+
+
+STRESS = {
+    "templates/sections/stress.j2": """\
+        {% from "fragments/stress.j2" import box, listing with context %}
+        {% raw %}{{ not a tag }}{% endraw %}
+        {%- set greeting -%}
+        Hello {{ agent.name }}!
+        {%- endset %}
+        {{ greeting|upper }}
+        {% filter indent(2) %}
+        one
+        two {{ agent.id }}
+        {% endfilter %}
+        {% call(item) listing(["a", agent.id]) %}* {{ item|title }} *{% endcall %}
+        {{ box(agent.description|truncate(9)) }}
+        {% with x = agent.name ~ "/" ~ agent.id %}{{ x|replace("/", " | ") }}{% endwith %}
+        {% for n in [[1, [2]], [3]] recursive %}[{{ n[0] }}{% if n|length > 1 %}{{ loop(n[1:]) }}{% endif %}]{% endfor %}
+        {{ agent.id|center(12) }}|{{ agent.description|wordwrap(6) }}
+        {% include ["missing.j2", "fragments/stress-inc.j2"] ignore missing %}
+        {{ [agent.id, agent.name]|join(", ") }} {{ agent.id ~ 42 }} {{ agent.name[:2] }}
+        {% set ns = namespace(n=0) %}{% for c in agent.id %}{% set ns.n = ns.n + 1 %}{% endfor %}{{ ns.n }}
+        """,
+    "templates/fragments/stress.j2": """\
+        {% macro box(text) -%}
+        +{{ "-" * (text|length + 2) }}+
+        | {{ text }} |
+        {%- endmacro %}
+        {% macro listing(items) -%}
+        {% for it in items %}
+        {{ caller(it) }} ({{ agent.id }})
+        {% endfor %}
+        {%- endmacro %}
+        """,
+    "templates/fragments/stress-inc.j2": "included for {{ agent.name }}\n",
+}
+
+
+def test_jinja_constructs_trace_to_the_bytes_the_build_writes(tiny: Path) -> None:
+    """raw, set and filter blocks, call blocks, with, recursive loops, an include list, joins,
+    ``~`` and slices render traced to exactly what the build wrote, each line naming how it
+    was reached."""
+    write_files(tiny, STRESS)
+    source = tiny / "agents" / "alpha.yaml"
+    source.write_text(source.read_text().replace("sections: [summary,", "sections: [stress, summary,"))
+    build(tiny)
+    with explainer(tiny) as ex:
+        lines = {a["text"]: a for a in ex.lines("alpha")}  # refused if a byte differed
+    assert steps(lines["* A * (alpha)"]) == [
+        ("templates/sections/stress.j2", 11, "macro listing"),
+        ("templates/fragments/stress.j2", 7, "call block"),
+        ("templates/sections/stress.j2", 11, ""),
+    ]
+    assert data(lines["{{ not a tag }}HELLO ALPHA!"]) == [("agents/alpha.yaml", 1, "name")]
+    assert data(lines["| First agent. |"]) == [("agents/alpha.yaml", 2, "description")]
+    looped = lines["Alpha | alpha[1[2]][3]   alpha    |First"]
+    assert ("templates/sections/stress.j2", 14, "recursive loop") in [
+        step for n in range(len(looped["templates"])) for step in steps(looped, n)
+    ]
+    assert data(lines["agent."]) == [("agents/alpha.yaml", 2, "description")]  # wrapped onto a line of its own
+    assert steps(lines["included for Alpha"])[0] == ("templates/sections/stress.j2", 16, "include")
+    # joined and ``~`` keep their values; a slice (a Python operation) is not followed
+    assert data(lines["alpha, Alpha alpha42 Al"]) == [("agents/alpha.yaml", 1, "name")]
 
 
 # -- the corpus: edit what explain names, rebuild, look ------------------------------------

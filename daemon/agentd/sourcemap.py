@@ -421,10 +421,12 @@ class _Tracer:
 
 def _how(inner_code: str, inner_name: str, macro: str | None, cached: bool, frame: types.FrameType) -> str:
     """How the template frame ``frame`` led to the step inside it."""
-    if inner_code == "macro":
-        return f"macro {macro}" if macro else "macro"
+    if inner_code == "macro":  # (the body of a ``{% call %}`` block is an unnamed macro, ``caller``)
+        return f"macro {macro}" if macro else "call block"
     if inner_code.startswith("block_"):
         return f"block {inner_code[len('block_') :]}"
+    if inner_code == "loop":  # a ``{% for ... recursive %}`` calling ``loop(...)``
+        return "recursive loop"
     if cached:
         return "include_cached"
     parent = frame.f_locals.get("parent_template")
