@@ -112,7 +112,7 @@ STRESS = {
         {% call(item) listing(["a", agent.id]) %}* {{ item|title }} *{% endcall %}
         {{ box(agent.description|truncate(9)) }}
         {% with x = agent.name ~ "/" ~ agent.id %}{{ x|replace("/", " | ") }}{% endwith %}
-        {% for n in [[1, [2]], [3]] recursive %}[{{ n[0] }}{% if n|length > 1 %}{{ loop(n[1:]) }}{% endif %}]{% endfor %}
+        {% for n in [[1, [2]], [3]] recursive %}[{{ n[0] }}{% if n[1:] %}{{ loop(n[1:]) }}{% endif %}]{% endfor %}
         {{ agent.id|center(12) }}|{{ agent.description|wordwrap(6) }}
         {% include ["missing.j2", "fragments/stress-inc.j2"] ignore missing %}
         {{ [agent.id, agent.name]|join(", ") }} {{ agent.id ~ 42 }} {{ agent.name[:2] }}
