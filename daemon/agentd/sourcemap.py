@@ -264,21 +264,8 @@ def remap(before: Traced, after: str) -> str:
 # -- the tracing environment --------------------------------------------------------------
 class _CodeGenerator(CodeGenerator):
     """Jinja's code generator with every output child wrapped in
-    ``environment.agentd_out(name, line, ...)`` instead of ``str(...)``, and template data
-    split at line ends so each piece carries the line it is written on."""
-
-    def visit_Output(self, node: nodes.Output, frame: Frame) -> None:
-        split: list[nodes.Expr] = []
-        for child in node.nodes:
-            if isinstance(child, nodes.TemplateData) and "\n" in child.data[:-1]:
-                line = child.lineno
-                for piece in child.data.splitlines(keepends=True):
-                    split.append(nodes.TemplateData(piece, lineno=line))
-                    line += 1
-            else:
-                split.append(child)
-        node.nodes = split
-        super().visit_Output(node, frame)
+    ``environment.agentd_out(name, line, ...)`` instead of ``str(...)``, template data too
+    (the line given is where it starts: ``agentd_out`` counts the line ends in it)."""
 
     def visit_Extends(self, node: nodes.Extends, frame: Frame) -> None:
         super().visit_Extends(node, frame)
@@ -346,8 +333,19 @@ class _TracingEnvironment(_Environment):
     tracer: _Tracer
 
     def agentd_out(self, name: str, line: int, value: Any) -> Traced:
-        if type(value) is str:  # template text, most of the calls
-            return traced(value, [(0, len(value), self.tracer.origin(name, line, sys._getframe(1)))], [])
+        if type(value) is str:  # template text, most of the calls: a span per line it runs over
+            frame = sys._getframe(1)
+            end = value.find("\n")
+            if end < 0 or end == len(value) - 1:
+                return traced(value, [(0, len(value), self.tracer.origin(name, line, frame))], [])
+            spans: list[Span] = []
+            start = 0
+            while start < len(value):
+                end = value.find("\n", start)
+                end = len(value) if end < 0 else end + 1
+                spans.append((start, end, self.tracer.origin(name, line, frame)))
+                start, line = end, line + 1
+            return traced(value, spans, [])
         text = _as_text(value)
         t = text.t
         if t and t[0][0] == 0 and t[-1][1] == len(text) and _contiguous(t):
