@@ -207,8 +207,9 @@ def _wrap(text: str, width: int) -> list[str]:
     return out
 
 
-def _cut(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
+def cut(text: str, width: int | None) -> str:
+    """``text`` cut to ``width`` characters (marked "…" where cut); None: as it is."""
+    return text if width is None or len(text) <= width else text[: max(width - 1, 0)] + "…"
 
 
 # -- the log --------------------------------------------------------------------------------------
@@ -257,7 +258,7 @@ class ConsoleRenderer:
         if name == "build.error":
             return self._error(ev, style)
         if name == "build.error_fixed":
-            fixed = _cut(f"fixed: {ev.get('location') or ev.get('message')}", room)
+            fixed = cut(f"fixed: {ev.get('location') or ev.get('message')}", room)
             return f"{clock} {style('fixed:', 'green')}{fixed[len('fixed:') :]}"
         if name == "build.finished":
             self._shown, self._current = self._current, set()
@@ -271,7 +272,7 @@ class ConsoleRenderer:
         if level in ("warning", "error") and not line.startswith(f"{level}:"):
             line = f"{level}: {line}"
         if not self.verbose:
-            line = _cut(line, room)
+            line = cut(line, room)
         for word, colours in (("warning:", ("yellow",)), ("error:", ("red", "bold"))):
             if line.startswith(word):
                 line = style(word, *colours) + line[len(word) :]
@@ -282,7 +283,7 @@ class ConsoleRenderer:
         self._current.add(key)
         if key in self._shown and not self.verbose:  # its block is above, after an earlier save
             column, _ = _caret(ev)
-            still = _cut("still: " + error_header(ev, column), style.width)
+            still = cut("still: " + error_header(ev, column), style.width)
             return style("still:", "dim") + still[len("still:") :]
         return error_block(ev, style)
 
@@ -313,7 +314,7 @@ class ConsoleRenderer:
         else:
             lead, tail = f"built {_count(ev.get('agents', 0), 'agent')}", long
         lines = [f"{clock} {lead}: {tail}"]
-        lines += ["  " + style(_cut(str(f), style.width - 2), "yellow") for f in findings]
+        lines += ["  " + style(cut(str(f), style.width - 2), "yellow") for f in findings]
         return "\n".join(lines)
 
     def _line(self, name: str, ev: dict[str, Any], room: int) -> str | None:

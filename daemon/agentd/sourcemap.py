@@ -45,6 +45,7 @@ from . import graph as g
 from . import plan as plans
 from .cache import Caches
 from .catalog import TrackedCatalog
+from .console import cut
 from .exceptions import AgentdError, ConfigError, ExplainError
 from .output import output_name
 from .render import _MACRO_INVOKE, BASE_TEMPLATE, _Environment, _Loader, _Template
@@ -1052,12 +1053,6 @@ def answer(explainer: Explainer, request: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # -- printing -------------------------------------------------------------------------------
-def _clip(text: str, width: int | None) -> str:
-    if width is None or len(text) <= width:
-        return text
-    return text[: max(width - 3, 0)] + "..."
-
-
 def format_line(answer: Mapping[str, Any], width: int | None = None) -> list[str]:
     """One output line's explanation, for a person: the line, its section, the steps to each
     template line that wrote on it (innermost last) and the YAML values on it, in columns."""
@@ -1074,7 +1069,7 @@ def format_line(answer: Mapping[str, Any], width: int | None = None) -> list[str
     ]
     where = max((len(r[1]) for r in rows), default=0)
     how = max((len(r[2]) for r in rows), default=0)
-    lines = [_clip(f"{answer['output']}:{answer['line']}  {answer['text']}", width)]
+    lines = [cut(f"{answer['output']}:{answer['line']}  {answer['text']}", width)]
     lines.append(f"  {'section':<10}{answer['section'] or '(none: the base template)'}")
     heads = [
         f"  {label:<10}{at:<{where}}  {detail:<{how}}  " if how else f"  {label:<10}{at:<{where}}  "
@@ -1086,14 +1081,14 @@ def format_line(answer: Mapping[str, Any], width: int | None = None) -> list[str
     for label, at, detail, source in rows:  # too wide for the terminal: the source below its place
         lines.append(f"  {label:<10}{at}  {detail}".rstrip())
         if source.strip():
-            lines.append(_clip(f"{'':14}{source.strip()}", width))
+            lines.append(cut(f"{'':14}{source.strip()}", width))
     return lines
 
 
 def format_template(answer: Mapping[str, Any], width: int | None = None) -> list[str]:
     """The output line ranges one template line produced, for a person."""
     head = f"{answer['template']}:{answer['line']}  "
-    lines = [head + _clip(answer["source"].strip(), None if width is None else width - len(head))]
+    lines = [head + cut(answer["source"].strip(), None if width is None else width - len(head))]
     if not answer["outputs"]:
         lines.append("  no output line comes from it")
     for entry in answer["outputs"]:
